@@ -1,0 +1,75 @@
+"""Hyperparameter and gradient checks shared by every optimizer of the library.
+
+Each check raises ``ValueError`` (``TypeError`` for a wrong type) whose message names the
+hyperparameter and the offending value, before anything is modified.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Iterable
+
+import torch
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_lr(lr) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if not _is_real(lr) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"Invalid lr: {lr!r} (expected a finite number >= 0)")
+
+
+def check_betas(betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    for i, beta in enumerate(betas):
+        if not _is_real(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {beta!r} (expected 0 <= beta < 1)")
+
+
+def check_eps(eps) -> None:
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0.0:
+        raise ValueError(f"Invalid eps: {eps!r} (expected a finite number >= 0)")
+
+
+def check_weight_decay(weight_decay) -> None:
+    if not _is_real(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (expected a finite number >= 0)")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+
+
+def check_positive_real(name: str, value) -> None:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def check_adamw_hyperparameters(group: dict) -> None:
+    """The keys every AdamW-family group carries: lr, betas, eps, weight_decay."""
+    check_lr(group["lr"])
+    check_betas(group["betas"])
+    check_eps(group["eps"])
+    check_weight_decay(group["weight_decay"])
+
+
+def check_dense_real_grad(grad: torch.Tensor, name: str) -> None:
+    """Reject gradients the optimizers cannot handle, naming the parameter."""
+    if grad.is_sparse:
+        raise RuntimeError(f"{name}: sparse gradients are not supported (use torch.optim.SparseAdam)")
+    if grad.is_complex():
+        raise RuntimeError(f"{name}: complex gradients are not supported (optimize torch.view_as_real views)")
