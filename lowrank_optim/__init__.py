@@ -1,1 +1,13 @@
-from .registry import available_optimizers, create_optimizer, register_optimizer  # noqa: F401
+"""lowrank-optim: memory-efficient optimizers for LLM pretraining."""
+from .dct_adam import DCTAdamW, DCTProjAdam
+from .galore import GaLoreAdamW
+from .param_groups import lowrank_param_groups
+from .registry import available_optimizers, create_optimizer, register_optimizer
+from .sltrain import SLTrainLinear, convert_to_sltrain, merge_sltrain
+from .state_bytes import optimizer_state_bytes
+
+__all__ = [
+    "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "lowrank_param_groups", "available_optimizers",
+    "create_optimizer", "register_optimizer", "optimizer_state_bytes",
+    "SLTrainLinear", "convert_to_sltrain", "merge_sltrain",
+]

@@ -28,8 +28,10 @@ def foreach_adamw_(
     eps: float,
     weight_decay: float,
     form: AdamForm,
+    correct_bias: bool = True,
 ) -> None:
-    """One AdamW step on every tensor of the lists; ``steps`` are the already-incremented counts."""
+    """One AdamW step on every tensor of the lists; ``steps`` are the already-incremented counts.
+    ``correct_bias=False`` drops the bias corrections (``galore_torch``'s ``correct_bias``)."""
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         buckets[(p.device, p.dtype, m.dtype)].append(i)
@@ -41,15 +43,19 @@ def foreach_adamw_(
             [exp_avg_sqs[i] for i in indices],
             [steps[i] for i in indices],
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, form=form,
+            correct_bias=correct_bias,
         )
 
 
 def _foreach_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                    weight_decay, form: AdamForm) -> None:
+                    weight_decay, form: AdamForm, correct_bias: bool) -> None:
     moment_dtype = exp_avgs[0].dtype
     if grads[0].dtype != moment_dtype:
         grads = [g.to(moment_dtype) for g in grads]
-    corrections = [bias_corrections(s, beta1, beta2) for s in steps]
+    if correct_bias:
+        corrections = [bias_corrections(s, beta1, beta2) for s in steps]
+    else:
+        corrections = [(1.0, 1.0)] * len(steps)
 
     if weight_decay and form.decay_before_update:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)

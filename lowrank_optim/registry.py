@@ -5,7 +5,7 @@ benchmarks look names up here, never through an if/elif chain.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

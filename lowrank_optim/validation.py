@@ -6,8 +6,8 @@ hyperparameter and the offending value, before anything is modified.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from numbers import Real
-from typing import Iterable
 
 import torch
 

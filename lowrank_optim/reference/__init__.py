@@ -1,0 +1,10 @@
+"""Slow, paper-faithful implementations used as test oracles for the fast optimizers.
+
+They share no code with the engine: one tensor at a time, explicit loops, the basis from
+``scipy.fft``; clarity over speed. Every parameter of a group with an integer ``rank`` that is 2-D
+is projected; all others get plain AdamW.
+"""
+from .dct_adamw import ReferenceDCTAdamW
+from .galore_adamw import ReferenceGaLoreAdamW
+
+__all__ = ["ReferenceDCTAdamW", "ReferenceGaLoreAdamW"]

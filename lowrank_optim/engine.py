@@ -1,0 +1,296 @@
+"""The projected-AdamW engine shared by :class:`GaLoreAdamW` and :class:`DCTProjAdam`.
+
+For a projected 2-D parameter ``W`` (``m×n``) with gradient ``G`` and projector ``P`` (see
+:mod:`lowrank_optim.projectors`), one step is::
+
+    refresh P from G          when the parameter's step count t (before this step) is 0 mod T
+    R = project(G)            G·P (right) or Pᵀ·G (left), moments live in R's shape
+    m ← β1·m + (1−β1)·R,  v ← β2·v + (1−β2)·R²
+    N = m̂ / (√v̂ + ε_eff)
+    W ← W − η·α·project_back(N)      (α = ``scale``; decoupled decay per :class:`AdamForm`)
+
+When ``P`` changes, the moments follow the group's ``moments`` policy: ``keep`` (left as they are,
+slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in the new basis by the
+projector). Everything not projected gets plain AdamW (multi-tensor) in the same step.
+
+Steps are atomic with respect to refresh failures: all refreshes of a step are computed before any
+parameter or state changes, and a failure (non-finite gradient, SVD non-convergence) raises an
+error naming the parameter with everything left as it was. ``skip_nonfinite=True`` instead checks
+every gradient once per step and skips the whole step (counted in ``skipped_steps``, warned).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .adam_form import AdamForm, bias_corrections
+from .kernels.moment_update import adam_moment_update_
+from .plain_adamw import foreach_adamw_
+from .projectors import PROJECTORS, Projector, Subspace, resolve_side
+from .projectors.base import compressed_size, projected_shape
+from .validation import check_adamw_hyperparameters, check_dense_real_grad
+
+MOMENT_POLICIES = ("keep", "reset", "transport")
+_SUBSPACE_PREFIX = "proj_"
+
+
+@dataclass
+class _Projected:
+    """A projected parameter of this step: where it is, how it is projected."""
+
+    group: dict
+    param: torch.Tensor
+    name: str           # the parameter's name, or its position in the param groups
+    rank: int
+    side: str
+    projector: Projector
+    new_subspace: Subspace | None = None
+
+
+class ProjectedAdamW(torch.optim.Optimizer):
+    """Base class: subclasses choose the AdamW form, the projector and which parameters project.
+
+    Subclasses implement :meth:`_validate_group` and :meth:`_projection_rank` and set
+    ``adam_form`` and ``side_key`` (the group key holding the side mode).
+    """
+
+    adam_form: ClassVar[AdamForm]
+    side_key: ClassVar[str]
+
+    def __init__(self, params, defaults: dict, skip_nonfinite: bool = False):
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"Invalid skip_nonfinite: {skip_nonfinite!r} (expected a bool)")
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_adamw_hyperparameters(group)
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        for index, param in enumerate(group["params"]):
+            if param.is_complex():
+                self.param_groups.pop()
+                key = self._key(len(self.param_groups), group, index)
+                raise ValueError(f"{_label(key, param)}: complex parameters are not supported")
+
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:
+        """The rank ``param`` is projected to, or None for plain AdamW."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _param_name(group: dict, index: int) -> str | None:
+        names = group.get("param_names")
+        return None if names is None else names[index]
+
+    @classmethod
+    def _key(cls, group_index: int, group: dict, index: int) -> str:
+        """How ``refresh_stats`` and errors name a parameter: its name, else its position."""
+        name = cls._param_name(group, index)
+        return name if name is not None else f"param_groups[{group_index}]['params'][{index}]"
+
+    # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plain, projected = self._partition()
+        self.refresh_stats = {}
+        if self.skip_nonfinite and not _all_finite([p.grad for _, p in plain] +
+                                                    [item.param.grad for item in projected]):
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
+                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+            return loss
+
+        refreshing = [item for item in projected if self._needs_refresh(item)]
+        self._compute_refreshes(refreshing)      # may raise: nothing has changed yet
+        self._plain_step(plain)
+        for item in projected:
+            self._projected_step(item)
+        return loss
+
+    def _partition(self) -> tuple[list[tuple[dict, torch.Tensor]], list[_Projected]]:
+        """Split the parameters with gradients into plain and projected ones (validating grads)."""
+        plain, projected = [], []
+        for group_index, group in enumerate(self.param_groups):
+            projector = PROJECTORS[group["projection"]](group)
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                key = self._key(group_index, group, index)
+                check_dense_real_grad(param.grad, _label(key, param))
+                rank = self._projection_rank(group, param, self._param_name(group, index))
+                if rank is None:
+                    plain.append((group, param))
+                    continue
+                side = resolve_side(param.shape, group[self.side_key])
+                projected.append(_Projected(group, param, key, rank, side, projector))
+        return plain, projected
+
+    def _needs_refresh(self, item: _Projected) -> bool:
+        state = self.state.get(item.param, {})
+        has_subspace = any(key.startswith(_SUBSPACE_PREFIX) for key in state)
+        return not has_subspace or state["step"] % item.group["update_proj_gap"] == 0
+
+    def _compute_refreshes(self, refreshing: list[_Projected]) -> None:
+        if not refreshing:
+            return
+        finite = _finite_flags([item.param.grad for item in refreshing])
+        for item, is_finite in zip(refreshing, finite):
+            if not is_finite:
+                raise FloatingPointError(
+                    f"{_label(item.name, item.param)}: non-finite gradient at a subspace refresh; no "
+                    "parameter or state was changed (pass skip_nonfinite=True to skip such steps)")
+        for item in refreshing:
+            try:
+                item.new_subspace = item.projector.select(item.param.grad, item.rank, item.side)
+            except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
+                for done in refreshing:
+                    done.new_subspace = None
+                raise RuntimeError(f"{_label(item.name, item.param)}: subspace refresh failed ({error}); "
+                                   "no parameter or state was changed") from error
+
+    # ------------------------------------------------------------------------------- updates
+    def _moments_dtype(self, group: dict, param: torch.Tensor) -> torch.dtype:
+        return group.get("moments_dtype") or param.dtype
+
+    def _corrections(self, group: dict, step: int) -> tuple[float, float]:
+        beta1, beta2 = group["betas"]
+        if not group.get("correct_bias", True):
+            return 1.0, 1.0
+        return bias_corrections(step, beta1, beta2)
+
+    def _plain_step(self, plain: list[tuple[dict, torch.Tensor]]) -> None:
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for group, param in plain:
+            by_group.setdefault(id(group), []).append(param)
+        for group in self.param_groups:
+            params = by_group.get(id(group))
+            if not params:
+                continue
+            exp_avgs, exp_avg_sqs, steps = [], [], []
+            for param in params:
+                state = self.state[param]
+                if "exp_avg" not in state:
+                    dtype = self._moments_dtype(group, param)
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
+                state["step"] += 1
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            foreach_adamw_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps,
+                           lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], form=self.adam_form,
+                           correct_bias=group.get("correct_bias", True))
+
+    def _projected_step(self, item: _Projected) -> None:
+        state, group, param = self.state[item.param], item.group, item.param
+        if "exp_avg" not in state:
+            shape = projected_shape(param.shape, item.side, item.rank)
+            dtype = self._moments_dtype(group, param)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        if item.new_subspace is not None:
+            self._install_subspace(item, state)
+        subspace = _stored_subspace(state)
+        state["step"] += 1
+
+        low_rank_grad = item.projector.project(param.grad, subspace, item.side)
+        if item.new_subspace is not None:
+            self.refresh_stats[item.name]["captured"] = (
+                low_rank_grad.float().square().sum() / param.grad.float().square().sum().clamp_min(1e-30))
+        bc1, bc2 = self._corrections(group, state["step"])
+        beta1, beta2 = group["betas"]
+        lr, wd = _as_float(group["lr"]), group["weight_decay"]
+        normalized = adam_moment_update_(low_rank_grad, state["exp_avg"], state["exp_avg_sq"],
+                                         beta1=beta1, beta2=beta2,
+                                         eps=self.adam_form.effective_eps(group["eps"], bc2),
+                                         bias_correction1=bc1, bias_correction2=bc2)
+        if wd and self.adam_form.decay_before_update:
+            param.mul_(1.0 - lr * wd)
+        update = item.projector.project_back(normalized, subspace, item.side, param.shape)
+        param.add_(update.to(param.dtype), alpha=-lr * group["scale"])
+        if wd and not self.adam_form.decay_before_update:
+            param.add_(param, alpha=-lr * wd)
+
+    def _install_subspace(self, item: _Projected, state: dict) -> None:
+        old = _stored_subspace(state)
+        new = item.new_subspace
+        size = compressed_size(item.param.shape, item.side)
+        policy = item.group["moments"]
+        if old:
+            if policy == "reset":
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+            elif policy == "transport":
+                for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
+                    state[key].copy_(item.projector.transport(state[key], old, new, item.side, second))
+        self.refresh_stats[item.name] = {
+            "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
+        for key in [k for k in state if k.startswith(_SUBSPACE_PREFIX)]:
+            del state[key]
+        for key, tensor in new.items():
+            state[_SUBSPACE_PREFIX + key] = tensor
+
+    # ------------------------------------------------------------------------------ state io
+    def state_dict(self):
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load, keeping every saved state tensor's dtype (torch would cast integer subspace indices
+        and fp32 moments to the parameter's dtype)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(device=param.device)
+
+
+def _label(key: str, param: torch.Tensor) -> str:
+    return f"parameter {key} (shape {tuple(param.shape)})"
+
+
+def _stored_subspace(state: dict) -> Subspace:
+    return {key[len(_SUBSPACE_PREFIX):]: value for key, value in state.items()
+            if key.startswith(_SUBSPACE_PREFIX)}
+
+
+def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """One host sync: is each tensor free of inf/nan."""
+    norms = torch._foreach_norm(tensors, dtype=torch.float32)
+    return torch.stack([n.to(norms[0].device) for n in norms]).isfinite().tolist()
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return not tensors or all(_finite_flags(tensors))
+
+
+def _as_float(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)

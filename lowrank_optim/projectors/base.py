@@ -1,0 +1,91 @@
+"""The projector interface: how a projected optimizer picks and uses a rank-r subspace.
+
+A projector compresses one side of an ``m×n`` gradient ``G`` with an orthonormal ``P ∈ ℝ^{k×r}``
+(``k = n`` on the right, ``k = m`` on the left)::
+
+    right:  R = G·P   (m×r),   ΔW = N·Pᵀ
+    left:   R = Pᵀ·G  (r×n),   ΔW = P·N
+
+A *subspace* is a dict of tensors (only tensors, so optimizer state loads with
+``torch.load(weights_only=True)``) from which ``P`` can be rebuilt. A new projector implements
+:meth:`Projector.select`, :meth:`Projector.basis` and :meth:`Projector.transport`, and is listed in
+:data:`lowrank_optim.projectors.PROJECTORS`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+Subspace = dict[str, torch.Tensor]
+
+SIDE_MODES = ("auto", "std", "reverse_std", "left", "right")
+
+
+def resolve_side(shape: torch.Size, mode: str) -> str:
+    """``"left"`` or ``"right"`` for a weight of ``shape`` under a side mode.
+
+    ``auto``/``std`` compress the smaller dimension (right when ``m ≥ n``), ``reverse_std`` the
+    larger one, ``left``/``right`` force the side.
+    """
+    m, n = shape
+    if mode in ("auto", "std"):
+        return "right" if m >= n else "left"
+    if mode == "reverse_std":
+        return "left" if m >= n else "right"
+    if mode in ("left", "right"):
+        return mode
+    raise ValueError(f"Invalid projection side mode: {mode!r} (expected one of {SIDE_MODES})")
+
+
+def compressed_size(shape: torch.Size, side: str) -> int:
+    """``k``: the dimension the projection compresses."""
+    return shape[1] if side == "right" else shape[0]
+
+
+def projected_shape(shape: torch.Size, side: str, rank: int) -> tuple[int, int]:
+    """Shape of ``R`` (and of the moments) for a weight of ``shape``."""
+    return (shape[0], rank) if side == "right" else (rank, shape[1])
+
+
+class Projector(ABC):
+    """Chooses a subspace from a gradient and maps between full and projected spaces.
+
+    ``options`` lists the projector's own param-group keys and their allowed values; the optimizer
+    validates them and passes the group to the constructor.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, tuple]] = {}
+
+    def __init__(self, group: dict):
+        self.group = group
+
+    @abstractmethod
+    def select(self, grad: torch.Tensor, rank: int, side: str) -> Subspace:
+        """A new subspace for ``grad``. Must not modify anything; raises on failure."""
+
+    @abstractmethod
+    def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """``P`` (``size×r``, orthonormal columns) in ``dtype``, on the subspace's device."""
+
+    @abstractmethod
+    def transport(self, moment: torch.Tensor, old: Subspace, new: Subspace, side: str,
+                  second_moment: bool) -> torch.Tensor:
+        """Express a moment accumulated in ``old`` coordinates in ``new`` coordinates."""
+
+    @abstractmethod
+    def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
+        """``‖P_oldᵀ·P_new‖²_F / r`` ∈ [0, 1]: 1 when the subspace did not move (a 0-d tensor)."""
+
+    def project(self, grad: torch.Tensor, subspace: Subspace, side: str) -> torch.Tensor:
+        """``R = G·P`` (right) or ``Pᵀ·G`` (left)."""
+        p = self.basis(subspace, compressed_size(grad.shape, side), grad.dtype)
+        return grad @ p if side == "right" else p.T @ grad
+
+    def project_back(self, update: torch.Tensor, subspace: Subspace, side: str,
+                     shape: torch.Size) -> torch.Tensor:
+        """``N·Pᵀ`` (right) or ``P·N`` (left), of the full weight ``shape``."""
+        p = self.basis(subspace, compressed_size(shape, side), update.dtype)
+        return update @ p.T if side == "right" else p @ update

@@ -1,0 +1,39 @@
+"""SVD projection (GaLore): ``P`` = the top-``r`` singular vectors of the gradient.
+
+Right side ``P = V[:, :r]`` (``Vh[:r]ᵀ``), left side ``P = U[:, :r]``, from
+``torch.linalg.svd(G.float(), full_matrices=False)``: the SVD always runs in fp32 (CUDA has no
+bf16 SVD) and ``P`` is stored in the gradient's dtype, as ``galore_torch`` does.
+
+Transport (LDAdam-style rotation): with ``M = P_newᵀ·P_old``, the first moment becomes ``M·m``
+(left) or ``m·Mᵀ`` (right). The second moment is rotated with the element-wise square ``M∘M``
+(``v`` stays non-negative; exact when ``M`` is a permutation, a heuristic otherwise).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Projector, Subspace
+
+
+class SVDProjector(Projector):
+    name = "svd"
+
+    def select(self, grad: torch.Tensor, rank: int, side: str) -> Subspace:
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        matrix = vh[:rank].T if side == "right" else u[:, :rank]
+        return {"matrix": matrix.to(grad.dtype).contiguous()}
+
+    def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
+        return subspace["matrix"].to(dtype)
+
+    def transport(self, moment: torch.Tensor, old: Subspace, new: Subspace, side: str,
+                  second_moment: bool) -> torch.Tensor:
+        rotation = new["matrix"].float().T @ old["matrix"].float()
+        if second_moment:
+            rotation = rotation.square()
+        rotated = moment.float() @ rotation.T if side == "right" else rotation @ moment.float()
+        return rotated.to(moment.dtype)
+
+    def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
+        rotation = new["matrix"].float().T @ old["matrix"].float()
+        return rotation.square().sum() / rotation.shape[0]

@@ -1,0 +1,98 @@
+"""Which parameters DCTProjAdam projects; GaLore's lowrank_param_groups; the registry."""
+import pytest
+import torch
+from torch import nn
+from toy import make_model, train
+
+import lowrank_optim
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups
+
+
+def _projected_names(model, optimizer):
+    train(model, optimizer, 1)
+    return sorted(name for name, p in model.named_parameters() if "proj_indices" in optimizer.state[p])
+
+
+def test_default_rule_with_names_projects_matrices_but_not_embeddings():
+    model = make_model(vocab=40, d=12, hidden=40)         # embed/head 40x12: not excluded by shape
+    names = _projected_names(model, DCTProjAdam(model.named_parameters()))
+    assert names == ["down.weight", "head.weight", "up.weight"]     # "head" is no embedding name
+
+
+def test_default_rule_by_name_excludes_lm_head_and_embeddings():
+    model = nn.ModuleDict({"embed_tokens": nn.Embedding(40, 12), "lm_head": nn.Linear(12, 40),
+                           "mlp": nn.Linear(12, 40)})
+    optimizer = DCTProjAdam(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    projected = {n for n, p in model.named_parameters() if "proj_indices" in optimizer.state[p]}
+    assert projected == {"mlp.weight"}
+
+
+def test_default_rule_by_shape_without_names():
+    model = make_model(vocab=200, d=12, hidden=40)        # embed/head 200x12: aspect ratio > 8
+    optimizer = DCTProjAdam(model.parameters())
+    train(model, optimizer, 1)
+    projected = [p for p in model.parameters() if "proj_indices" in optimizer.state[p]]
+    assert {id(p) for p in projected} == {id(model.up.weight), id(model.down.weight)}
+    assert optimizer.state[model.up.weight]["exp_avg"].shape == (40, 3)     # rank 0.25 of 12
+    assert optimizer.state[model.down.weight]["exp_avg"].shape == (3, 40)   # left side
+
+
+def test_rank_not_below_the_smaller_side_is_not_projected_by_default():
+    model = make_model(vocab=200, d=12, hidden=40)
+    names = _projected_names(model, DCTProjAdam(model.named_parameters(), rank=12))
+    assert names == []
+
+
+def test_a_group_with_its_own_rank_projects_every_matrix():
+    model = make_model(vocab=200, d=12, hidden=40)
+    optimizer = DCTProjAdam([{"params": list(model.parameters()), "rank": 100}])
+    train(model, optimizer, 1)
+    for p in model.parameters():
+        assert ("proj_indices" in optimizer.state[p]) == (p.ndim == 2)
+    assert optimizer.state[model.embed.weight]["proj_indices"].numel() == 12     # clamped
+
+
+def test_a_group_with_rank_none_is_never_projected():
+    model = make_model()
+    optimizer = DCTProjAdam([{"params": list(model.parameters()), "rank": None}])
+    train(model, optimizer, 1)
+    assert not any("proj_indices" in s for s in optimizer.state.values())
+
+
+class HFStyleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.ModuleDict({n: nn.Linear(8, 8, bias=False) for n in ("q_proj", "o_proj")})
+        self.mlp = nn.ModuleDict({"up_proj": nn.Linear(8, 16), "down_proj": nn.Linear(16, 8)})
+        self.input_layernorm = nn.LayerNorm(8)
+
+
+def test_lowrank_param_groups_selects_hf_llama_attention_and_mlp():
+    model = nn.ModuleDict({"embed_tokens": nn.Embedding(30, 8), "layers": nn.ModuleList([HFStyleBlock()]),
+                           "lm_head": nn.Linear(8, 30, bias=False)})
+    groups = lowrank_param_groups(model, rank=4, update_proj_gap=50, scale=0.25)
+    projected = [name for name, _ in groups[0]["params"]]
+    assert projected == ["layers.0.self_attn.q_proj.weight", "layers.0.self_attn.o_proj.weight",
+                         "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight"]
+    assert groups[0]["rank"] == 4 and groups[0]["update_proj_gap"] == 50 and groups[0]["scale"] == 0.25
+    rest = {name for name, _ in groups[1]["params"]}
+    assert "rank" not in groups[1]
+    assert rest == {n for n, _ in model.named_parameters()} - set(projected)
+    GaLoreAdamW(groups)                      # accepted as is
+    with pytest.raises(ValueError, match="matches no nn.Linear"):
+        lowrank_param_groups(model, target_modules=("conv",))
+    with pytest.raises(ValueError, match="Invalid target_modules: 'attn'"):
+        lowrank_param_groups(model, target_modules="attn")
+
+
+def test_registry():
+    names = lowrank_optim.available_optimizers()
+    assert {"adamw", "dct_adamw", "galore_adamw"} <= set(names)
+    model = make_model()
+    assert isinstance(lowrank_optim.create_optimizer("dct_adamw", model.parameters()), DCTProjAdam)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; known optimizers: adamw, "):
+        lowrank_optim.create_optimizer("adam", model.parameters())
+    assert lowrank_optim.DCTAdamW is DCTProjAdam

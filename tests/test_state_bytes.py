@@ -1,0 +1,27 @@
+"""Optimizer state: DCT holds exactly the moments plus r int64 indices per projected weight."""
+import torch
+
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, optimizer_state_bytes
+
+
+def _state_after_one_step(make, shape=(64, 16)):
+    weight = torch.nn.Parameter(torch.randn(shape))
+    optimizer = make([weight])
+    weight.grad = torch.randn(shape)
+    optimizer.step()
+    return optimizer, optimizer.state[weight]
+
+
+def test_dct_state_is_moments_plus_indices():
+    rank = 4
+    optimizer, state = _state_after_one_step(lambda p: DCTProjAdam(p, rank=rank))
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "proj_indices"}
+    assert state["proj_indices"].shape == (rank,) and state["proj_indices"].dtype == torch.int64
+    assert optimizer_state_bytes(optimizer) == 2 * 64 * rank * 4 + rank * 8
+
+
+def test_galore_state_adds_the_projection_matrix():
+    rank = 4
+    optimizer, state = _state_after_one_step(lambda p: GaLoreAdamW([{"params": p, "rank": rank}]))
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "proj_matrix"}
+    assert optimizer_state_bytes(optimizer) == 2 * 64 * rank * 4 + 16 * rank * 4

@@ -1,0 +1,76 @@
+"""Small deterministic models and training loops shared by the optimizer tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ToyLM(nn.Module):
+    """Embedding → tall linear (right projection) → GELU → wide linear (left) → head.
+
+    Weight shapes: embed (vocab, d), up (4d, d), down (d, 4d), head (vocab, d).
+    """
+
+    def __init__(self, vocab: int = 96, d: int = 12, hidden: int = 40):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        x = x + self.down(torch.nn.functional.gelu(self.up(x)))
+        return self.head(self.norm(x))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> ToyLM:
+    torch.manual_seed(seed)
+    return ToyLM(**kwargs).to(dtype)
+
+
+def batch(step: int, vocab: int = 96, size: tuple[int, int] = (6, 10)) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, size, generator=generator)
+
+
+def loss_of(model: nn.Module, step: int) -> torch.Tensor:
+    tokens = batch(step, vocab=model.embed.num_embeddings)
+    logits = model(tokens[:, :-1]).float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start: int = 0) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(model, step)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def twin(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
+    """max over parameters of ‖a − b‖_∞ / ‖b‖_∞."""
+    worst = 0.0
+    for x, y in zip(a.parameters(), b.parameters()):
+        x, y = x.detach(), y.detach()
+        worst = max(worst, float((x.double() - y.double()).abs().max() / y.double().abs().max()))
+    return worst
+
+
+def projected_groups(model: ToyLM, rank, plain_group_keys: dict | None = None, **kwargs) -> list[dict]:
+    """up/down weights projected at ``rank`` (group keys ``kwargs``); everything else in a second
+    group with ``plain_group_keys`` (DCTProjAdam needs ``{"rank": None}`` there: its default rule
+    would project the embedding and head otherwise)."""
+    projected = [model.up.weight, model.down.weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in projected)]
+    return [{"params": projected, "rank": rank, **kwargs}, {"params": rest, **(plain_group_keys or {})}]
