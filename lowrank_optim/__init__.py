@@ -4,10 +4,12 @@ from .galore import GaLoreAdamW
 from .param_groups import lowrank_param_groups
 from .registry import available_optimizers, create_optimizer, register_optimizer
 from .sltrain import SLTrainLinear, convert_to_sltrain, merge_sltrain
+from .sst import SSTAdamW, SSTLinear, convert_to_sst, merge_sst, sst_layers
 from .state_bytes import optimizer_state_bytes
 
 __all__ = [
     "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "lowrank_param_groups", "available_optimizers",
     "create_optimizer", "register_optimizer", "optimizer_state_bytes",
     "SLTrainLinear", "convert_to_sltrain", "merge_sltrain",
+    "SSTAdamW", "SSTLinear", "convert_to_sst", "merge_sst", "sst_layers",
 ]
