@@ -30,7 +30,9 @@ Keywords (all per-group overridable): ``rank`` (int, or float fraction of the sm
 slot, new columns start at zero), ``proj_side`` (``"auto"``: the smaller side; ``"left"``,
 ``"right"``), ``transform`` (``"auto"``: FFT on CPU, GEMM on GPU; ``"fft"``; ``"matmul"``),
 ``moments_dtype`` (None: the parameter's dtype; ``torch.float32`` for fp32 moments of bf16
-weights), ``skip_nonfinite``.
+weights), ``backend`` (``"auto"``: the fused Triton kernels for fp32/bf16/fp16 CUDA parameters
+when ``triton`` imports, else PyTorch; ``"torch"``; ``"triton"``, which on CPU tensors needs
+``TRITON_INTERPRET=1``), ``skip_nonfinite``.
 
 Defaults ``score="l2"`` and ``moments="keep"``: see the README's results section for the
 measurements behind them.
@@ -68,11 +70,12 @@ class DCTProjAdam(ProjectedAdamW):
                  weight_decay: float = 0.0, *, rank: int | float | None = 0.25,
                  update_proj_gap: int = 200, scale: float = 1.0, score: str = "l2",
                  moments: str = "keep", proj_side: str = "auto", transform: str = "auto",
-                 moments_dtype: torch.dtype | None = None, skip_nonfinite: bool = False):
+                 moments_dtype: torch.dtype | None = None, backend: str = "auto",
+                 skip_nonfinite: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
                         proj_side=proj_side, transform=transform, moments_dtype=moments_dtype,
-                        projection="dct")
+                        backend=backend, projection="dct")
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
     def add_param_group(self, param_group: dict) -> None:

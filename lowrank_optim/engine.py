@@ -11,7 +11,14 @@ For a projected 2-D parameter ``W`` (``m×n``) with gradient ``G`` and projector
 
 When ``P`` changes, the moments follow the group's ``moments`` policy: ``keep`` (left as they are,
 slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in the new basis by the
-projector). Everything not projected gets plain AdamW (multi-tensor) in the same step.
+projector; a slot gather, as for the DCT, is done while the moments are updated). Everything not
+projected gets plain AdamW (multi-tensor) in the same step.
+
+The group key ``backend`` (:mod:`lowrank_optim.kernels.backend`) picks who computes the projected
+step, per parameter device: ``"torch"`` (the PyTorch reference), ``"triton"`` (fused kernels:
+selection scores without ``S``, gather-GEMM projection, one-pass moment update, back-projection
+GEMM with the weight update in its epilogue) or ``"auto"`` (Triton for CUDA parameters of fp32,
+bf16 or fp16 when it imports, else PyTorch).
 
 Steps are atomic with respect to refresh failures: all refreshes of a step are computed before any
 parameter or state changes, and a failure (non-finite gradient, SVD non-convergence) raises an
@@ -27,7 +34,9 @@ from typing import ClassVar
 import torch
 
 from .adam_form import AdamForm, bias_corrections
-from .kernels.moment_update import adam_moment_update_
+from .kernels.backend import check_backend, resolve_backend
+from .kernels.dispatch import adam_moment_update, projected_weight_update_
+from .kernels.slot_remap import slot_dim
 from .plain_adamw import foreach_adamw_
 from .projectors import PROJECTORS, Projector, Subspace, resolve_side
 from .projectors.base import compressed_size, projected_shape
@@ -47,7 +56,9 @@ class _Projected:
     rank: int
     side: str
     projector: Projector
+    backend: str        # resolved for the parameter's device: "torch" or "triton"
     new_subspace: Subspace | None = None
+    source_slots: torch.Tensor | None = None     # a transport deferred to the moment update
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
@@ -68,12 +79,18 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("backend", "auto")     # state saved before the key existed
+
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             check_adamw_hyperparameters(group)
+            check_backend(group["backend"])
             self._validate_group(group)
         except ValueError:
             self.param_groups.pop()
@@ -141,7 +158,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     plain.append((group, param))
                     continue
                 side = resolve_side(param.shape, group[self.side_key])
-                projected.append(_Projected(group, param, key, rank, side, projector))
+                backend = resolve_backend(group["backend"], param.device,
+                                          (param.dtype, self._moments_dtype(group, param)))
+                projected.append(_Projected(group, param, key, rank, side, projector, backend))
         return plain, projected
 
     def _needs_refresh(self, item: _Projected) -> bool:
@@ -160,7 +179,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     "parameter or state was changed (pass skip_nonfinite=True to skip such steps)")
         for item in refreshing:
             try:
-                item.new_subspace = item.projector.select(item.param.grad, item.rank, item.side)
+                item.new_subspace = item.projector.select(item.param.grad, item.rank, item.side, item.backend)
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = None
@@ -216,23 +235,22 @@ class ProjectedAdamW(torch.optim.Optimizer):
         subspace = _stored_subspace(state)
         state["step"] += 1
 
-        low_rank_grad = item.projector.project(param.grad, subspace, item.side)
+        low_rank_grad = item.projector.project(param.grad, subspace, item.side, item.backend)
         if item.new_subspace is not None:
             self.refresh_stats[item.name]["captured"] = (
                 low_rank_grad.float().square().sum() / param.grad.float().square().sum().clamp_min(1e-30))
         bc1, bc2 = self._corrections(group, state["step"])
         beta1, beta2 = group["betas"]
-        lr, wd = _as_float(group["lr"]), group["weight_decay"]
-        normalized = adam_moment_update_(low_rank_grad, state["exp_avg"], state["exp_avg_sq"],
-                                         beta1=beta1, beta2=beta2,
-                                         eps=self.adam_form.effective_eps(group["eps"], bc2),
-                                         bias_correction1=bc1, bias_correction2=bc2)
-        if wd and self.adam_form.decay_before_update:
-            param.mul_(1.0 - lr * wd)
-        update = item.projector.project_back(normalized, subspace, item.side, param.shape)
-        param.add_(update.to(param.dtype), alpha=-lr * group["scale"])
-        if wd and not self.adam_form.decay_before_update:
-            param.add_(param, alpha=-lr * wd)
+        normalized, state["exp_avg"], state["exp_avg_sq"] = adam_moment_update(
+            item.backend, low_rank_grad, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+            eps=self.adam_form.effective_eps(group["eps"], bc2), bias_correction1=bc1, bias_correction2=bc2,
+            source_slots=item.source_slots, slot_dim=slot_dim(item.side))
+        basis, indices = item.projector.basis_columns(
+            subspace, compressed_size(param.shape, item.side), normalized.dtype, item.backend)
+        projected_weight_update_(item.backend, param, normalized, basis, indices, item.side,
+                                 lr=_as_float(group["lr"]), scale=group["scale"],
+                                 weight_decay=group["weight_decay"],
+                                 decay_before_update=self.adam_form.decay_before_update)
 
     def _install_subspace(self, item: _Projected, state: dict) -> None:
         old = _stored_subspace(state)
@@ -244,8 +262,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 state["exp_avg"].zero_()
                 state["exp_avg_sq"].zero_()
             elif policy == "transport":
-                for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
-                    state[key].copy_(item.projector.transport(state[key], old, new, item.side, second))
+                item.source_slots = item.projector.transport_slots(old, new)
+                if item.source_slots is None:
+                    for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
+                        state[key].copy_(item.projector.transport(state[key], old, new, item.side, second))
         self.refresh_stats[item.name] = {
             "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
         for key in [k for k in state if k.startswith(_SUBSPACE_PREFIX)]:
@@ -283,8 +303,16 @@ def _stored_subspace(state: dict) -> Subspace:
 
 
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """One host sync: is each tensor free of inf/nan."""
-    norms = torch._foreach_norm(tensors, dtype=torch.float32)
+    """One host sync: is each tensor free of inf/nan. Norms of 16-bit tensors are taken in fp32
+    (a large finite fp16 gradient must not overflow to inf)."""
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for dtype, indices in by_dtype.items():
+        norm_dtype = torch.float32 if dtype.itemsize < 4 else None
+        for index, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], dtype=norm_dtype)):
+            norms[index] = norm.float()
     return torch.stack([n.to(norms[0].device) for n in norms]).isfinite().tolist()
 
 

@@ -14,9 +14,13 @@ Beyond ``galore_torch``: optimizer state is tensors only (``torch.load(weights_o
 works, so training resumes); 1-D parameters inside a ``rank`` group get plain AdamW instead of
 crashing; the SVD always runs in fp32; a failed SVD or a non-finite gradient at a refresh raises
 an error naming the parameter and leaves every parameter and state untouched; ``moments``
-(``keep``/``reset``/``transport``) and ``moments_dtype`` (e.g. fp32 moments for bf16 weights) are
-available per group. Defaults for keys ``galore_torch`` requires in a ``rank`` group:
-``update_proj_gap=200``, ``scale=1.0``, ``proj_type="std"``.
+(``keep``/``reset``/``transport``), ``moments_dtype`` (e.g. fp32 moments for bf16 weights) and
+``backend`` (``"auto"``: fused Triton moment update and back-projection + weight update for
+fp32/bf16/fp16 CUDA parameters when ``triton`` imports, else PyTorch; ``"torch"``; ``"triton"``,
+which on CPU tensors needs ``TRITON_INTERPRET=1``; the SVD is PyTorch's on every backend) are
+available per group.
+Defaults for keys ``galore_torch`` requires in a ``rank`` group: ``update_proj_gap=200``,
+``scale=1.0``, ``proj_type="std"``.
 """
 from __future__ import annotations
 
@@ -39,12 +43,13 @@ class GaLoreAdamW(ProjectedAdamW):
                  weight_decay: float = 0.0, correct_bias: bool = True,
                  no_deprecation_warning: bool = False, *, update_proj_gap: int = 200,
                  scale: float = 1.0, proj_type: str = "std", moments: str = "keep",
-                 moments_dtype: torch.dtype | None = None, skip_nonfinite: bool = False):
+                 moments_dtype: torch.dtype | None = None, backend: str = "auto",
+                 skip_nonfinite: bool = False):
         # ``no_deprecation_warning`` is accepted for signature compatibility; nothing is deprecated.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, moments=moments, moments_dtype=moments_dtype,
-                        projection="svd")
+                        backend=backend, projection="svd")
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: dict) -> None:

@@ -166,3 +166,16 @@ def test_closure_is_called_with_grad_enabled():
     loss = optimizer.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.requires_grad
     assert not torch.equal(before, model.up.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_skip_nonfinite_handles_every_float_dtype(dtype):
+    weight = torch.nn.Parameter(torch.ones(8, 4, dtype=dtype))
+    optimizer = DCTProjAdam([weight], skip_nonfinite=True)
+    weight.grad = torch.full((8, 4), 60000.0, dtype=dtype)   # finite; its fp16 norm would overflow
+    optimizer.step()
+    assert optimizer.skipped_steps == 0
+    weight.grad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        optimizer.step()
+    assert optimizer.skipped_steps == 1

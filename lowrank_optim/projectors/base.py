@@ -10,6 +10,12 @@ A *subspace* is a dict of tensors (only tensors, so optimizer state loads with
 ``torch.load(weights_only=True)``) from which ``P`` can be rebuilt. A new projector implements
 :meth:`Projector.select`, :meth:`Projector.basis` and :meth:`Projector.transport`, and is listed in
 :data:`lowrank_optim.projectors.PROJECTORS`.
+
+Methods taking ``backend`` (a resolved ``"torch"`` or ``"triton"``, see
+:mod:`lowrank_optim.kernels.backend`) route their work through :mod:`lowrank_optim.kernels`. A
+projector whose ``P`` is a column subset of a fixed matrix says so through
+:meth:`Projector.basis_columns` (the Triton kernels then read the columns by index) and
+:meth:`Projector.transport_slots` (moment transport is then a slot gather fused into the moment update).
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+
+from ..kernels.dispatch import project as _project
+from ..kernels.weight_update import back_project
 
 Subspace = dict[str, torch.Tensor]
 
@@ -63,7 +72,7 @@ class Projector(ABC):
         self.group = group
 
     @abstractmethod
-    def select(self, grad: torch.Tensor, rank: int, side: str) -> Subspace:
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
         """A new subspace for ``grad``. Must not modify anything; raises on failure."""
 
     @abstractmethod
@@ -79,13 +88,22 @@ class Projector(ABC):
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         """``‖P_oldᵀ·P_new‖²_F / r`` ∈ [0, 1]: 1 when the subspace did not move (a 0-d tensor)."""
 
-    def project(self, grad: torch.Tensor, subspace: Subspace, side: str) -> torch.Tensor:
+    def basis_columns(self, subspace: Subspace, size: int, dtype: torch.dtype,
+                      backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, idx)`` with ``P = B[:, idx]``, or ``(P, None)`` for a dense ``P`` (the default)."""
+        return self.basis(subspace, size, dtype), None
+
+    def transport_slots(self, old: Subspace, new: Subspace) -> torch.Tensor | None:
+        """When :meth:`transport` is a slot gather (:mod:`lowrank_optim.kernels.slot_remap`), the
+        source slot of each new slot (−1: none); None (the default) otherwise."""
+        return None
+
+    def project(self, grad: torch.Tensor, subspace: Subspace, side: str, backend: str = "torch") -> torch.Tensor:
         """``R = G·P`` (right) or ``Pᵀ·G`` (left)."""
-        p = self.basis(subspace, compressed_size(grad.shape, side), grad.dtype)
-        return grad @ p if side == "right" else p.T @ grad
+        basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
+        return _project(backend, grad, basis, indices, side)
 
     def project_back(self, update: torch.Tensor, subspace: Subspace, side: str,
                      shape: torch.Size) -> torch.Tensor:
         """``N·Pᵀ`` (right) or ``P·N`` (left), of the full weight ``shape``."""
-        p = self.basis(subspace, compressed_size(shape, side), update.dtype)
-        return update @ p.T if side == "right" else p @ update
+        return back_project(update, *self.basis_columns(subspace, compressed_size(shape, side), update.dtype), side)

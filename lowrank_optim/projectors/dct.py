@@ -12,11 +12,19 @@ paper's default (reference code ``ell_norm=1``).
 The only per-layer state is the ``r`` indices (int64); ``C`` is rebuilt from its size and cached.
 Moment transport is exact and free: both subspaces are column subsets of one orthonormal ``C``, so
 ``P_newᵀ·P_old`` is a 0/1 matrix matching equal indices.
+
+``backend="triton"``: the scores come from a fused kernel that never writes ``S`` (``transform`` is
+then unused), and projection and back-projection read the selected columns of a cached
+column-major copy of ``C`` by index (:mod:`lowrank_optim.kernels.column_select_triton`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..kernels.column_select import scores_from_coefficients, top_columns
+from ..kernels.slot_remap import remap_slots, slot_dim
 from .base import Projector, Subspace
 from .dct_basis import dct_coefficients, dct_matrix
 
@@ -25,37 +33,49 @@ class DCTProjector(Projector):
     name = "dct"
     options = {"score": ("l1", "l2"), "transform": ("auto", "matmul", "fft")}
 
-    def select(self, grad: torch.Tensor, rank: int, side: str) -> Subspace:
-        transform = self.group["transform"]
-        if transform == "auto":
-            transform = "fft" if grad.device.type == "cpu" else "matmul"
-        coefficients = dct_coefficients(grad, side, transform)
-        reduce_dim = 0 if side == "right" else 1
-        if self.group["score"] == "l1":
-            scores = coefficients.abs().sum(dim=reduce_dim, dtype=torch.float32)
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
+        if backend == "triton":
+            from ..kernels.column_select_triton import column_scores_triton
+            size = grad.shape[1] if side == "right" else grad.shape[0]
+            basis = _column_major_dct(size, grad.dtype, grad.device)
+            scores = column_scores_triton(grad, basis, side, self.group["score"])
         else:
-            scores = coefficients.float().square().sum(dim=reduce_dim)
-        order = torch.sort(scores, descending=True, stable=True).indices
-        return {"indices": order[:rank].clone()}
+            transform = self.group["transform"]
+            if transform == "auto":
+                transform = "fft" if grad.device.type == "cpu" else "matmul"
+            coefficients = dct_coefficients(grad, side, transform)
+            scores = scores_from_coefficients(coefficients, side, self.group["score"])
+        return {"indices": top_columns(scores, rank)}
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         indices = subspace["indices"]
         return dct_matrix(size, dtype, indices.device).index_select(1, indices)
 
+    def basis_columns(self, subspace: Subspace, size: int, dtype: torch.dtype,
+                      backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, idx)``; for Triton ``C`` is column-major, so the kernels' gathered columns are contiguous."""
+        indices = subspace["indices"]
+        matrix = _column_major_dct if backend == "triton" else dct_matrix
+        return matrix(size, dtype, indices.device), indices
+
     def transport(self, moment: torch.Tensor, old: Subspace, new: Subspace, side: str,
                   second_moment: bool) -> torch.Tensor:
         """Slot ``j`` of the result holds the old moment of index ``new[j]`` if it was selected
         before, else zero. Exact for both moments (no rotation, ``v`` stays non-negative)."""
-        source_slot = _source_slots(old["indices"], new["indices"])
-        kept = source_slot >= 0
-        dim = 1 if side == "right" else 0
-        gathered = moment.index_select(dim, source_slot.clamp(min=0))
-        mask_shape = (1, -1) if side == "right" else (-1, 1)
-        return gathered * kept.view(mask_shape).to(moment.dtype)
+        return remap_slots(moment, self.transport_slots(old, new), slot_dim(side))
+
+    def transport_slots(self, old: Subspace, new: Subspace) -> torch.Tensor:
+        return _source_slots(old["indices"], new["indices"])
 
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         """Fraction of the new indices that were selected before."""
         return (_source_slots(old["indices"], new["indices"]) >= 0).float().mean()
+
+
+@functools.cache
+def _column_major_dct(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``C`` stored column by column (same values as :func:`dct_matrix`), cached like it."""
+    return dct_matrix(size, dtype, device).T.contiguous().T
 
 
 def _source_slots(old_indices: torch.Tensor, new_indices: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@ Right side ``P = V[:, :r]`` (``Vh[:r]ᵀ``), left side ``P = U[:, :r]``, from
 ``torch.linalg.svd(G.float(), full_matrices=False)``: the SVD always runs in fp32 (CUDA has no
 bf16 SVD) and ``P`` is stored in the gradient's dtype, as ``galore_torch`` does.
 
+The SVD runs in PyTorch on every backend; with ``backend="triton"`` the dense ``P`` enters the
+fused back-projection and weight-update kernel (:mod:`lowrank_optim.kernels.weight_update_triton`).
+
 Transport (LDAdam-style rotation): with ``M = P_newᵀ·P_old``, the first moment becomes ``M·m``
 (left) or ``m·Mᵀ`` (right). The second moment is rotated with the element-wise square ``M∘M``
 (``v`` stays non-negative; exact when ``M`` is a permutation, a heuristic otherwise).
@@ -18,7 +21,7 @@ from .base import Projector, Subspace
 class SVDProjector(Projector):
     name = "svd"
 
-    def select(self, grad: torch.Tensor, rank: int, side: str) -> Subspace:
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
         u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
         matrix = vh[:rank].T if side == "right" else u[:, :rank]
         return {"matrix": matrix.to(grad.dtype).contiguous()}

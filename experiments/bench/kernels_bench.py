@@ -1,0 +1,145 @@
+"""Benchmark of the fused Triton kernels (issue #3) against PyTorch, in one run on one device.
+
+    python -m experiments.bench.kernels_bench --csv experiments/results/kernels_h100.csv
+    python -m experiments.bench.kernels_bench --tf32 --csv kernels_h100_tf32.csv     # TF32 fp32 GEMMs
+    python -m experiments.bench.kernels_bench --smoke                                 # CPU, tiny shapes
+
+The full run takes a quarter of an hour or more on one GPU (autotuning every new shape, SVDs of
+7B-sized gradients, LLaMA-1B GaLore refresh steps); ``--sections`` and ``--sizes`` split it, e.g.
+``--sections moment selection``, then ``--sections step``, then ``--sections optimizer``.
+
+Sections (``--sections``): ``moment`` (kernel 1: GB/s against the device-to-device copy rate
+measured first in the same run; target ≥ 80%), ``selection`` (kernel 2 against
+``torch.topk((G·C).abs().sum(0))`` and ``torch.linalg.svd``), ``step`` (kernels 1+3 against the
+unfused PyTorch step), all over LLaMA weight shapes (60M … 7B: ``h×h``, ``h×i``, ``i×h``) at ranks
+128-1024 in fp32 and bf16; and ``optimizer`` (whole steps over every LLaMA-1B weight:
+``DCTProjAdam`` against ``torch.optim.AdamW(fused=True)`` and ``galore_torch.GaLoreAdamW``, refresh
+and ordinary steps apart). Formulas of bytes and FLOPs: :mod:`.kernels_cases`.
+
+fp32 GEMMs follow torch's setting, stated in the output: full fp32 by default, TF32 with ``--tf32``
+(for torch's matmuls and the kernels alike). Results go to the CSV given by ``--csv`` and are
+printed as markdown tables headed by the device. Without a GPU the script says so and exits 0;
+``--smoke`` then runs every section end to end on CPU with tiny shapes on the PyTorch backend (and
+on the Triton interpreter too when ``TRITON_INTERPRET=1`` is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from lowrank_optim.kernels.backend import interpreting, triton_available
+
+from .kernels_cases import Settings, bench_fused_step, bench_moment_update, bench_selection
+from .kernels_optimizer_step import LLAMA_1B, LLAMA_SMOKE, bench_optimizer_step
+from .kernels_report import print_tables, write_csv
+from .kernels_timing import copy_bandwidth_gbps, device_label
+
+# (hidden, intermediate) of the GaLore-protocol LLaMA sizes (ALGORITHMS.md §6).
+LLAMA_DIMS = {"60M": (512, 1376), "130M": (768, 2048), "350M": (1024, 2736), "1B": (2048, 5461), "7B": (4096, 11008)}
+RANKS = [128, 256, 512, 1024]
+SMOKE_DIMS = {"smoke": (48, 136)}
+SMOKE_RANKS = [8, 16]
+SECTIONS = ("moment", "selection", "step", "optimizer")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def weight_shapes(dims: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
+    """Attention ``h×h``, MLP up ``i×h`` (right projection) and down ``h×i`` (left) per size."""
+    return [shape for h, i in dims.values() for shape in ((h, h), (i, h), (h, i))]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", help="write every result row to this CSV file")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (no GPU needed)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list(LLAMA_DIMS),
+        default=list(LLAMA_DIMS),
+        help="LLaMA sizes whose weight shapes the kernel sections use",
+    )
+    parser.add_argument("--ranks", nargs="+", type=int, default=RANKS)
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=list(DTYPES),
+        default=list(DTYPES),
+        help="gradient/weight dtypes of the kernel sections",
+    )
+    parser.add_argument(
+        "--optimizer-dtypes",
+        nargs="+",
+        choices=list(DTYPES),
+        default=["bfloat16"],
+        help="weight dtypes of the whole-optimizer section (GaLore protocol: bf16)",
+    )
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 GEMMs (torch and Triton)")
+    parser.add_argument("--budget-ms", type=float, default=100.0, help="time spent timing each case")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        device = torch.device("cpu")
+        if interpreting():
+            args.dtypes = args.optimizer_dtypes = ["float32"]  # the interpreter's bf16 arithmetic is wrong
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print(
+            "kernels_bench: no CUDA device on this machine; the Triton kernels are GPU kernels, so nothing "
+            "was measured. Run it on a GPU, or pass --smoke for a tiny end-to-end CPU run."
+        )
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    backends = ["torch"]
+    if triton_available() and (device.type == "cuda" or interpreting()):
+        backends.append("triton")
+    elif device.type == "cuda":
+        print("triton does not import: only the PyTorch backend is measured", file=sys.stderr)
+
+    dims = SMOKE_DIMS if args.smoke else {size: LLAMA_DIMS[size] for size in args.sizes}
+    copy_gbps = copy_bandwidth_gbps(device, 2**22 if args.smoke else 2**30)
+    settings = Settings(
+        device=device,
+        shapes=weight_shapes(dims),
+        ranks=SMOKE_RANKS if args.smoke else args.ranks,
+        dtypes=[DTYPES[d] for d in args.dtypes],
+        backends=backends,
+        copy_gbps=copy_gbps,
+        budget_ms=args.budget_ms,
+    )
+    rows = []
+    if "moment" in args.sections:
+        rows += bench_moment_update(settings)
+    if "selection" in args.sections:
+        rows += bench_selection(settings)
+    if "step" in args.sections:
+        rows += bench_fused_step(settings)
+    if "optimizer" in args.sections:
+        rows += bench_optimizer_step(
+            LLAMA_SMOKE if args.smoke else LLAMA_1B,
+            [DTYPES[d] for d in args.optimizer_dtypes],
+            backends,
+            device,
+            args.budget_ms,
+        )
+
+    header = (
+        f"{device_label(device)}; torch {torch.__version__}; backends {', '.join(backends)}; "
+        f"TF32 for fp32 GEMMs: {'on' if args.tf32 else 'off'}; device-to-device copy {copy_gbps:,.0f} GB/s"
+    )
+    print_tables(header, rows)
+    if args.csv:
+        write_csv(args.csv, device_label(device), args.tf32, copy_gbps, rows)
+        print(f"\nrows written to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Optimizer-step time and optimizer-state bytes for one weight, side by side in one run.
+
+    python -m experiments.bench.optimizer_step                       # 4096×1024 fp32, rank 256
+    python -m experiments.bench.optimizer_step --shape 2048 5461 --rank 512 --device cuda
+
+Refresh steps (a new subspace every step: ``update_proj_gap=1``) and ordinary steps (subspace
+fixed) are timed separately, each as the median of ``--repeats`` steps after a warm-up step, with
+a device synchronisation around every step. Ratios are taken within this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, optimizer_state_bytes
+
+
+def _candidates(rank: int):
+    """(label, kind, factory) with kind 'refresh' or 'ordinary'; factory(param) -> optimizer."""
+
+    def galore_torch(gap):
+        from galore_torch import GaLoreAdamW as PeerGaLore
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return lambda p: PeerGaLore(
+            [{"params": [p], "rank": rank, "update_proj_gap": gap, "scale": 1.0, "proj_type": "std"}]
+        )
+
+    rows = [
+        ("torch.optim.AdamW (foreach)", "ordinary", lambda p: torch.optim.AdamW([p], foreach=True)),
+        ("torch.optim.AdamW (fused)", "ordinary", lambda p: torch.optim.AdamW([p], fused=True)),
+    ]
+    for kind, gap in (("refresh", 1), ("ordinary", 10**9)):
+        rows += [
+            ("DCTProjAdam", kind, lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g)),
+            ("GaLoreAdamW", kind, lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}])),
+        ]
+        try:
+            rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
+        except ImportError:
+            print("galore_torch not installed: peer baseline skipped", file=sys.stderr)
+    return rows
+
+
+def _time_steps(optimizer, param, repeats: int) -> float:
+    def sync():
+        if param.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    optimizer.step()  # warm-up (state allocation, first selection)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=2, default=[4096, 1024])
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    rows = []
+    for label, kind, factory in _candidates(args.rank):
+        param = torch.nn.Parameter(torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator))
+        param.grad = torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator)
+        optimizer = factory(param)
+        seconds = _time_steps(optimizer, param, args.repeats if kind == "ordinary" or "DCT" in label else 2)
+        state = optimizer_state_bytes(optimizer) if label != "galore_torch.GaLoreAdamW" else None
+        rows.append(dict(optimizer=label, step=kind, ms=seconds * 1e3, state_bytes=state))
+
+    adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch.optim.AdamW (foreach)")
+    svd_refresh_ms = next(r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh")
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(f"\n{args.shape[0]}×{args.shape[1]} {args.dtype}, rank {args.rank}, {device}, torch {torch.__version__}\n")
+    print("| optimizer | step | ms | × AdamW (foreach) | GaLoreAdamW refresh ÷ this | state bytes |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = f"{svd_refresh_ms / r['ms']:.1f}" if r["step"] == "refresh" else ""
+        state = "" if r["state_bytes"] is None else f"{r['state_bytes']:,}"
+        print(f"| {r['optimizer']} | {r['step']} | {r['ms']:.1f} | {r['ms'] / adamw_ms:.2f} | {speedup} | {state} |")
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["device", *rows[0]])
+            writer.writeheader()
+            writer.writerows({"device": device, **r} for r in rows)
+
+
+if __name__ == "__main__":
+    main()

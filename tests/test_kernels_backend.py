@@ -1,0 +1,72 @@
+"""The ``backend`` option: validation, resolution per device, old checkpoints."""
+import pytest
+import torch
+from lowrank_optim.kernels import backend as backend_module
+from lowrank_optim.kernels.backend import resolve_backend
+from toy import make_model, train
+
+from lowrank_optim import DCTProjAdam, GaLoreAdamW
+
+
+@pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])
+def test_unknown_backend_is_named(optimizer):
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"):
+        optimizer(make_model().parameters(), backend="cuda")
+
+
+@pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])
+def test_triton_without_triton_fails_at_construction(optimizer, monkeypatch):
+    monkeypatch.setattr(backend_module, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="triton package does not import"):
+        optimizer(make_model().parameters(), backend="triton")
+    optimizer(make_model().parameters(), backend="auto")       # auto falls back to PyTorch
+
+
+def test_a_bad_group_backend_is_not_added():
+    model = make_model()
+    optimizer = DCTProjAdam([model.up.weight])
+    with pytest.raises(ValueError, match="Invalid backend: 'gpu'"):
+        optimizer.add_param_group({"params": [model.down.weight], "backend": "gpu"})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_auto_picks_triton_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cuda", 0)) == "torch"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert resolve_backend("auto", torch.device("cuda", 0), (torch.bfloat16, torch.float32)) == "triton"
+    assert resolve_backend("auto", torch.device("cuda", 0), (torch.float64, torch.float64)) == "torch"
+    monkeypatch.setattr(backend_module, "triton_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    from lowrank_optim.kernels.triton_support import check_launchable
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        check_launchable(torch.zeros(2))
+
+
+def test_triton_rejects_dtypes_it_does_not_cover(monkeypatch):
+    pytest.importorskip("triton")
+    from lowrank_optim.kernels.triton_support import check_launchable
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_launchable(torch.zeros(2), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="float64"):
+        check_launchable(torch.zeros(2, dtype=torch.float64))
+
+
+def test_checkpoint_without_backend_loads_as_auto():
+    model = make_model()
+    optimizer = DCTProjAdam(model.parameters(), lr=1e-3)
+    train(model, optimizer, 2)
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["backend"]
+    restored = DCTProjAdam(model.parameters(), lr=1e-3, backend="torch")
+    restored.load_state_dict(saved)
+    assert all(group["backend"] == "auto" for group in restored.param_groups)
+    train(model, restored, 1, start=2)

@@ -1,0 +1,97 @@
+"""Kernel 1 (Triton projected Adam moment update) against a float64 reference.
+
+Without a GPU the kernel runs on CPU tensors under TRITON_INTERPRET=1, which must be set before the
+kernel module is imported (the kernels are defined at import).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from lowrank_optim.kernels.moment_update import adam_moment_update_  # noqa: E402
+from lowrank_optim.kernels.moment_update_triton import adam_moment_update_triton  # noqa: E402
+from lowrank_optim.kernels.slot_remap import remap_slots  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(37, 13), (13, 37), (1, 5), (64, 96)]     # odd, non-power-of-two, and one exact tile
+STEP_SCALARS = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**3, bias_correction2=1 - 0.999**3)
+
+# (gradient dtype, moments dtype) -> relative tolerance. fp32 moments: a handful of fp32 roundings
+# per element (no accumulation), so a few ulps (2^-24 ≈ 6e-8) of relative error: 1e-5 leaves
+# margin. bf16 moments: m, v and N are each rounded once to bf16 (half an ulp, 2^-9 ≈ 2e-3
+# relative), and v's rounding enters N at half its size: 8e-3.
+TOLERANCES = {(torch.float32, torch.float32): 1e-5, (torch.bfloat16, torch.float32): 1e-5,
+              (torch.bfloat16, torch.bfloat16): 8e-3}
+
+
+def _inputs(shape, grad_dtype, moment_dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(shape, generator=generator).to(grad_dtype)
+    exp_avg = (0.1 * torch.randn(shape, generator=generator)).to(moment_dtype)
+    exp_avg_sq = (0.01 * torch.rand(shape, generator=generator)).to(moment_dtype)
+    return [t.to(DEVICE) for t in (grad, exp_avg, exp_avg_sq)]
+
+
+def _assert_close(actual, expected, tolerance):
+    torch.testing.assert_close(actual.double().cpu(), expected.cpu(), rtol=tolerance,
+                               atol=tolerance * float(expected.abs().max()))
+
+
+def _skip_bf16_moments_on_interpreter(moment_dtype):
+    if moment_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's bf16 arithmetic is wrong; runs on GPU")
+
+
+@pytest.mark.parametrize("dtypes", list(TOLERANCES), ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_in_place_update_matches_reference(shape, dtypes):
+    grad_dtype, moment_dtype = dtypes
+    _skip_bf16_moments_on_interpreter(moment_dtype)
+    grad, exp_avg, exp_avg_sq = _inputs(shape, grad_dtype, moment_dtype)
+    m64, v64 = exp_avg.double(), exp_avg_sq.double()
+    expected = adam_moment_update_(grad.double(), m64, v64, **STEP_SCALARS)
+    update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, **STEP_SCALARS)
+    assert m is exp_avg and v is exp_avg_sq                    # in place
+    assert update.dtype == moment_dtype
+    for actual, reference in ((update, expected), (m, m64), (v, v64)):
+        _assert_close(actual, reference, TOLERANCES[dtypes])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(37, 13), (13, 37)])
+def test_slot_remap_is_fused_into_the_update(shape, side):
+    slot_dim = 1 if side == "right" else 0
+    grad, exp_avg, exp_avg_sq = _inputs(shape, torch.float32, torch.float32, seed=1)
+    slots = torch.randperm(shape[slot_dim], generator=torch.Generator().manual_seed(2))
+    slots[::3] = -1                                            # new columns start from zero
+    slots = slots.to(DEVICE)
+    m64 = remap_slots(exp_avg.double(), slots, slot_dim)
+    v64 = remap_slots(exp_avg_sq.double(), slots, slot_dim)
+    expected = adam_moment_update_(grad.double(), m64, v64, **STEP_SCALARS)
+    old_m, old_v = exp_avg.clone(), exp_avg_sq.clone()
+    update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, source_slots=slots, slot_dim=slot_dim,
+                                             **STEP_SCALARS)
+    for actual, reference in ((update, expected), (m, m64), (v, v64)):
+        _assert_close(actual, reference, TOLERANCES[torch.float32, torch.float32])
+    assert torch.equal(exp_avg, old_m) and torch.equal(exp_avg_sq, old_v)    # inputs untouched
+
+
+def test_bias_corrections_are_runtime_values():
+    """Two steps with different corrections through one compiled kernel both match the reference."""
+    grad, exp_avg, exp_avg_sq = _inputs((9, 7), torch.float32, torch.float32)
+    m64, v64 = exp_avg.double(), exp_avg_sq.double()
+    for step in (1, 2):
+        scalars = dict(STEP_SCALARS, bias_correction1=1 - 0.9**step, bias_correction2=1 - 0.999**step)
+        expected = adam_moment_update_(grad.double(), m64, v64, **scalars)
+        update, _, _ = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, **scalars)
+        _assert_close(update, expected, TOLERANCES[torch.float32, torch.float32])
+
+
+def test_shape_mismatch_is_rejected():
+    grad, exp_avg, exp_avg_sq = _inputs((5, 4), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        adam_moment_update_triton(grad, exp_avg.T.contiguous(), exp_avg_sq, **STEP_SCALARS)
