@@ -33,14 +33,16 @@ def project(backend: str, grad: torch.Tensor, basis: torch.Tensor, indices: torc
 
 
 def adam_moment_update(backend: str, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                       *, beta1: float, beta2: float, eps: float, bias_correction1: float,
-                       bias_correction2: float, source_slots: torch.Tensor | None = None,
+                       *, beta1: float, beta2: float, eps: float | torch.Tensor,
+                       bias_correction1: float | torch.Tensor, bias_correction2: float | torch.Tensor,
+                       source_slots: torch.Tensor | None = None,
                        slot_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(N, m, v)``; ``m``, ``v`` are the inputs updated in place, or new tensors when
-    ``source_slots`` remaps them first."""
+    ``source_slots`` remaps them first. Per-slot bias corrections (tensors) take the PyTorch path:
+    the Triton kernel reads them as runtime scalars."""
     scalars = dict(beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1,
                    bias_correction2=bias_correction2)
-    if backend == "triton":
+    if backend == "triton" and not isinstance(bias_correction1, torch.Tensor):
         from .moment_update_triton import adam_moment_update_triton
         return adam_moment_update_triton(grad, exp_avg, exp_avg_sq, source_slots=source_slots,
                                          slot_dim=slot_dim, **scalars)

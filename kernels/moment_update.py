@@ -7,13 +7,14 @@ In place on ``m`` and ``v`` (any float dtype, usually fp32), for a gradient ``R`
     N = (m / bc1) / (√(v / bc2) + ε)          bc1 = 1 − β1^t, bc2 = 1 − β2^t
 
 ``N`` is returned in the moments' dtype. The bias corrections are runtime values (they change every
-step), passed in rather than derived here so that callers can fold ε conventions into ``eps``.
+step), passed in rather than derived here so that callers can fold ε conventions into ``eps``. They
+(and ``eps``) may also be tensors broadcasting against the moments: per-slot corrections.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from lowrank_optim.adam_form import sqrt
 
 
 def adam_moment_update_(
@@ -23,13 +24,13 @@ def adam_moment_update_(
     *,
     beta1: float,
     beta2: float,
-    eps: float,
-    bias_correction1: float,
-    bias_correction2: float,
+    eps: float | torch.Tensor,
+    bias_correction1: float | torch.Tensor,
+    bias_correction2: float | torch.Tensor,
 ) -> torch.Tensor:
     """Update ``exp_avg``/``exp_avg_sq`` in place and return the normalized update ``N``."""
     grad = grad.to(exp_avg.dtype)
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(sqrt(bias_correction2)).add_(eps)
     return exp_avg.div(denom).div_(bias_correction1)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import enum
 import math
 
+import torch
+
 
 class AdamForm(enum.Enum):
     TORCH = "torch"
     HF = "hf"
 
-    def effective_eps(self, eps: float, bias_correction2: float) -> float:
-        """ε as it enters ``m̂ / (√v̂ + ε_eff)``."""
+    def effective_eps(self, eps: float, bias_correction2):
+        """ε as it enters ``m̂ / (√v̂ + ε_eff)`` (a tensor for per-slot bias corrections)."""
         if self is AdamForm.HF:
-            return eps / math.sqrt(bias_correction2)
+            return eps / sqrt(bias_correction2)
         return eps
 
     @property
@@ -30,6 +32,15 @@ class AdamForm(enum.Enum):
         return self is AdamForm.TORCH
 
 
-def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
-    """``(1 − β1^t, 1 − β2^t)`` for the step count ``t`` (1 on the first step)."""
+def bias_corrections(step, beta1: float, beta2: float):
+    """``(1 − β1^t, 1 − β2^t)`` for the step count ``t`` (1 on the first step); ``t`` may be an int
+    or an integer tensor of per-slot counts (then the corrections are fp32 tensors)."""
+    if isinstance(step, torch.Tensor):
+        step = step.float()
+        return 1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step)
     return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def sqrt(value):
+    """``√value`` of a float (``math.sqrt``) or a tensor."""
+    return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)

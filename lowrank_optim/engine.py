@@ -9,6 +9,14 @@ For a projected 2-D parameter ``W`` (``m×n``) with gradient ``G`` and projector
     N = m̂ / (√v̂ + ε_eff)
     W ← W − η·α·project_back(N)      (α = ``scale``; decoupled decay per :class:`AdamForm`)
 
+Bias correction counts the parameter's steps (``bias_correction="step"``, Adam's) or, with
+``"slot"``, each slot's steps since its moments last started from zero: a column that enters the
+subspace under ``reset``/``transport`` then gets the corrections of a fresh Adam instead of those of
+step ``t`` (which inflate ``m̂/√v̂`` up to ~6× for the first tens of steps after a refresh).
+
+``residual="scaled"`` adds the gradient outside the subspace back, Adam-scaled (Fira;
+:mod:`lowrank_optim.residual`).
+
 When ``P`` changes, the moments follow the group's ``moments`` policy: ``keep`` (left as they are,
 slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in the new basis by the
 projector; a slot gather, as for the DCT, is done while the moments are updated). Everything not
@@ -37,12 +45,15 @@ from .adam_form import AdamForm, bias_corrections
 from .kernels.backend import check_backend, resolve_backend
 from .kernels.dispatch import adam_moment_update, projected_weight_update_
 from .kernels.slot_remap import slot_dim
+from .kernels.weight_update import update_coefficients
 from .plain_adamw import foreach_adamw_
 from .projectors import PROJECTORS, Projector, Subspace, resolve_side
 from .projectors.base import compressed_size, projected_shape
-from .validation import check_adamw_hyperparameters, check_dense_real_grad
+from .residual import RESIDUALS, residual_coefficients, residual_weight_update_
+from .validation import check_adamw_hyperparameters, check_choice, check_dense_real_grad
 
 MOMENT_POLICIES = ("keep", "reset", "transport")
+BIAS_CORRECTIONS = ("step", "slot")
 _SUBSPACE_PREFIX = "proj_"
 
 
@@ -82,7 +93,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("backend", "auto")     # state saved before the key existed
+            group.setdefault("backend", "auto")     # state saved before these keys existed
+            group.setdefault("bias_correction", "step")
+            group.setdefault("residual", "none")
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -91,6 +104,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         try:
             check_adamw_hyperparameters(group)
             check_backend(group["backend"])
+            check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
+            check_choice("residual", group["residual"], RESIDUALS)
             self._validate_group(group)
         except ValueError:
             self.param_groups.pop()
@@ -230,6 +245,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        if group["bias_correction"] == "slot" and "slot_steps" not in state:
+            state["slot_steps"] = torch.full((item.rank,), state["step"], dtype=torch.int64, device=param.device)
         if item.new_subspace is not None:
             self._install_subspace(item, state)
         subspace = _stored_subspace(state)
@@ -239,7 +256,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if item.new_subspace is not None:
             self.refresh_stats[item.name]["captured"] = (
                 low_rank_grad.float().square().sum() / param.grad.float().square().sum().clamp_min(1e-30))
-        bc1, bc2 = self._corrections(group, state["step"])
+        bc1, bc2 = self._corrections(group, self._slot_step_counts(item, state))
         beta1, beta2 = group["betas"]
         normalized, state["exp_avg"], state["exp_avg_sq"] = adam_moment_update(
             item.backend, low_rank_grad, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
@@ -247,10 +264,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
             source_slots=item.source_slots, slot_dim=slot_dim(item.side))
         basis, indices = item.projector.basis_columns(
             subspace, compressed_size(param.shape, item.side), normalized.dtype, item.backend)
-        projected_weight_update_(item.backend, param, normalized, basis, indices, item.side,
-                                 lr=_as_float(group["lr"]), scale=group["scale"],
-                                 weight_decay=group["weight_decay"],
-                                 decay_before_update=self.adam_form.decay_before_update)
+        coefficients = dict(lr=_as_float(group["lr"]), scale=group["scale"], weight_decay=group["weight_decay"],
+                            decay_before_update=self.adam_form.decay_before_update)
+        if group["residual"] == "scaled":
+            a, b = update_coefficients(**coefficients)
+            phi = residual_coefficients(param.grad, low_rank_grad, normalized, item.side, state)
+            columns = basis if indices is None else basis.index_select(1, indices)
+            residual_weight_update_(param, param.grad, low_rank_grad, normalized, columns, phi, item.side,
+                                    a=a, b=b)
+        else:
+            projected_weight_update_(item.backend, param, normalized, basis, indices, item.side, **coefficients)
+
+    @staticmethod
+    def _slot_step_counts(item: _Projected, state: dict):
+        """The step count ``t`` of the bias corrections: the parameter's (``bias_correction="step"``)
+        or, with ``"slot"``, each slot's own count, shaped to broadcast against the moments."""
+        if item.group["bias_correction"] != "slot":
+            return state["step"]
+        state["slot_steps"] += 1
+        return state["slot_steps"].view((1, -1) if item.side == "right" else (-1, 1))
 
     def _install_subspace(self, item: _Projected, state: dict) -> None:
         old = _stored_subspace(state)
@@ -261,11 +293,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
             if policy == "reset":
                 state["exp_avg"].zero_()
                 state["exp_avg_sq"].zero_()
+                if "slot_steps" in state:
+                    state["slot_steps"].zero_()
             elif policy == "transport":
                 item.source_slots = item.projector.transport_slots(old, new)
                 if item.source_slots is None:
                     for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
                         state[key].copy_(item.projector.transport(state[key], old, new, item.side, second))
+                elif "slot_steps" in state:
+                    kept = item.source_slots >= 0
+                    state["slot_steps"] = state["slot_steps"][item.source_slots.clamp(min=0)] * kept
         self.refresh_stats[item.name] = {
             "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
         for key in [k for k in state if k.startswith(_SUBSPACE_PREFIX)]:

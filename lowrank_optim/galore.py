@@ -43,13 +43,15 @@ class GaLoreAdamW(ProjectedAdamW):
                  weight_decay: float = 0.0, correct_bias: bool = True,
                  no_deprecation_warning: bool = False, *, update_proj_gap: int = 200,
                  scale: float = 1.0, proj_type: str = "std", moments: str = "keep",
-                 moments_dtype: torch.dtype | None = None, backend: str = "auto",
+                 bias_correction: str = "step", residual: str = "none", moments_dtype: torch.dtype | None = None,
+                 backend: str = "auto",
                  skip_nonfinite: bool = False):
         # ``no_deprecation_warning`` is accepted for signature compatibility; nothing is deprecated.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, moments=moments, moments_dtype=moments_dtype,
-                        backend=backend, projection="svd")
+                        bias_correction=bias_correction, residual=residual, backend=backend,
+                        projection="svd")
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: dict) -> None:

@@ -48,7 +48,7 @@ def test_single_selection_trajectory_equals_paper_code(weight_decay):
     rank, steps = 5, 25
     ours = DCTProjAdam([{"params": list(ours_model.parameters()), "rank": rank}], lr=1e-2,
                        weight_decay=weight_decay, update_proj_gap=10_000, score="l1", scale=1.0,
-                       transform="matmul")
+                       transform="matmul", residual="none")
     oracle = oracle_cls(oracle_model.parameters(), lr=1e-2, weight_decay=weight_decay, rank=rank,
                         proj="dct", update_proj_gap=10_000, sim_type="matmul", ell_norm=1)
     _run(ours_model, ours, steps)

@@ -68,3 +68,20 @@ def test_transport_keeps_moments_of_kept_indices_exactly(side):
     assert torch.count_nonzero(column(moved, 3)) == 0            # index 1 is new
     overlap = _projector("l2").overlap(old, new, 10)
     assert float(overlap) == pytest.approx(0.5)
+
+
+def test_slot_bias_correction_restarts_new_columns_and_carries_kept_ones():
+    """Under transport with bias_correction="slot", a kept column keeps its count, a new one restarts."""
+    from lowrank_optim import DCTProjAdam
+
+    weight = torch.nn.Parameter(torch.zeros(16, 8))
+    optimizer = DCTProjAdam([weight], rank=3, update_proj_gap=4, moments="transport", bias_correction="slot")
+    basis = dct_matrix(8, torch.float32, torch.device("cpu"))
+    for step in range(5):
+        # energy in columns 0,1,2 for steps 0-3; then in 2, 5, 6 (2 is kept)
+        columns = [0, 1, 2] if step < 4 else [2, 5, 6]
+        weight.grad = sum((10.0 - c) * torch.outer(torch.ones(16), basis[:, c]) for c in columns)
+        optimizer.step()
+    state = optimizer.state[weight]
+    assert state["proj_indices"].tolist() == [2, 5, 6]
+    assert state["slot_steps"].tolist() == [5, 1, 1]

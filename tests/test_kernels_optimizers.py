@@ -36,13 +36,14 @@ def _run(make_optimizer, backend):
     return model, optimizer
 
 
+@pytest.mark.parametrize("residual", ["none", "scaled"])   # "none": kernel 3 updates the weight
 @pytest.mark.parametrize("moments", ["keep", "transport"])
 @pytest.mark.parametrize("proj_side", ["left", "right"])
-def test_dct_triton_follows_torch(proj_side, moments):
+def test_dct_triton_follows_torch(proj_side, moments, residual):
     def make(model, backend):
         groups = projected_groups(model, 5, plain_group_keys={"rank": None})
         return DCTProjAdam(groups, lr=3e-3, weight_decay=0.01, update_proj_gap=4, scale=0.5,
-                           moments=moments, proj_side=proj_side, backend=backend)
+                           moments=moments, proj_side=proj_side, residual=residual, backend=backend)
 
     torch_model, torch_optimizer = _run(make, "torch")
     triton_model, triton_optimizer = _run(make, "triton")

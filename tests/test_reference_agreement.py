@@ -15,10 +15,12 @@ STEPS = 100
 @pytest.mark.parametrize("moments", ["keep", "reset", "transport"])
 @pytest.mark.parametrize("score", ["l1", "l2"])
 @pytest.mark.parametrize("proj_side", ["auto", "left", "right"])
-def test_dct_matches_reference(moments, score, proj_side):
+@pytest.mark.parametrize("bias_correction", ["step", "slot"])
+def test_dct_matches_reference(moments, score, proj_side, bias_correction):
     fast_model = make_model()
     slow_model = twin(fast_model)
-    settings = dict(update_proj_gap=7, scale=0.5, score=score, moments=moments, proj_side=proj_side)
+    settings = dict(update_proj_gap=7, scale=0.5, score=score, moments=moments, proj_side=proj_side,
+                    bias_correction=bias_correction, residual="none")
     fast_groups = projected_groups(fast_model, 5, plain_group_keys={"rank": None})
     fast = DCTProjAdam(fast_groups, lr=3e-3, weight_decay=0.01, **settings)
     slow = ReferenceDCTAdamW(projected_groups(slow_model, 5), lr=3e-3, weight_decay=0.01, **settings)
@@ -28,6 +30,23 @@ def test_dct_matches_reference(moments, score, proj_side):
     for p, q in zip(fast_model.parameters(), slow_model.parameters()):
         if "indices" in slow.state[q]:
             assert torch.equal(fast.state[p]["proj_indices"], slow.state[q]["indices"])
+
+
+@pytest.mark.parametrize("proj_side", ["left", "right"])
+@pytest.mark.parametrize("moments", ["keep", "transport"])
+def test_dct_scaled_residual_matches_reference(proj_side, moments):
+    fast_model = make_model()
+    slow_model = twin(fast_model)
+    settings = dict(update_proj_gap=7, scale=0.5, moments=moments, proj_side=proj_side, residual="scaled")
+    fast_groups = projected_groups(fast_model, 5, plain_group_keys={"rank": None})
+    fast = DCTProjAdam(fast_groups, lr=3e-3, weight_decay=0.01, **settings)
+    slow = ReferenceDCTAdamW(projected_groups(slow_model, 5), lr=3e-3, weight_decay=0.01, **settings)
+    train(fast_model, fast, STEPS)
+    train(slow_model, slow, STEPS)
+    assert max_rel_diff(fast_model, slow_model) < TOLERANCE
+    limited = [float(fast.state[p]["residual_norm"]) for p in (fast_model.up.weight, fast_model.down.weight)]
+    assert limited == pytest.approx([slow.state[q]["residual_norm"] for q in (slow_model.up.weight,
+                                                                              slow_model.down.weight)], rel=1e-3)
 
 
 @pytest.mark.parametrize("moments", ["keep", "reset", "transport"])

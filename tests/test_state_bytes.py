@@ -14,10 +14,17 @@ def _state_after_one_step(make, shape=(64, 16)):
 
 def test_dct_state_is_moments_plus_indices():
     rank = 4
-    optimizer, state = _state_after_one_step(lambda p: DCTProjAdam(p, rank=rank))
+    optimizer, state = _state_after_one_step(lambda p: DCTProjAdam(p, rank=rank, residual="none"))
     assert set(state) == {"step", "exp_avg", "exp_avg_sq", "proj_indices"}
     assert state["proj_indices"].shape == (rank,) and state["proj_indices"].dtype == torch.int64
     assert optimizer_state_bytes(optimizer) == 2 * 64 * rank * 4 + rank * 8
+
+
+def test_dct_default_residual_adds_one_scalar():
+    rank = 4
+    optimizer, state = _state_after_one_step(lambda p: DCTProjAdam(p, rank=rank))
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "proj_indices", "residual_norm"}
+    assert optimizer_state_bytes(optimizer) == 2 * 64 * rank * 4 + rank * 8 + 4
 
 
 def test_galore_state_adds_the_projection_matrix():

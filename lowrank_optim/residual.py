@@ -1,0 +1,52 @@
+"""The scaled residual (Fira, arXiv 2410.01623): the gradient outside the subspace, Adam-scaled.
+
+A projected step discards ``G − P-part of G``. With ``residual="scaled"`` it is added back, scaled
+per row (right side, ``R = G·P`` is ``m×r``) or per column (left side) by how much Adam rescales
+the projected gradient there, ``φ_i = ‖N_i‖ / ‖R_i‖``::
+
+    ΔW = N·Pᵀ + c·φ ∘ (G − R·Pᵀ) = (N − c·φ∘R)·Pᵀ + c·φ∘G        (right; left: P·(…) transposed)
+
+``c`` is Fira's norm-growth limiter: with ``S_t = φ∘(G − R·Pᵀ)``, ``c = min(1, γ·‖S_{t−1}‖/‖S_t‖)``
+(``γ = 1.01``) and ``‖S_{t−1}‖`` is remembered after limiting. Since ``P`` has orthonormal columns,
+``‖S_t‖² = Σ_i φ_i²·(‖G_i‖² − ‖R_i‖²)``: no ``m×n`` residual is formed. The state is one scalar per
+weight (``residual_norm``); the update costs one extra element-wise pass over ``W``.
+"""
+from __future__ import annotations
+
+import torch
+
+GROWTH_LIMIT = 1.01
+RESIDUALS = ("none", "scaled")
+
+
+def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, normalized: torch.Tensor,
+                          side: str, state: dict) -> torch.Tensor:
+    """``c·φ`` shaped to broadcast against ``G`` (``m×1`` right, ``1×n`` left); updates the
+    limiter's ``state["residual_norm"]``."""
+    slot_dim = 1 if side == "right" else 0
+    grad32, low32 = grad.float(), low_rank_grad.float()
+    phi = normalized.float().norm(dim=slot_dim) / low32.norm(dim=slot_dim).clamp_min(1e-30)
+    outside = (grad32.square().sum(dim=slot_dim) - low32.square().sum(dim=slot_dim)).clamp_min(0)
+    norm = (phi.square() * outside).sum().sqrt()
+    previous = state.get("residual_norm")
+    if previous is None:
+        limit = torch.ones((), device=grad.device)
+    else:
+        ceiling = GROWTH_LIMIT * previous
+        limit = torch.where((previous > 0) & (norm > ceiling), ceiling / norm.clamp_min(1e-30), 1.0)
+    state["residual_norm"] = norm * limit
+    coefficients = phi * limit
+    return coefficients.view(-1, 1) if side == "right" else coefficients.view(1, -1)
+
+
+def residual_weight_update_(param: torch.Tensor, grad: torch.Tensor, low_rank_grad: torch.Tensor,
+                            normalized: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor,
+                            side: str, *, a: float, b: float) -> None:
+    """``W ← a·W − b·ΔW`` with the residual ``ΔW`` of the module doc; ``basis`` is ``P`` (k×r)."""
+    work = normalized.dtype
+    core = normalized - coefficients.to(work) * low_rank_grad.to(work)
+    delta = core @ basis.to(work).T if side == "right" else basis.to(work) @ core
+    delta.addcmul_(coefficients.to(work), grad.to(work))
+    if a != 1.0:
+        param.mul_(a)
+    param.add_(delta.to(param.dtype), alpha=-b)
