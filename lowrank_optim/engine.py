@@ -32,6 +32,9 @@ Steps are atomic with respect to refresh failures: all refreshes of a step are c
 parameter or state changes, and a failure (non-finite gradient, SVD non-convergence) raises an
 error naming the parameter with everything left as it was. ``skip_nonfinite=True`` instead checks
 every gradient once per step and skips the whole step (counted in ``skipped_steps``, warned).
+A refresh that yields ``R`` for free (the DCT's PyTorch path, which forms all coefficients ``S``
+to score them) keeps it until its parameter is updated: at a refresh step that holds up to one
+``R`` per refreshing weight (the size of one moment) at a time.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ class _Projected:
     projector: Projector
     backend: str        # resolved for the parameter's device: "torch" or "triton"
     new_subspace: Subspace | None = None
+    low_rank_grad: torch.Tensor | None = None     # R, when the refresh produced it
     source_slots: torch.Tensor | None = None     # a transport deferred to the moment update
 
 
@@ -194,10 +198,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     "parameter or state was changed (pass skip_nonfinite=True to skip such steps)")
         for item in refreshing:
             try:
-                item.new_subspace = item.projector.select(item.param.grad, item.rank, item.side, item.backend)
+                item.new_subspace, item.low_rank_grad = item.projector.select_and_project(
+                    item.param.grad, item.rank, item.side, item.backend)
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
-                    done.new_subspace = None
+                    done.new_subspace = done.low_rank_grad = None
                 raise RuntimeError(f"{_label(item.name, item.param)}: subspace refresh failed ({error}); "
                                    "no parameter or state was changed") from error
 
@@ -252,7 +257,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         subspace = _stored_subspace(state)
         state["step"] += 1
 
-        low_rank_grad = item.projector.project(param.grad, subspace, item.side, item.backend)
+        low_rank_grad = item.low_rank_grad
+        if low_rank_grad is None:
+            low_rank_grad = item.projector.project(param.grad, subspace, item.side, item.backend)
         if item.new_subspace is not None:
             self.refresh_stats[item.name]["captured"] = (
                 low_rank_grad.float().square().sum() / param.grad.float().square().sum().clamp_min(1e-30))

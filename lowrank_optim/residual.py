@@ -42,10 +42,18 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
 def residual_weight_update_(param: torch.Tensor, grad: torch.Tensor, low_rank_grad: torch.Tensor,
                             normalized: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor,
                             side: str, *, a: float, b: float) -> None:
-    """``W ← a·W − b·ΔW`` with the residual ``ΔW`` of the module doc; ``basis`` is ``P`` (k×r)."""
+    """``W ← a·W − b·ΔW`` with the residual ``ΔW`` of the module doc; ``basis`` is ``P`` (k×r).
+
+    When ``W``, ``G`` and ``N`` share a dtype: one ``addmm_`` and one ``addcmul_`` on ``W``, no
+    ``m×n`` temporary; otherwise ``ΔW`` is formed in ``N``'s dtype and rounded once."""
     work = normalized.dtype
     core = normalized - coefficients.to(work) * low_rank_grad.to(work)
-    delta = core @ basis.to(work).T if side == "right" else basis.to(work) @ core
+    first, second = (core, basis.to(work).T) if side == "right" else (basis.to(work), core)
+    if param.dtype == grad.dtype == work:
+        param.addmm_(first, second, beta=a, alpha=-b)
+        param.addcmul_(coefficients.to(work), grad, value=-b)
+        return
+    delta = first @ second
     delta.addcmul_(coefficients.to(work), grad.to(work))
     if a != 1.0:
         param.mul_(a)

@@ -6,9 +6,11 @@ from toy import make_model, max_rel_diff, projected_groups, train, twin
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 from lowrank_optim.reference import ReferenceDCTAdamW, ReferenceGaLoreAdamW
 
-# float32 on both sides, different operation order (FFT vs GEMM scores, fused vs unfused Adam):
-# rounding differences grow over 100 steps of lr 3e-3 but stay far below any real divergence.
-TOLERANCE = 2e-4
+# float32 on both sides, different operation order: on refresh steps the fast path takes R from the
+# FFT coefficients (scipy, float32) where the reference multiplies by the basis, and the Adam update
+# is fused. Rounding differences grow over 100 steps of lr 3e-3 (most with per-slot bias correction,
+# whose fresh slots take large first steps) but stay far below any real divergence (~1e-1).
+TOLERANCE = 5e-4
 STEPS = 100
 
 

@@ -75,6 +75,11 @@ class Projector(ABC):
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
         """A new subspace for ``grad``. Must not modify anything; raises on failure."""
 
+    def select_and_project(self, grad: torch.Tensor, rank: int, side: str,
+                           backend: str = "torch") -> tuple[Subspace, torch.Tensor | None]:
+        """:meth:`select`, plus ``R`` for the new subspace when selecting computes it anyway."""
+        return self.select(grad, rank, side, backend), None
+
     @abstractmethod
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         """``P`` (``size×r``, orthonormal columns) in ``dtype``, on the subspace's device."""

@@ -34,18 +34,24 @@ class DCTProjector(Projector):
     options = {"score": ("l1", "l2"), "transform": ("auto", "matmul", "fft")}
 
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
+        return self.select_and_project(grad, rank, side, backend)[0]
+
+    def select_and_project(self, grad: torch.Tensor, rank: int, side: str,
+                           backend: str = "torch") -> tuple[Subspace, torch.Tensor | None]:
+        """The PyTorch path computes all of ``S`` to score the columns, so ``R`` is ``S``'s selected
+        columns (rows on the left) for free; the Triton path scores without forming ``S``."""
         if backend == "triton":
             from ..kernels.column_select_triton import column_scores_triton
             size = grad.shape[1] if side == "right" else grad.shape[0]
             basis = _column_major_dct(size, grad.dtype, grad.device)
             scores = column_scores_triton(grad, basis, side, self.group["score"])
-        else:
-            transform = self.group["transform"]
-            if transform == "auto":
-                transform = "fft" if grad.device.type == "cpu" else "matmul"
-            coefficients = dct_coefficients(grad, side, transform)
-            scores = scores_from_coefficients(coefficients, side, self.group["score"])
-        return {"indices": top_columns(scores, rank)}
+            return {"indices": top_columns(scores, rank)}, None
+        transform = self.group["transform"]
+        if transform == "auto":
+            transform = "fft" if grad.device.type == "cpu" else "matmul"
+        coefficients = dct_coefficients(grad, side, transform)
+        indices = top_columns(scores_from_coefficients(coefficients, side, self.group["score"]), rank)
+        return {"indices": indices}, coefficients.index_select(slot_dim(side), indices)
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         indices = subspace["indices"]

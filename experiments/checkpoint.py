@@ -1,0 +1,128 @@
+"""Atomic checkpoints: one folder ``model_<step>/`` per checkpoint inside the run's ``save_dir``.
+
+A checkpoint is written into a hidden temporary folder (``.tmp-model_<step>-<pid>``), flushed to
+disk, and only then renamed to ``model_<step>`` (``os.replace``, atomic on POSIX). A run killed at
+any moment therefore leaves either a complete ``model_<step>`` or none, never a partial one;
+temporary folders left by a killed run are removed by the next save.
+
+Contents, all loadable with ``torch.load(weights_only=True)``:
+
+* ``model.pt``: the model's ``state_dict()`` (unwrapped from DDP);
+* ``optimizer.pt``: ``optimizer.state_dict()``;
+* ``training_state.pt``: step, tokens seen, scheduler state, data-loader state (position and its
+  generator), RNG states (torch CPU, CUDA when used), the wandb run id;
+* ``config.json``: the resolved :class:`~experiments.config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from experiments.config import TrainConfig
+
+CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)$")
+TEMPORARY_PREFIX = ".tmp-model_"
+RETIRED_PREFIX = ".old-model_"
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINING_STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.json"
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_files(
+    folder: Path, model_state: dict, optimizer_state: dict, training_state: dict, config: TrainConfig
+) -> None:
+    torch.save(model_state, folder / MODEL_FILE)
+    torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+    torch.save(training_state, folder / TRAINING_STATE_FILE)
+    config.save_json(folder / CONFIG_FILE)
+    for name in (MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, CONFIG_FILE):
+        _fsync(folder / name)
+    _fsync(folder)
+
+
+def _publish(temporary: Path, final: Path) -> None:
+    """Rename the finished ``temporary`` folder to ``final`` (replacing an older one of that name)."""
+    if final.exists():  # a resumed run saving a step again: swap, so ``final`` is never missing
+        retired = final.with_name(f"{RETIRED_PREFIX}{final.name.removeprefix('model_')}-{os.getpid()}")
+        os.replace(final, retired)
+        os.replace(temporary, final)
+        shutil.rmtree(retired)
+    else:
+        os.replace(temporary, final)
+    _fsync(final.parent)
+
+
+def remove_temporaries(save_dir: Path) -> None:
+    """Delete temporary and retired folders that a killed run left behind in ``save_dir``."""
+    for prefix in (TEMPORARY_PREFIX, RETIRED_PREFIX):
+        for path in save_dir.glob(f"{prefix}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict,
+    optimizer_state: dict,
+    training_state: dict,
+    config: TrainConfig,
+) -> Path:
+    """Write ``save_dir/model_<step>`` atomically and return its path."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(save_dir)
+    temporary = save_dir / f"{TEMPORARY_PREFIX}{step}-{os.getpid()}"
+    temporary.mkdir()
+    _write_files(temporary, model_state, optimizer_state, training_state, config)
+    final = save_dir / f"model_{step}"
+    _publish(temporary, final)
+    return final
+
+
+def list_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint in ``save_dir``, by step."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in save_dir.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+    ]
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint folder, else the latest checkpoint inside it."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and CHECKPOINT_PATTERN.match(path.name):
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint model_<step> at or inside {path}")
+    return checkpoints[-1][1]
+
+
+def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The three state files of a checkpoint folder, loaded with ``weights_only=True``."""
+    folder = Path(folder)
+    return {
+        "model": torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True),
+        "optimizer": torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True),
+        "training_state": torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True),
+    }

@@ -1,0 +1,150 @@
+"""From a run config to a (model, optimizer) pair: two small tables, no per-optimizer branching.
+
+* :data:`PARAMETERIZATIONS` maps ``--parameterization`` to a model transform: ``dense`` (none),
+  ``sst`` (``lowrank_optim.sst.convert_to_sst``), ``sltrain`` (``lowrank_optim.sltrain.convert_to_sltrain``).
+* :data:`RECIPES` says, for the optimizers that need more than ``lr``/``weight_decay``/``betas``/
+  ``eps``, which config fields go where: onto GaLore's projected param group
+  (``lowrank_optim.lowrank_param_groups``), into extra constructor keywords, and which
+  parameterization ``--parameterization auto`` picks. A registered optimizer without a recipe gets
+  the plain one, plus anything in ``--optimizer_kwargs``.
+
+Optimizers come from ``lowrank_optim``'s registry, plus :data:`BASELINE_OPTIMIZERS` for peer
+packages used as benchmark baselines (``galore_torch_adamw`` = ``galore_torch.GaLoreAdamW``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import lowrank_optim
+import lowrank_optim.sltrain
+import lowrank_optim.sst  # noqa: F401  (registers "sst_adamw")
+from experiments.config import TrainConfig
+
+
+def _galore_torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
+    from galore_torch import GaLoreAdamW
+
+    return GaLoreAdamW(params, **kwargs)
+
+
+BASELINE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "galore_torch_adamw": _galore_torch_adamw,
+}
+
+
+def available_methods() -> list[str]:
+    """Every optimizer name ``--optimizer`` accepts."""
+    return sorted(set(lowrank_optim.available_optimizers()) | set(BASELINE_OPTIMIZERS))
+
+
+def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
+    """``name`` from the baselines table or the library registry (which names the known ones)."""
+    factory = BASELINE_OPTIMIZERS.get(name)
+    if factory is not None:
+        return factory(params, **kwargs)
+    return lowrank_optim.create_optimizer(name, params, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """How config fields reach one optimizer.
+
+    ``projection_keys``: config fields set on the projected param group (``rank`` first); empty
+    means the optimizer gets ``model.parameters()``. ``keyword_fields``: ``(keyword, config field)``
+    pairs passed to the constructor. ``parameterization``: the model transform for ``auto``.
+    Fields whose value is ``None`` are left out, so the optimizer's own default applies.
+    """
+
+    projection_keys: tuple[str, ...] = ()
+    keyword_fields: tuple[tuple[str, str], ...] = ()
+    parameterization: str = "dense"
+
+
+_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+RECIPES: dict[str, OptimizerRecipe] = {
+    "galore_adamw": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
+    "galore_torch_adamw": OptimizerRecipe(projection_keys=_GALORE_KEYS),
+    "dct_adamw": OptimizerRecipe(projection_keys=("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")),
+    "sst_adamw": OptimizerRecipe(
+        keyword_fields=(("update_interval", "sst_interval"), ("seed", "seed")), parameterization="sst"
+    ),
+}
+PLAIN_RECIPE = OptimizerRecipe()
+
+
+def recipe_for(optimizer: str) -> OptimizerRecipe:
+    return RECIPES.get(optimizer, PLAIN_RECIPE)
+
+
+def _sst(model: nn.Module, config: TrainConfig) -> nn.Module:
+    return lowrank_optim.sst.convert_to_sst(model, rank=config.rank, target_modules=tuple(config.target_modules))
+
+
+def _sltrain(model: nn.Module, config: TrainConfig) -> nn.Module:
+    return lowrank_optim.sltrain.convert_to_sltrain(
+        model,
+        rank=config.rank,
+        density=config.density,
+        alpha=config.alpha,
+        target_modules=tuple(config.target_modules),
+        seed=config.seed,
+    )
+
+
+PARAMETERIZATIONS: dict[str, Callable[[nn.Module, TrainConfig], nn.Module]] = {
+    "dense": lambda model, config: model,
+    "sst": _sst,
+    "sltrain": _sltrain,
+}
+
+
+def resolved_parameterization(config: TrainConfig) -> str:
+    """``config.parameterization``, with ``auto`` replaced by what the optimizer's recipe needs."""
+    if config.parameterization == "auto":
+        return recipe_for(config.optimizer).parameterization
+    if config.parameterization not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"unknown parameterization {config.parameterization!r}; known: auto, {', '.join(PARAMETERIZATIONS)}"
+        )
+    return config.parameterization
+
+
+def apply_parameterization(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """The model with its target linears re-parameterized (in place) as the config asks."""
+    return PARAMETERIZATIONS[resolved_parameterization(config)](model, config)
+
+
+def optimizer_kwargs(config: TrainConfig) -> dict:
+    """Constructor keywords: lr and weight decay, betas/eps when set, recipe fields, --optimizer_kwargs."""
+    kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.betas is not None:
+        kwargs["betas"] = tuple(config.betas)
+    if config.eps is not None:
+        kwargs["eps"] = config.eps
+    for keyword, field in recipe_for(config.optimizer).keyword_fields:
+        if getattr(config, field) is not None:
+            kwargs[keyword] = getattr(config, field)
+    return {**kwargs, **config.optimizer_kwargs}
+
+
+def optimizer_params(model: nn.Module, config: TrainConfig):
+    """``model.parameters()``, or GaLore's two param groups for a projected optimizer."""
+    keys = recipe_for(config.optimizer).projection_keys
+    if not keys:
+        return model.parameters()
+    projection = {key: getattr(config, key) for key in keys if key != "rank" and getattr(config, key) is not None}
+    return lowrank_optim.lowrank_param_groups(
+        model, target_modules=tuple(config.target_modules), rank=config.rank, **projection
+    )
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` over ``model`` (call after :func:`apply_parameterization`)."""
+    if config.optimizer not in available_methods():
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; known: {', '.join(available_methods())}")
+    return create_optimizer(config.optimizer, optimizer_params(model, config), **optimizer_kwargs(config))

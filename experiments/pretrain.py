@@ -1,0 +1,309 @@
+"""Pretrain a LLaMA with any optimizer of ``lowrank_optim``: ``python -m experiments.pretrain [flags]``.
+
+With no flags: a tiny LLaMA on the embedded Shakespeare corpus with ``dct_adamw``, a few minutes on
+a 2-core CPU, writing everything under ``runs/<run_name>/``. Multi-GPU: ``torchrun
+--nproc_per_node N -m experiments.pretrain ...``. Flags: ``--help`` or ``experiments/config.py``.
+
+One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
+``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``)
+and ends with a validation, a final checkpoint and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from experiments.args import parse_config
+from experiments.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from experiments.config import TrainConfig, resolve
+from experiments.data import BatchLoader, DataBundle, DataSpec, build_data
+from experiments.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    setup_distributed,
+    teardown_distributed,
+)
+from experiments.evaluation import evaluate, next_token_loss
+from experiments.logging_utils import RunLogger, perplexity, projection_health, read_metrics
+from experiments.memory import optimizer_state_bytes, parameter_counts, peak_memory_bytes
+from experiments.methods import apply_parameterization, build_optimizer, resolved_parameterization
+from experiments.model_factory import build_model
+from experiments.plotting import plot_run
+from experiments.schedulers import build_scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOSS_PLOT = "loss_curve.png"
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run (the per-step curves are in ``<save_dir>/metrics.jsonl``)."""
+
+    config: TrainConfig
+    final_val_loss: float
+    final_val_perplexity: float
+    tokens_per_second: float
+    optimizer_state_bytes: int
+    trainable_parameters: int
+    total_parameters: int
+    wall_seconds: float
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    wandb_id: str = ""
+
+
+def train_step(
+    model: nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    pad_id: int,
+    context: DistributedContext,
+) -> torch.Tensor:
+    """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss."""
+    total = torch.zeros((), device=context.device)
+    for micro_step in range(config.gradient_accumulation):
+        ids = loader.next_batch().to(context.device)
+        last = micro_step == config.gradient_accumulation - 1
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = contextlib.nullcontext() if last or not context.enabled else model.no_sync()
+        with sync:
+            loss = next_token_loss(model(ids), ids, pad_id)
+            (loss / config.gradient_accumulation).backward()
+        total += loss.detach()
+    if config.grad_clipping > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / config.gradient_accumulation
+
+
+def rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; ``model`` is unwrapped, ``wrapped`` is what trains (DDP or not)."""
+
+    config: TrainConfig
+    context: DistributedContext
+    data: DataBundle
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: Progress
+
+
+def build_run(config: TrainConfig, context: DistributedContext) -> Run:
+    """Data, model (parameterized, cast), optimizer and schedule of ``config``, fresh or resumed."""
+    torch.manual_seed(config.seed)
+    data = build_data(
+        DataSpec(
+            dataset=config.dataset,
+            tokenizer=config.tokenizer,
+            max_length=config.max_length,
+            batch_size=config.batch_size,
+            eval_tokens=config.eval_tokens,
+            seed=config.seed,
+            cache_dir=Path(config.cache_dir),
+            rank=context.rank,
+            world_size=context.world_size,
+        )
+    )
+    model = build_model(config.model_config, config.model_impl, data.tokenizer.vocab_size).to(context.device)
+    model = apply_parameterization(model, config).to(dtype=DTYPES[config.dtype])
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(
+        optimizer, config.scheduler, config.warmup_steps, config.num_training_steps, config.min_lr_ratio
+    )
+    # Under ``wandb agent`` the sweep assigns the run id; otherwise a fresh one, kept across resumes.
+    progress = Progress(wandb_id=os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12])
+    run = Run(config, context, data, model, model, optimizer, scheduler, progress)
+    if config.continue_from:
+        restore_run(run, resolve_checkpoint(config.continue_from))
+    if context.enabled:  # DDP broadcasts rank 0's (possibly restored) weights to the other ranks
+        device_ids = [context.device] if context.device.type == "cuda" else None
+        run.wrapped = DistributedDataParallel(model, device_ids=device_ids)
+    return run
+
+
+def restore_run(run: Run, folder: Path) -> None:
+    """Load model, optimizer, schedule, data position, RNG states and counters from a checkpoint."""
+    state = load_checkpoint(folder, map_location=run.context.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    training = state["training_state"]
+    run.scheduler.load_state_dict(training["scheduler"])
+    run.data.train.load_state_dict(training["data"])
+    restore_rng_states(training["rng"], run.context.device)
+    run.progress = Progress(**training["progress"])
+    if run.context.is_main:
+        print(f"resumed from {folder} at step {run.progress.step}", flush=True)
+
+
+def save_run(run: Run) -> None:
+    """Checkpoint ``run`` atomically as ``save_dir/model_<step>`` (rank 0 writes, every rank waits)."""
+    if run.context.is_main:
+        training_state = {
+            "progress": vars(run.progress).copy(),
+            "scheduler": run.scheduler.state_dict(),
+            "data": run.data.train.state_dict(),
+            "rng": rng_states(run.context.device),
+        }
+        save_checkpoint(
+            run.config.save_dir,
+            run.progress.step,
+            model_state=run.model.state_dict(),
+            optimizer_state=run.optimizer.state_dict(),
+            training_state=training_state,
+            config=run.config,
+        )
+    barrier(run.context)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) the training that ``config`` describes."""
+    context = setup_distributed(config.device)
+    try:
+        return _train(resolve(config, context.world_size), context)
+    finally:
+        teardown_distributed(context)
+
+
+def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
+    save_dir = Path(config.save_dir)
+    if context.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        config.save_json(save_dir / "config.json")
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True), flush=True)
+    run = build_run(config, context)
+    progress, optimizer, pad_id = run.progress, run.optimizer, run.data.tokenizer.pad_id
+    trainable, total_params = parameter_counts(run.model)
+    if context.is_main:
+        print(
+            f"model: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+            f"parameterization {resolved_parameterization(config)}, optimizer {config.optimizer}, "
+            f"{config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es) per step",
+            flush=True,
+        )
+    logger = RunLogger(config, progress.wandb_id, enabled=context.is_main)
+    tokens_per_step = config.total_batch_size * config.max_length
+
+    def validate() -> float:
+        loss = evaluate(run.model, run.data.validation_batches(), pad_id, context)
+        logger.log(progress.step, {"val/loss": loss, "val/perplexity": perplexity(loss)})
+        return loss
+
+    bar = tqdm(
+        total=config.num_training_steps,
+        initial=progress.step,
+        disable=not context.is_main,
+        desc=config.run_name,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    start = time.perf_counter()
+    first_step = progress.step
+    timed_tokens, train_seconds = 0, 0.0
+    val_loss, validated_step = float("nan"), None
+    saved_step = progress.step if config.continue_from else None
+    while progress.step < config.num_training_steps:
+        step_start = time.perf_counter()
+        lr = run.scheduler.get_last_lr()[0]
+        loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
+        run.scheduler.step()
+        progress.step += 1
+        progress.tokens_seen += tokens_per_step
+        mean_loss = float(all_reduce_sum(loss, context)) / context.world_size
+        seconds = time.perf_counter() - step_start
+        if progress.step > first_step + 1:  # the first step of a process includes one-time warm-up
+            timed_tokens += tokens_per_step
+            train_seconds += seconds
+        metrics = {
+            "train/loss": mean_loss,
+            "train/perplexity": perplexity(mean_loss),
+            "lr": lr,
+            "tokens_seen": progress.tokens_seen,
+            "throughput/tokens_per_s": tokens_per_step / seconds,
+            "memory/peak_bytes": peak_memory_bytes(context.device),
+            "optimizer/state_bytes": optimizer_state_bytes(optimizer),
+            **projection_health(optimizer),
+        }
+        logger.log(progress.step, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
+        if config.eval_every and progress.step % config.eval_every == 0:
+            val_loss, validated_step = validate(), progress.step
+            if context.is_main:
+                bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
+        if config.save_every and progress.step % config.save_every == 0:
+            save_run(run)
+            saved_step = progress.step
+    bar.close()
+    wall = time.perf_counter() - start
+
+    if validated_step != progress.step:
+        val_loss = validate()
+    if config.save_every and saved_step != progress.step:
+        save_run(run)
+    state_bytes = optimizer_state_bytes(optimizer)
+    logger.finish()
+    result = TrainResult(
+        config=config,
+        final_val_loss=val_loss,
+        final_val_perplexity=perplexity(val_loss),
+        tokens_per_second=timed_tokens / train_seconds if train_seconds > 0 else float("nan"),
+        optimizer_state_bytes=state_bytes,
+        trainable_parameters=trainable,
+        total_parameters=total_params,
+        wall_seconds=wall,
+    )
+    if context.is_main:
+        plot = plot_run(read_metrics(logger.path), save_dir / LOSS_PLOT, title=config.run_name)
+        print(
+            f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {wall:.0f} s "
+            f"({result.tokens_per_second:.0f} tokens/s); final val loss {val_loss:.4f}, "
+            f"ppl {result.final_val_perplexity:.2f}; optimizer state {state_bytes / 2**20:.2f} MiB; "
+            f"plot {plot}",
+            flush=True,
+        )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Method comparisons: ``python -m experiments.results.compare`` writes tables and plots here."""

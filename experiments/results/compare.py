@@ -1,0 +1,202 @@
+"""Compare the methods on one model, one corpus and one token budget: a markdown table and a plot.
+
+    python -m experiments.results.compare                      # every available method, CPU size
+    python -m experiments.results.compare --methods adamw galore_torch_adamw --lr_factors 0.3 1 3
+
+Each method trains the same model on the same data for the same number of steps, at its own
+learning rate (:data:`METHODS`; ``--lr_factors`` multiplies it for a small sweep, and the best final
+validation loss per method is reported). Outputs in ``--out``: ``results.md`` (table with optimizer
+state bytes and tokens/s beside each method), ``val_loss.png`` (validation loss vs step) and
+``results.json``; the runs themselves go to ``--runs_dir``. Methods whose optimizer is not
+registered are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from experiments.config import TrainConfig
+from experiments.logging_utils import METRICS_FILE, read_metrics
+from experiments.methods import available_methods
+from experiments.plotting import plot_validation_curves
+from experiments.pretrain import train
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the comparison: config overrides and the learning rate it runs at."""
+
+    label: str
+    lr: float
+    overrides: dict = field(default_factory=dict)
+
+
+# Starting learning rates (``--lr_factors`` sweeps around them). On llama_tiny (results/cpu_tiny) a
+# 0.3x/1x/3x sweep put AdamW's best near 1e-3 and the projected methods' best (scale 0.25) at 3e-2,
+# the top of that sweep. The DCT default adds the scaled residual (a larger step), so it starts at 1e-2.
+# SST and SLTrain (B, A, S trained with plain AdamW) start from 3e-3, untuned.
+METHODS: dict[str, Method] = {
+    "adamw": Method("AdamW (full rank)", 1e-3, {"optimizer": "adamw"}),
+    "galore_adamw": Method("GaLoreAdamW", 3e-2, {"optimizer": "galore_adamw"}),
+    "galore_torch_adamw": Method("galore_torch GaLoreAdamW (peer)", 3e-2, {"optimizer": "galore_torch_adamw"}),
+    "dct_default": Method("DCTProjAdam (defaults: l2/transport + scaled residual)", 1e-2, {"optimizer": "dct_adamw"}),
+    **{
+        f"dct_{score}_{moments}": Method(
+            f"DCTProjAdam {score}/{moments}, no residual",
+            3e-2,
+            {"optimizer": "dct_adamw", "score": score, "moments": moments, "optimizer_kwargs": {"residual": "none"}},
+        )
+        for score in ("l2", "l1")
+        for moments in ("keep", "reset", "transport")
+    },
+    "sst": Method("SST", 3e-3, {"optimizer": "sst_adamw"}),
+    "sltrain": Method("SLTrain", 3e-3, {"optimizer": "adamw", "parameterization": "sltrain"}),
+}
+
+
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    """The budget every method shares (no checkpoints, wandb off)."""
+    return TrainConfig(
+        model_config=args.model_config,
+        num_training_steps=args.num_training_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        rank=args.rank,
+        update_proj_gap=args.update_proj_gap,
+        eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens,
+        save_every=0,
+        wandb_mode="disabled",
+        seed=args.seed,
+    )
+
+
+def validation_curve(save_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val/loss"]) for r in read_metrics(save_dir / METRICS_FILE) if "val/loss" in r]
+
+
+def run_method(key: str, method: Method, base: TrainConfig, lr_factors: list[float], runs_dir: Path) -> dict:
+    """Train ``method`` at each lr; return the best run's summary and every run's final loss."""
+    sweep = []
+    for factor in lr_factors:
+        lr = method.lr * factor
+        name = f"{key}-lr{lr:.0e}"
+        config = dataclasses.replace(base, lr=lr, run_name=name, save_dir=str(runs_dir / name), **method.overrides)
+        result = train(config)
+        sweep.append(
+            {
+                "lr": lr,
+                "final_val_loss": result.final_val_loss,
+                "final_val_perplexity": result.final_val_perplexity,
+                "optimizer_state_bytes": result.optimizer_state_bytes,
+                "tokens_per_second": result.tokens_per_second,
+                "trainable_parameters": result.trainable_parameters,
+                "total_parameters": result.total_parameters,
+                "curve": validation_curve(Path(config.save_dir)),
+            }
+        )
+    best = min(sweep, key=lambda run: (math.isnan(run["final_val_loss"]), run["final_val_loss"]))
+    return {
+        "key": key,
+        "label": method.label,
+        **best,
+        "lr_sweep": [(run["lr"], run["final_val_loss"]) for run in sweep],
+    }
+
+
+def markdown_table(rows: list[dict], skipped: list[str], base: TrainConfig, device: str, command: str) -> str:
+    """The results table; optimizer state is also given relative to AdamW when AdamW ran."""
+    adamw_bytes = next((row["optimizer_state_bytes"] for row in rows if row["key"] == "adamw"), None)
+    tokens = base.num_training_steps * base.batch_size * base.max_length
+    lines = [
+        f"Model `{base.model_config}`, embedded Shakespeare corpus (byte tokenizer), {base.num_training_steps} "
+        f"steps x {base.batch_size} x {base.max_length} tokens = {tokens:,} tokens, rank {base.rank}, "
+        f"update gap {base.update_proj_gap}, seed {base.seed}. Device: {device}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| method | lr | final val loss | val ppl | optimizer state | vs AdamW | tokens/s | trainable params "
+        "| lr sweep (lr: loss) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row['optimizer_state_bytes'] / adamw_bytes:.2f}x" if adamw_bytes else "n/a"
+        sweep = ", ".join(f"{lr:.0e}: {loss:.4f}" for lr, loss in row["lr_sweep"])
+        lines.append(
+            f"| {row['label']} | {row['lr']:.0e} | {row['final_val_loss']:.4f} | {row['final_val_perplexity']:.2f} "
+            f"| {row['optimizer_state_bytes'] / 2**20:.2f} MiB | {ratio} | {row['tokens_per_second']:.0f} "
+            f"| {row['trainable_parameters'] / 1e6:.2f}M | {sweep} |"
+        )
+    if skipped:
+        lines += ["", f"Not run (optimizer not registered): {', '.join(skipped)}."]
+    return "\n".join(lines) + "\n"
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.results.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--lr_factors",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="multiply each method's lr by these factors and keep the best (default: 1)",
+    )
+    parser.add_argument("--model_config", default="llama_tiny")
+    parser.add_argument("--num_training_steps", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--update_proj_gap", type=int, default=200)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--eval_tokens", type=int, default=65_536)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "cpu_tiny")
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs") / "compare")
+    args = parser.parse_args(argv)
+
+    base = base_config(args)
+    registered = set(available_methods())
+    rows, skipped = [], []
+    for key in args.methods:
+        method = METHODS[key]
+        if method.overrides["optimizer"] not in registered:
+            skipped.append(key)
+            continue
+        rows.append(run_method(key, method, base, args.lr_factors, args.runs_dir))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m experiments.results.compare", *(sys.argv[1:] if argv is None else argv)])
+    table = markdown_table(rows, skipped, base, device_description(), command)
+    (args.out / "results.md").write_text(table, encoding="utf-8")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    plot_validation_curves(
+        {row["label"]: row["curve"] for row in rows},
+        args.out / "val_loss.png",
+        title=f"validation loss, {base.model_config}, {base.num_training_steps} steps",
+    )
+    print(table)
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'val_loss.png'}, {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""How ``experiments.methods`` turns a config into an optimizer, and the memory/logging helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_optim.registry  # noqa: E402
+from experiments.config import TrainConfig  # noqa: E402
+from experiments.logging_utils import projection_health  # noqa: E402
+from experiments.memory import optimizer_state_bytes  # noqa: E402
+from experiments.methods import (  # noqa: E402
+    apply_parameterization,
+    available_methods,
+    build_optimizer,
+    optimizer_kwargs,
+    optimizer_params,
+)
+from experiments.model import Llama, LlamaConfig  # noqa: E402
+
+SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def test_a_newly_registered_optimizer_needs_no_code_change(monkeypatch):
+    monkeypatch.setitem(lowrank_optim.registry._REGISTRY, "sgd_for_test", torch.optim.SGD)
+    config = TrainConfig(optimizer="sgd_for_test", lr=0.5, weight_decay=0.1, optimizer_kwargs={"momentum": 0.9})
+    optimizer = build_optimizer(Llama(SMALL), config)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.5, 0.1, 0.9)
+
+
+def test_unknown_names_are_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam_w'; known: .*adamw"):
+        build_optimizer(Llama(SMALL), TrainConfig(optimizer="adam_w"))
+    with pytest.raises(ValueError, match="unknown parameterization 'lora'"):
+        apply_parameterization(Llama(SMALL), TrainConfig(parameterization="lora"))
+
+
+def test_unset_hyperparameters_keep_the_optimizer_defaults():
+    assert optimizer_kwargs(TrainConfig(optimizer="adamw", lr=0.1)) == {"lr": 0.1, "weight_decay": 0.0}
+    kwargs = optimizer_kwargs(TrainConfig(optimizer="adamw", betas=[0.9, 0.95], eps=1e-6))
+    assert kwargs["betas"] == (0.9, 0.95) and kwargs["eps"] == 1e-6
+
+
+@pytest.mark.parametrize("optimizer", ["galore_adamw", "dct_adamw", "galore_torch_adamw"])
+def test_projected_optimizers_get_galore_param_groups(optimizer):
+    if optimizer not in available_methods():
+        pytest.skip(f"optimizer {optimizer!r} is not registered in lowrank_optim yet")
+    model = Llama(SMALL)
+    groups = optimizer_params(model, TrainConfig(optimizer=optimizer, rank=8, update_proj_gap=50, scale=0.5))
+    projected_names = sorted(name for name, _ in groups[0]["params"])
+    assert projected_names == sorted(
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and (".attn." in name or ".mlp." in name)
+    )
+    assert (groups[0]["rank"], groups[0]["update_proj_gap"], groups[0]["scale"]) == (8, 50, 0.5)
+    assert "rank" not in groups[1]
+    assert "score" not in groups[0]  # unset (None) fields are left to the optimizer
+
+
+def test_sst_optimizer_gets_its_parameterization_and_interval():
+    if "sst_adamw" not in available_methods():
+        pytest.skip("optimizer 'sst_adamw' is not registered in lowrank_optim yet")
+    config = TrainConfig(optimizer="sst_adamw", rank=4, sst_interval=7)
+    model = apply_parameterization(Llama(SMALL), config)
+    assert any("SST" in type(module).__name__ for module in model.modules())
+    assert optimizer_kwargs(config)["update_interval"] == 7
+
+
+def test_state_bytes_follow_objects_held_in_the_state():
+    galore_torch = pytest.importorskip("galore_torch")
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    optimizer = galore_torch.GaLoreAdamW(
+        [{"params": [weight], "rank": 2, "update_proj_gap": 10, "scale": 1.0, "proj_type": "std"}],
+        no_deprecation_warning=True,
+    )
+    weight.grad = torch.randn(16, 8)
+    optimizer.step()
+    moments = 2 * 16 * 2 * 4  # exp_avg and exp_avg_sq of the 16x2 projected gradient, fp32
+    # galore_torch's projector object keeps P = Vh[:2] as a view, which holds all of the 8x8 Vh alive:
+    # storages are counted, i.e. the memory actually retained.
+    projector = 8 * 8 * 4
+    assert optimizer_state_bytes(optimizer) == moments + projector
+
+
+def test_projection_health_averages_refresh_stats():
+    class Refreshing:
+        refresh_stats = {
+            "a": {"captured": torch.tensor(0.5), "overlap": 1.0},
+            "b": {"captured": torch.tensor(0.7), "overlap": 0.0},
+        }
+
+    health = projection_health(Refreshing())
+    assert health == pytest.approx({"proj/captured": 0.6, "proj/overlap": 0.5})
+    Refreshing.refresh_stats = {}
+    assert projection_health(Refreshing()) == {}
+    assert projection_health(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == {}
