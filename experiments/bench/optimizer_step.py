@@ -5,7 +5,8 @@
 
 Refresh steps (a new subspace every step: ``update_proj_gap=1``) and ordinary steps (subspace
 fixed) are timed separately, each as the median of ``--repeats`` steps after three warm-up steps, with
-a device synchronisation around every step. Ratios are taken within this run only.
+a device synchronisation around every step; the candidates' steps are interleaved round by round.
+Ratios are taken within this run only.
 """
 
 from __future__ import annotations
@@ -52,21 +53,25 @@ def _candidates(rank: int):
     return rows
 
 
-def _time_steps(optimizer, param, repeats: int) -> float:
+def _interleaved_medians(optimizers: list, device: str, repeats: int) -> list[float]:
+    """Median seconds per step of each optimizer, the steps of all optimizers interleaved (one step
+    of each per round) so that machine drift and order effects hit every candidate alike."""
     def sync():
-        if param.device.type == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(3):  # warm-up: state allocation, first selection, thread pool
-        optimizer.step()
-    times = []
+    for optimizer in optimizers:
+        for _ in range(3):  # warm-up: state allocation, first selection, thread pool
+            optimizer.step()
+    times: list[list[float]] = [[] for _ in optimizers]
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        optimizer.step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for optimizer, samples in zip(optimizers, times):
+            sync()
+            start = time.perf_counter()
+            optimizer.step()
+            sync()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def main(argv=None) -> None:
@@ -84,14 +89,18 @@ def main(argv=None) -> None:
 
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=args.device).manual_seed(0)
-    rows = []
-    for label, kind, factory in _candidates(args.rank):
+    candidates = _candidates(args.rank)
+    optimizers = []
+    for _, _, factory in candidates:
         param = torch.nn.Parameter(torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator))
         param.grad = torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator)
-        optimizer = factory(param)
-        seconds = _time_steps(optimizer, param, args.repeats if kind == "ordinary" or "DCT" in label else 2)
-        state = optimizer_state_bytes(optimizer) if label != "galore_torch.GaLoreAdamW" else None
-        rows.append(dict(optimizer=label, step=kind, ms=seconds * 1e3, state_bytes=state))
+        optimizers.append(factory(param))
+    seconds = _interleaved_medians(optimizers, args.device, args.repeats)
+    rows = [
+        dict(optimizer=label, step=kind, ms=s * 1e3,
+             state_bytes=None if label == "galore_torch.GaLoreAdamW" else optimizer_state_bytes(optimizer))
+        for (label, kind, _), optimizer, s in zip(candidates, optimizers, seconds)
+    ]
 
     adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch.optim.AdamW (default)")
     svd_refresh_ms = next(r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh")
