@@ -24,9 +24,9 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
     """``c·φ`` shaped to broadcast against ``G`` (``m×1`` right, ``1×n`` left); updates the
     limiter's ``state["residual_norm"]``."""
     slot_dim = 1 if side == "right" else 0
-    low32 = low_rank_grad.float()
-    phi = normalized.float().norm(dim=slot_dim) / low32.norm(dim=slot_dim).clamp_min(1e-30)
-    outside = (_squared_norms(grad, slot_dim) - low32.square().sum(dim=slot_dim)).clamp_min(0)
+    inside = _squared_norms(low_rank_grad, slot_dim)
+    phi = _squared_norms(normalized, slot_dim).div_(inside.clamp_min(1e-30)).sqrt_()
+    outside = (_squared_norms(grad, slot_dim) - inside).clamp_min(0)
     norm = (phi.square() * outside).sum().sqrt()
     previous = state.get("residual_norm")
     if previous is None:
@@ -40,11 +40,12 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
 
 
 def _squared_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
-    """``Σ_dim matrix²`` in fp32: a fused norm along contiguous rows, a sum of squares across rows
-    (where the strided norm reduction is several times slower on CPU)."""
+    """``Σ_dim matrix²`` in at least fp32: a fused norm along contiguous rows, a sum of squares
+    across rows (where the strided norm reduction is several times slower on CPU)."""
+    dtype = torch.promote_types(matrix.dtype, torch.float32)
     if dim == matrix.ndim - 1 and matrix.is_contiguous():
-        return torch.linalg.vector_norm(matrix, dim=dim, dtype=torch.float32).square()
-    return matrix.float().square().sum(dim=dim)
+        return torch.linalg.vector_norm(matrix, dim=dim, dtype=dtype).square()
+    return matrix.to(dtype).square().sum(dim=dim)
 
 
 def residual_weight_update_(param: torch.Tensor, grad: torch.Tensor, low_rank_grad: torch.Tensor,
@@ -55,7 +56,7 @@ def residual_weight_update_(param: torch.Tensor, grad: torch.Tensor, low_rank_gr
     When ``W``, ``G`` and ``N`` share a dtype: one ``addmm_`` and one ``addcmul_`` on ``W``, no
     ``m×n`` temporary; otherwise ``ΔW`` is formed in ``N``'s dtype and rounded once."""
     work = normalized.dtype
-    core = normalized - coefficients.to(work) * low_rank_grad.to(work)
+    core = torch.addcmul(normalized, coefficients.to(work), low_rank_grad.to(work), value=-1.0)
     first, second = (core, basis.to(work).T) if side == "right" else (basis.to(work), core)
     if param.dtype == grad.dtype == work:
         param.addmm_(first, second, beta=a, alpha=-b)

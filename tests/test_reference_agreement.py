@@ -73,3 +73,14 @@ def test_plain_parameters_match_torch_adamw():
     train(ours_model, ours, 50)
     train(torch_model, reference, 50)
     assert max_rel_diff(ours_model, torch_model) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_scaled_residual_runs_in_every_float_dtype(dtype):
+    """float64 weights keep float64 norms; bf16 weights get fp32 norms and move."""
+    model = make_model(dtype=dtype)
+    before = model.up.weight.detach().clone()
+    optimizer = DCTProjAdam(projected_groups(model, 5, plain_group_keys={"rank": None}), residual="scaled")
+    train(model, optimizer, 3)
+    assert torch.isfinite(model.up.weight).all() and not torch.equal(model.up.weight, before)
+    assert optimizer.state[model.up.weight]["residual_norm"].dtype == torch.promote_types(dtype, torch.float32)
