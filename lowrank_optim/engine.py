@@ -7,7 +7,7 @@ For a projected 2-D parameter ``W`` (``m×n``) with gradient ``G`` and projector
     R = project(G)            G·P (right) or Pᵀ·G (left), moments live in R's shape
     m ← β1·m + (1−β1)·R,  v ← β2·v + (1−β2)·R²
     N = m̂ / (√v̂ + ε_eff)
-    W ← W − η·α·project_back(N)      (α = ``scale``; decoupled decay per :class:`AdamForm`)
+    W ← W − η·α·(N·Pᵀ or P·N)        (α = ``scale``; decoupled decay per :class:`AdamForm`)
 
 Bias correction counts the parameter's steps (``bias_correction="step"``, Adam's) or, with
 ``"slot"``, each slot's steps since its moments last started from zero: a column that enters the

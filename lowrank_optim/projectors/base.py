@@ -25,7 +25,6 @@ from typing import ClassVar
 import torch
 
 from ..kernels.dispatch import project as _project
-from ..kernels.weight_update import back_project
 
 Subspace = dict[str, torch.Tensor]
 
@@ -107,8 +106,3 @@ class Projector(ABC):
         """``R = G·P`` (right) or ``Pᵀ·G`` (left)."""
         basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
         return _project(backend, grad, basis, indices, side)
-
-    def project_back(self, update: torch.Tensor, subspace: Subspace, side: str,
-                     shape: torch.Size) -> torch.Tensor:
-        """``N·Pᵀ`` (right) or ``P·N`` (left), of the full weight ``shape``."""
-        return back_project(update, *self.basis_columns(subspace, compressed_size(shape, side), update.dtype), side)
