@@ -51,12 +51,11 @@ from __future__ import annotations
 import torch
 
 from .adam_form import AdamForm
-from .engine import MOMENT_POLICIES, ProjectedAdamW
-from .galore import _check_moments_dtype
+from .engine import ProjectedAdamW
 from .projectors import PROJECTORS
 from .rank import check_rank, resolve_rank
 from .registry import register_optimizer
-from .validation import check_choice, check_positive_int, check_positive_real
+from .validation import check_choice
 
 EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
 EMBEDDING_ASPECT_RATIO = 8.0
@@ -98,15 +97,11 @@ class DCTProjAdam(ProjectedAdamW):
 
     def _validate_group(self, group: dict) -> None:
         check_rank(group["rank"])
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_positive_real("scale", group["scale"])
-        check_choice("moments", group["moments"], MOMENT_POLICIES)
         check_choice("proj_side", group["proj_side"], PROJ_SIDES)
         check_choice("targets", group["targets"], TARGETS)
         check_choice("projection", group["projection"], tuple(PROJECTORS))
         for key, choices in PROJECTORS[group["projection"]].options.items():
             check_choice(key, group[key], choices)
-        _check_moments_dtype(group["moments_dtype"])
 
     def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:
         if group["rank"] is None or param.ndim != 2:

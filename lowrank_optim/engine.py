@@ -53,7 +53,14 @@ from .plain_adamw import foreach_adamw_
 from .projectors import PROJECTORS, Projector, Subspace, resolve_side
 from .projectors.base import compressed_size, projected_shape
 from .residual import RESIDUALS, residual_coefficients, residual_weight_update_
-from .validation import check_adamw_hyperparameters, check_choice, check_dense_real_grad
+from .validation import (
+    check_adamw_hyperparameters,
+    check_choice,
+    check_dense_real_grad,
+    check_float_dtype_or_none,
+    check_positive_int,
+    check_positive_real,
+)
 
 MOMENT_POLICIES = ("keep", "reset", "transport")
 BIAS_CORRECTIONS = ("step", "slot")
@@ -107,6 +114,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             check_adamw_hyperparameters(group)
+            check_positive_int("update_proj_gap", group["update_proj_gap"])
+            check_positive_real("scale", group["scale"])
+            check_choice("moments", group["moments"], MOMENT_POLICIES)
+            check_float_dtype_or_none("moments_dtype", group["moments_dtype"])
             check_backend(group["backend"])
             check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
             check_choice("residual", group["residual"], RESIDUALS)
@@ -121,6 +132,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{_label(key, param)}: complex parameters are not supported")
 
     def _validate_group(self, group: dict) -> None:
+        """Checks of the subclass's own keys (the shared ones are checked in add_param_group)."""
         raise NotImplementedError
 
     def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:

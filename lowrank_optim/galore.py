@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from .adam_form import AdamForm
-from .engine import MOMENT_POLICIES, ProjectedAdamW
+from .engine import ProjectedAdamW
 from .rank import check_rank, resolve_rank
 from .registry import register_optimizer
-from .validation import check_choice, check_positive_int, check_positive_real
+from .validation import check_choice
 
 GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -56,24 +56,15 @@ class GaLoreAdamW(ProjectedAdamW):
 
     def _validate_group(self, group: dict) -> None:
         check_rank(group.get("rank"), allow_fraction=False)
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_positive_real("scale", group["scale"])
         check_choice("proj_type", group["proj_type"], GALORE_PROJ_TYPES)
-        check_choice("moments", group["moments"], MOMENT_POLICIES)
         check_choice("projection", group["projection"], ("svd",))
         if not isinstance(group["correct_bias"], bool):
             raise ValueError(f"Invalid correct_bias: {group['correct_bias']!r} (expected a bool)")
-        _check_moments_dtype(group["moments_dtype"])
 
     def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:
         if group.get("rank") is None or param.ndim != 2:
             return None
         return resolve_rank(group["rank"], param.shape)
-
-
-def _check_moments_dtype(dtype) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"Invalid moments_dtype: {dtype!r} (expected None or a floating torch.dtype)")
 
 
 register_optimizer("galore_adamw", GaLoreAdamW)

@@ -59,6 +59,11 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
 
+def check_float_dtype_or_none(name: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Invalid {name}: {dtype!r} (expected None or a floating torch.dtype)")
+
+
 def check_adamw_hyperparameters(group: dict) -> None:
     """The keys every AdamW-family group carries: lr, betas, eps, weight_decay."""
     check_lr(group["lr"])
