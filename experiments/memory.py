@@ -7,11 +7,14 @@ import resource
 import torch
 from torch import nn
 
+from lowrank_optim.sharding import local
+
 
 def _tensors(value, seen: set[int]):
-    """Every tensor reachable from ``value`` through containers and plain objects' attributes."""
+    """Every tensor reachable from ``value`` through containers and plain objects' attributes
+    (this rank's shard of a DTensor)."""
     if isinstance(value, torch.Tensor):
-        yield value
+        yield local(value)
     elif isinstance(value, dict):
         for item in value.values():
             yield from _tensors(item, seen)

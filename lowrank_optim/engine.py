@@ -53,6 +53,7 @@ from .plain_adamw import foreach_adamw_
 from .projectors import PROJECTORS, Projector, Subspace, resolve_side
 from .projectors.base import compressed_size, projected_shape
 from .residual import RESIDUALS, residual_coefficients, residual_weight_update_
+from .sharding import Sharding, local, local_side
 from .validation import (
     check_adamw_hyperparameters,
     check_choice,
@@ -63,16 +64,23 @@ from .validation import (
 )
 
 MOMENT_POLICIES = ("keep", "reset", "transport")
+AUTOMATIC_SIDE_MODES = ("auto", "std")
 BIAS_CORRECTIONS = ("step", "slot")
 _SUBSPACE_PREFIX = "proj_"
 
 
 @dataclass
 class _Projected:
-    """A projected parameter of this step: where it is, how it is projected."""
+    """A projected parameter of this step: where it is, how it is projected.
+
+    ``weight`` and ``grad`` are the parameter and its gradient, or this rank's shards of them
+    when FSDP2 shards the parameter (``sharding``, :mod:`lowrank_optim.sharding`)."""
 
     group: dict
     param: torch.Tensor
+    weight: torch.Tensor
+    grad: torch.Tensor
+    sharding: Sharding | None
     name: str           # the parameter's name, or its position in the param groups
     rank: int
     side: str
@@ -183,15 +191,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 key = self._key(group_index, group, index)
-                check_dense_real_grad(param.grad, _label(key, param))
+                label = _label(key, param)
+                check_dense_real_grad(param.grad, label)
+                sharding = Sharding.of(param, label)
                 rank = self._projection_rank(group, param, self._param_name(group, index))
                 if rank is None:
                     plain.append((group, param))
                     continue
-                side = resolve_side(param.shape, group[self.side_key])
+                mode = group[self.side_key]
+                side = local_side(sharding, resolve_side(param.shape, mode), mode, AUTOMATIC_SIDE_MODES, label)
                 backend = resolve_backend(group["backend"], param.device,
                                           (param.dtype, self._moments_dtype(group, param)))
-                projected.append(_Projected(group, param, key, rank, side, projector, backend))
+                projected.append(_Projected(group, param, local(param), local(param.grad), sharding, key, rank,
+                                            side, projector, backend))
         return plain, projected
 
     def _needs_refresh(self, item: _Projected) -> bool:
@@ -211,7 +223,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         for item in refreshing:
             try:
                 item.new_subspace, item.low_rank_grad = item.projector.select_and_project(
-                    item.param.grad, item.rank, item.side, item.backend)
+                    item.grad, item.rank, item.side, item.backend, item.sharding)
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None
@@ -245,25 +257,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
                     state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
                 state["step"] += 1
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
                 steps.append(state["step"])
             beta1, beta2 = group["betas"]
-            foreach_adamw_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps,
+            foreach_adamw_([local(p) for p in params], [local(p.grad) for p in params], exp_avgs, exp_avg_sqs, steps,
                            lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"], form=self.adam_form,
                            correct_bias=group.get("correct_bias", True))
 
     def _projected_step(self, item: _Projected) -> None:
-        state, group, param = self.state[item.param], item.group, item.param
+        state, group, weight, grad = self.state[item.param], item.group, item.weight, item.grad
         if "exp_avg" not in state:
-            shape = projected_shape(param.shape, item.side, item.rank)
-            dtype = self._moments_dtype(group, param)
+            shape = projected_shape(weight.shape, item.side, item.rank)
+            dtype = self._moments_dtype(group, item.param)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+            state["exp_avg"] = self._moment(item, torch.zeros(shape, dtype=dtype, device=weight.device))
+            state["exp_avg_sq"] = self._moment(item, torch.zeros(shape, dtype=dtype, device=weight.device))
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
-            state["slot_steps"] = torch.full((item.rank,), state["step"], dtype=torch.int64, device=param.device)
+            state["slot_steps"] = torch.full((item.rank,), state["step"], dtype=torch.int64, device=weight.device)
         if item.new_subspace is not None:
             self._install_subspace(item, state)
         subspace = _stored_subspace(state)
@@ -271,28 +283,36 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
         low_rank_grad = item.low_rank_grad
         if low_rank_grad is None:
-            low_rank_grad = item.projector.project(param.grad, subspace, item.side, item.backend)
+            low_rank_grad = item.projector.project(grad, subspace, item.side, item.backend)
         if item.new_subspace is not None:
-            self.refresh_stats[item.name]["captured"] = (
-                low_rank_grad.float().square().sum() / param.grad.float().square().sum().clamp_min(1e-30))
+            self.refresh_stats[item.name]["captured"] = _captured_fraction(low_rank_grad, grad, item.sharding)
         bc1, bc2 = self._corrections(group, self._slot_step_counts(item, state))
         beta1, beta2 = group["betas"]
-        normalized, state["exp_avg"], state["exp_avg_sq"] = adam_moment_update(
-            item.backend, low_rank_grad, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        normalized, new_exp_avg, new_exp_avg_sq = adam_moment_update(
+            item.backend, low_rank_grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
             eps=self.adam_form.effective_eps(group["eps"], bc2), bias_correction1=bc1, bias_correction2=bc2,
             source_slots=item.source_slots, slot_dim=slot_dim(item.side))
+        if new_exp_avg is not exp_avg:       # a slot remap made new tensors
+            state["exp_avg"], state["exp_avg_sq"] = self._moment(item, new_exp_avg), self._moment(item, new_exp_avg_sq)
         basis, indices = item.projector.basis_columns(
-            subspace, compressed_size(param.shape, item.side), normalized.dtype, item.backend)
+            subspace, compressed_size(weight.shape, item.side), normalized.dtype, item.backend)
         coefficients = dict(lr=_as_float(group["lr"]), scale=group["scale"], weight_decay=group["weight_decay"],
                             decay_before_update=self.adam_form.decay_before_update)
         if group["residual"] == "scaled":
             a, b = update_coefficients(**coefficients)
-            phi = residual_coefficients(param.grad, low_rank_grad, normalized, item.side, state)
+            phi = residual_coefficients(grad, low_rank_grad, normalized, item.side, state, item.sharding)
             columns = basis if indices is None else basis.index_select(1, indices)
-            residual_weight_update_(param, param.grad, low_rank_grad, normalized, columns, phi, item.side,
-                                    a=a, b=b)
+            residual_weight_update_(weight, grad, low_rank_grad, normalized, columns, phi, item.side, a=a, b=b)
         else:
-            projected_weight_update_(item.backend, param, normalized, basis, indices, item.side, **coefficients)
+            projected_weight_update_(item.backend, weight, normalized, basis, indices, item.side, **coefficients)
+
+    @staticmethod
+    def _moment(item: _Projected, tensor: torch.Tensor) -> torch.Tensor:
+        """A moment as stored: this rank's shard of a DTensor sharded like the parameter, or itself."""
+        if item.sharding is None:
+            return tensor
+        return item.sharding.distribute(tensor, projected_shape(item.param.shape, item.side, item.rank))
 
     @staticmethod
     def _slot_step_counts(item: _Projected, state: dict):
@@ -310,15 +330,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
         policy = item.group["moments"]
         if old:
             if policy == "reset":
-                state["exp_avg"].zero_()
-                state["exp_avg_sq"].zero_()
+                local(state["exp_avg"]).zero_()
+                local(state["exp_avg_sq"]).zero_()
                 if "slot_steps" in state:
                     state["slot_steps"].zero_()
             elif policy == "transport":
                 item.source_slots = item.projector.transport_slots(old, new)
                 if item.source_slots is None:
                     for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
-                        state[key].copy_(item.projector.transport(state[key], old, new, item.side, second))
+                        moment = local(state[key])
+                        moment.copy_(item.projector.transport(moment, old, new, item.side, second))
                 elif "slot_steps" in state:
                     kept = item.source_slots >= 0
                     state["slot_steps"] = state["slot_steps"][item.source_slots.clamp(min=0)] * kept
@@ -358,9 +379,31 @@ def _stored_subspace(state: dict) -> Subspace:
             if key.startswith(_SUBSPACE_PREFIX)}
 
 
+def _captured_fraction(low_rank_grad: torch.Tensor, grad: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    """``‖R‖²/‖G‖²``: the share of the gradient inside the new subspace (over all shards)."""
+    squares = torch.stack([low_rank_grad.float().square().sum(), grad.float().square().sum()])
+    if sharding is not None:
+        sharding.sum_(squares)
+    return squares[0] / squares[1].clamp_min(1e-30)
+
+
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     """One host sync: is each tensor free of inf/nan. Norms of 16-bit tensors are taken in fp32
-    (a large finite fp16 gradient must not overflow to inf)."""
+    (a large finite fp16 gradient must not overflow to inf). A DTensor is finite when all its
+    shards are: one all-reduce per process group of the sharded ones."""
+    flags = _local_finite_flags([local(t) for t in tensors])
+    by_group: dict[int, tuple[Sharding, list[int]]] = {}
+    for index, tensor in enumerate(tensors):
+        sharding = Sharding.of(tensor, f"gradient {index}")
+        if sharding is not None and sharding.is_split:
+            by_group.setdefault(id(sharding.group), (sharding, []))[1].append(index)
+    for sharding, indices in by_group.values():
+        bad = sharding.max_(torch.logical_not(flags[indices]).to(torch.int32))
+        flags[indices] = bad == 0
+    return flags.tolist()
+
+
+def _local_finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, tensor in enumerate(tensors):
@@ -369,7 +412,7 @@ def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         norm_dtype = torch.float32 if dtype.itemsize < 4 else None
         for index, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], dtype=norm_dtype)):
             norms[index] = norm.float()
-    return torch.stack([n.to(norms[0].device) for n in norms]).isfinite().tolist()
+    return torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import torch
 
+from .sharding import Sharding
+
 GROWTH_LIMIT = 1.01
 RESIDUALS = ("none", "scaled")
 
 
 def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, normalized: torch.Tensor,
-                          side: str, state: dict) -> torch.Tensor:
+                          side: str, state: dict, sharding: Sharding | None = None) -> torch.Tensor:
     """``c·φ`` shaped to broadcast against ``G`` (``m×1`` right, ``1×n`` left); updates the
-    limiter's ``state["residual_norm"]``."""
+    limiter's ``state["residual_norm"]``. On an FSDP2 shard (rows on the right, columns on the
+    left: ``φ`` is local) ``‖S_t‖²`` is summed over the shards, one scalar all-reduce."""
     slot_dim = 1 if side == "right" else 0
     inside = _squared_norms(low_rank_grad, slot_dim)
     phi = _squared_norms(normalized, slot_dim).div_(inside.clamp_min(1e-30)).sqrt_()
     outside = (_squared_norms(grad, slot_dim) - inside).clamp_min(0)
-    norm = (phi.square() * outside).sum().sqrt()
+    squared_norm = (phi.square() * outside).sum()
+    norm = (squared_norm if sharding is None else sharding.sum_(squared_norm)).sqrt()
     previous = state.get("residual_norm")
     if previous is None:
         limit = torch.ones((), device=grad.device)

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..kernels.dispatch import project as _project
+from ..sharding import Sharding
 
 Subspace = dict[str, torch.Tensor]
 
@@ -71,13 +72,17 @@ class Projector(ABC):
         self.group = group
 
     @abstractmethod
-    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
-        """A new subspace for ``grad``. Must not modify anything; raises on failure."""
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
+               sharding: Sharding | None = None) -> Subspace:
+        """A new subspace for ``grad``. Must not modify anything; raises on failure.
 
-    def select_and_project(self, grad: torch.Tensor, rank: int, side: str,
-                           backend: str = "torch") -> tuple[Subspace, torch.Tensor | None]:
+        With ``sharding`` (:mod:`lowrank_optim.sharding`) ``grad`` is this rank's shard, split
+        along the dimension the projection keeps; every rank must select the same subspace."""
+
+    def select_and_project(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
+                           sharding: Sharding | None = None) -> tuple[Subspace, torch.Tensor | None]:
         """:meth:`select`, plus ``R`` for the new subspace when selecting computes it anyway."""
-        return self.select(grad, rank, side, backend), None
+        return self.select(grad, rank, side, backend, sharding), None
 
     @abstractmethod
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 from ..kernels.column_select import scores_from_coefficients, top_columns
 from ..kernels.slot_remap import remap_slots, slot_dim
+from ..sharding import Sharding
 from .base import Projector, Subspace
 from .dct_basis import dct_coefficients, dct_matrix
 
@@ -33,24 +34,29 @@ class DCTProjector(Projector):
     name = "dct"
     options = {"score": ("l1", "l2"), "transform": ("auto", "matmul", "fft")}
 
-    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
-        return self.select_and_project(grad, rank, side, backend)[0]
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
+               sharding: Sharding | None = None) -> Subspace:
+        return self.select_and_project(grad, rank, side, backend, sharding)[0]
 
-    def select_and_project(self, grad: torch.Tensor, rank: int, side: str,
-                           backend: str = "torch") -> tuple[Subspace, torch.Tensor | None]:
+    def select_and_project(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
+                           sharding: Sharding | None = None) -> tuple[Subspace, torch.Tensor | None]:
         """The PyTorch path computes all of ``S`` to score the columns, so ``R`` is ``S``'s selected
-        columns (rows on the left) for free; the Triton path scores without forming ``S``."""
+        columns (rows on the left) for free; the Triton path scores without forming ``S``.
+
+        On an FSDP2 shard the scores are sums over the sharded dimension: each rank scores its
+        own shard and one all-reduce of the ``k`` scores gives every rank the same indices."""
         if backend == "triton":
             from ..kernels.column_select_triton import column_scores_triton
             size = grad.shape[1] if side == "right" else grad.shape[0]
             basis = _column_major_dct(size, grad.dtype, grad.device)
             scores = column_scores_triton(grad, basis, side, self.group["score"])
-            return {"indices": top_columns(scores, rank)}, None
+            return {"indices": top_columns(_summed(scores, sharding), rank)}, None
         transform = self.group["transform"]
         if transform == "auto":
             transform = "fft" if grad.device.type == "cpu" else "matmul"
         coefficients = dct_coefficients(grad, side, transform)
-        indices = top_columns(scores_from_coefficients(coefficients, side, self.group["score"]), rank)
+        scores = scores_from_coefficients(coefficients, side, self.group["score"])
+        indices = top_columns(_summed(scores, sharding), rank)
         return {"indices": indices}, coefficients.index_select(slot_dim(side), indices)
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -76,6 +82,10 @@ class DCTProjector(Projector):
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         """Fraction of the new indices that were selected before."""
         return (_source_slots(old["indices"], new["indices"]) >= 0).float().mean()
+
+
+def _summed(scores: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    return scores if sharding is None else sharding.sum_(scores)
 
 
 @functools.cache

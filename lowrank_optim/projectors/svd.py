@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import torch
 
+from ..sharding import Sharding
 from .base import Projector, Subspace
 
 
 class SVDProjector(Projector):
     name = "svd"
 
-    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch") -> Subspace:
-        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-        matrix = vh[:rank].T if side == "right" else u[:, :rank]
-        return {"matrix": matrix.to(grad.dtype).contiguous()}
+    def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
+               sharding: Sharding | None = None) -> Subspace:
+        """On an FSDP2 shard the whole gradient is all-gathered first (``m·n`` numbers: the costly
+        path) and ``P`` is broadcast from the group's first rank, so all ranks hold the same ``P``."""
+        full = grad if sharding is None else sharding.gather(grad)
+        u, _, vh = torch.linalg.svd(full.float(), full_matrices=False)
+        matrix = (vh[:rank].T if side == "right" else u[:, :rank]).to(grad.dtype).contiguous()
+        return {"matrix": matrix if sharding is None else sharding.broadcast_(matrix)}
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         return subspace["matrix"].to(dtype)

@@ -1,0 +1,122 @@
+"""Every optimizer of the library under DDP (2 gloo processes, half the batch each).
+
+Two ranks with half a batch each must reach the parameters of one process with the whole batch,
+and every rank
+must hold bitwise the same optimizer state: projections are functions of the all-reduced
+gradient, SST draws from identically seeded generators, SLTrain supports are seeded by name.
+
+The models run in float64: the all-reduced mean of two half-batch gradients differs from the
+whole-batch gradient by rounding only, and Adam's division by √v amplifies the rounding of tiny
+gradient entries (in fp32 SST's singular vectors drift 5e-5 apart after 6 steps in one process
+that averages two half-batch gradients exactly as DDP does). In float64 that is < 1e-10.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from distributed_harness import WORLD_SIZE, half, run_ranks
+from toy import batch, make_model, max_rel_diff, projected_groups
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lowrank_optim import (
+    DCTProjAdam,
+    GaLoreAdamW,
+    SSTAdamW,
+    available_optimizers,
+    convert_to_sltrain,
+    convert_to_sst,
+)
+
+STEPS = 6
+TOLERANCE = 1e-10
+
+
+def _adamw(model):
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _galore(model):
+    return model, GaLoreAdamW(projected_groups(model, rank=4, update_proj_gap=2, scale=0.5), lr=1e-2,
+                              weight_decay=0.1)
+
+
+def _dct(model):
+    return model, DCTProjAdam(model.named_parameters(), lr=1e-2, update_proj_gap=2, weight_decay=0.1)
+
+
+def _sst(model):
+    model = convert_to_sst(model, rank=4, target_modules=("up", "down"))
+    return model, SSTAdamW(model.parameters(), lr=1e-2, update_interval=2, resvd_interval=1)
+
+
+def _sltrain(model):
+    model = convert_to_sltrain(model, rank=4, density=0.2, target_modules=("up", "down"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+SETUPS = {"adamw": _adamw, "galore_adamw": _galore, "dct_adamw": _dct, "sst_adamw": _sst, "sltrain": _sltrain}
+
+
+def _loss(model: nn.Module, step: int, part: slice = slice(None)) -> torch.Tensor:
+    tokens = batch(step)[part]
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, part: slice = slice(None)) -> None:
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        _loss(model, step, part).backward()
+        optimizer.step()
+
+
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    for name, setup in SETUPS.items():
+        model, optimizer = setup(make_model(seed=3, dtype=torch.float64))
+        _train(DistributedDataParallel(model), optimizer, half(rank, rows=6))
+        torch.save({"params": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{out_dir}/{name}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    run_ranks(_ddp_worker, out_dir, str(out_dir))
+    return {name: [torch.load(out_dir / f"{name}-{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+            for name in SETUPS}
+
+
+def test_setups_cover_every_registered_optimizer():
+    assert set(available_optimizers()) <= set(SETUPS)
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_two_ranks_with_half_batches_match_one_process(ddp_results, name):
+    model, optimizer = SETUPS[name](make_model(seed=3, dtype=torch.float64))
+    _train(model, optimizer)
+    distributed = copy.deepcopy(model)
+    distributed.load_state_dict(ddp_results[name][0]["params"])
+    assert max_rel_diff(distributed, model) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_every_rank_holds_the_same_state(ddp_results, name):
+    first, second = ddp_results[name]
+    _assert_identical(first, second)
+
+
+def _assert_identical(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_identical(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{path}[{index}]")
+    else:
+        assert a == b, path

@@ -1,0 +1,207 @@
+"""FSDP2 (``fully_shard``, 2 gloo processes, half the batch each) against unsharded runs.
+
+``DCTProjAdam`` on sharded weights selects from partial scores summed by one all-reduce; the test
+checks that the selected indices equal the unsharded run's at every step and that parameters and
+moments agree (float64: rounding only, < 1e-10). ``GaLoreAdamW`` gathers the gradient for its SVD.
+The moments are DTensors sharded like their parameters; distributed checkpoints resume exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from distributed_harness import WORLD_SIZE, half, make_tall_wide, regression_loss, run_ranks
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.sharding import projection_shard_placement
+
+STEPS = 6
+TOLERANCE = 1e-10
+PROJECTED = ("tall.weight", "mid.weight", "wide.weight")
+
+
+def _dct(model, **keys):
+    return DCTProjAdam(model.named_parameters(), lr=1e-2, rank=0.5, update_proj_gap=2, weight_decay=0.1, **keys)
+
+
+def _dct_wide_right(model):
+    """The unsharded twin of FSDP2's default layout: the row-sharded wide weight goes right."""
+    wide = [model.wide.weight]
+    rest = [p for p in model.parameters() if p is not model.wide.weight]
+    return DCTProjAdam([{"params": wide, "proj_side": "right"}, {"params": rest}], lr=1e-2, rank=0.5,
+                       update_proj_gap=2, weight_decay=0.1)
+
+
+def _galore(model):
+    weights = [model.tall.weight, model.mid.weight, model.wide.weight]
+    rest = [p for p in model.parameters() if all(p is not w for w in weights)]
+    return GaLoreAdamW([{"params": weights, "rank": 3, "update_proj_gap": 2, "scale": 0.5}, {"params": rest}],
+                       lr=1e-2, weight_decay=0.1)
+
+
+OPTIMIZERS = {"dct": _dct, "dct_wide_right": _dct_wide_right, "galore": _galore}
+# How each sharded run lays out its shards: projection_shard_placement, or FSDP2's default (rows).
+SHARDED_RUNS = {"dct": ("dct", True), "dct_default_layout": ("dct", False), "galore": ("galore", True)}
+UNSHARDED_TWIN = {"dct": "dct", "dct_default_layout": "dct_wide_right", "galore": "galore"}
+
+
+def _shard(model, placement: bool):
+    kwargs = {"shard_placement_fn": projection_shard_placement()} if placement else {}
+    for layer in (model.tall, model.mid, model.wide):
+        fully_shard(layer, **kwargs)
+    return fully_shard(model, **kwargs)
+
+
+def _full(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _train(model, optimizer, part=slice(None), steps=range(STEPS), record=None):
+    for step in steps:
+        optimizer.zero_grad(set_to_none=True)
+        regression_loss(model, step, part).backward()
+        optimizer.step()
+        if record is not None:
+            record.append({name: state["proj_indices"].clone() for name, state in _named_state(model, optimizer)
+                           if "proj_indices" in state})
+
+
+def _named_state(model, optimizer):
+    names = {param: name for name, param in model.named_parameters()}
+    return [(names[param], state) for param, state in optimizer.state.items()]
+
+
+def _fsdp_worker(rank: int, out_dir: str) -> None:
+    for run, (optimizer_name, placement) in SHARDED_RUNS.items():
+        model = _shard(make_tall_wide().double(), placement)
+        optimizer = OPTIMIZERS[optimizer_name](model)
+        indices = []
+        _train(model, optimizer, half(rank), record=indices)
+        moments = {}
+        for name, state in _named_state(model, optimizer):
+            param = dict(model.named_parameters())[name]
+            moments[name] = {
+                "exp_avg": _full(state["exp_avg"]),
+                "sharded_like_param": isinstance(state["exp_avg"], DTensor)
+                and state["exp_avg"].placements == param.placements,
+            }
+        result = {"params": {n: _full(p.detach()) for n, p in model.named_parameters()}, "indices": indices,
+                  "moments": moments, "placements": {n: p.placements for n, p in model.named_parameters()}}
+        torch.save(result, f"{out_dir}/{run}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    run_ranks(_fsdp_worker, out_dir, str(out_dir))
+    return {run: [torch.load(out_dir / f"{run}-{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+            for run in SHARDED_RUNS}
+
+
+def _unsharded(run: str):
+    model = make_tall_wide().double()
+    optimizer = OPTIMIZERS[UNSHARDED_TWIN[run]](model)
+    indices = []
+    _train(model, optimizer, record=indices)
+    return model, optimizer, indices
+
+
+def test_projection_placement_shards_wide_weights_by_columns(fsdp_results):
+    placements = fsdp_results["dct"][0]["placements"]
+    assert placements["wide.weight"] == (Shard(1),)
+    assert placements["tall.weight"] == placements["mid.weight"] == placements["wide.bias"] == (Shard(0),)
+    assert fsdp_results["dct_default_layout"][0]["placements"]["wide.weight"] == (Shard(0),)
+
+
+@pytest.mark.parametrize("run", ["dct", "dct_default_layout"])
+def test_sharded_dct_selects_the_unsharded_indices_every_step(fsdp_results, run):
+    _, _, expected = _unsharded(run)
+    for rank in range(WORLD_SIZE):
+        got = fsdp_results[run][rank]["indices"]
+        assert len(got) == STEPS
+        for step_got, step_expected in zip(got, expected):
+            assert step_got.keys() == step_expected.keys() == set(PROJECTED)
+            for name in PROJECTED:
+                assert torch.equal(step_got[name], step_expected[name]), (run, rank, name)
+
+
+@pytest.mark.parametrize("run", SHARDED_RUNS)
+def test_sharded_run_matches_unsharded_parameters_and_moments(fsdp_results, run):
+    model, optimizer, _ = _unsharded(run)
+    result = fsdp_results[run][0]
+    for name, param in model.named_parameters():
+        got = result["params"][name]
+        assert (got - param.detach()).abs().max() <= TOLERANCE * param.detach().abs().max(), name
+    for name, state in _named_state(model, optimizer):
+        got = result["moments"][name]
+        assert got["sharded_like_param"], name
+        assert got["exp_avg"].shape == state["exp_avg"].shape, name
+        assert (got["exp_avg"] - state["exp_avg"]).abs().max() <= TOLERANCE * state["exp_avg"].abs().max(), name
+
+
+def test_default_layout_projects_the_row_sharded_wide_weight_on_the_right(fsdp_results):
+    assert fsdp_results["dct"][0]["moments"]["wide.weight"]["exp_avg"].shape == (3, 16)             # left
+    assert fsdp_results["dct_default_layout"][0]["moments"]["wide.weight"]["exp_avg"].shape == (6, 3)  # right
+
+
+def _explicit_side_worker(rank: int, out_dir: str) -> None:
+    model = _shard(make_tall_wide().double(), placement=False)
+    optimizer = _dct(model, proj_side="left")
+    before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    regression_loss(model, 0, half(rank)).backward()
+    try:
+        optimizer.step()
+        message = None
+    except ValueError as error:
+        message = str(error)
+    unchanged = all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
+    torch.save({"message": message, "unchanged": unchanged, "state": len(optimizer.state)},
+               f"{out_dir}/explicit-{rank}.pt")
+
+
+def test_explicit_side_on_the_sharded_dimension_is_an_error(tmp_path):
+    run_ranks(_explicit_side_worker, tmp_path, str(tmp_path))
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f"explicit-{rank}.pt")
+        assert "tall.weight" in result["message"] and "'left'" in result["message"]
+        assert "Shard(dim=0)" in result["message"]
+        assert result["unchanged"] and result["state"] == 0
+
+
+def _checkpoint_worker(rank: int, out_dir: str) -> None:
+    model = _shard(make_tall_wide().double(), placement=True)
+    optimizer = _dct(model)
+    _train(model, optimizer, half(rank), steps=range(3))
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=f"{out_dir}/checkpoint")
+    _train(model, optimizer, half(rank), steps=range(3, STEPS))
+    uninterrupted = {n: _full(p.detach()) for n, p in model.named_parameters()}
+
+    resumed = _shard(make_tall_wide(seed=1).double(), placement=True)
+    resumed_optimizer = _dct(resumed)
+    model_state, optimizer_state = get_state_dict(resumed, resumed_optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=f"{out_dir}/checkpoint")
+    set_state_dict(resumed, resumed_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dtypes = {name: {key: value.dtype for key, value in s.items() if isinstance(value, torch.Tensor)}
+              for name, s in _named_state(resumed, resumed_optimizer)}
+    steps = {name: s["step"] for name, s in _named_state(resumed, resumed_optimizer)}
+    _train(resumed, resumed_optimizer, half(rank), steps=range(3, STEPS))
+    torch.save({"uninterrupted": uninterrupted, "dtypes": dtypes, "steps": steps,
+                "resumed": {n: _full(p.detach()) for n, p in resumed.named_parameters()}},
+               f"{out_dir}/resume-{rank}.pt")
+
+
+def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path):
+    run_ranks(_checkpoint_worker, tmp_path, str(tmp_path))
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f"resume-{rank}.pt")
+        for name, expected in result["uninterrupted"].items():
+            assert torch.equal(result["resumed"][name], expected), (rank, name)
+        assert set(result["steps"].values()) == {3}
+        for name in PROJECTED:
+            assert result["dtypes"][name]["proj_indices"] == torch.int64
+            assert result["dtypes"][name]["exp_avg"] == torch.float64
