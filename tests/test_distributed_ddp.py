@@ -17,9 +17,9 @@ import copy
 import pytest
 import torch
 from distributed_harness import WORLD_SIZE, half, run_ranks
-from toy import batch, make_model, max_rel_diff, projected_groups
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from toy import batch, make_model, max_rel_diff, projected_groups
 
 from lowrank_optim import (
     DCTProjAdam,
