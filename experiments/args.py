@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments.config import TrainConfig, flag_fields
 
-_ARGPARSE_KEYS = ("type", "choices", "nargs")
+_ARGPARSE_KEYS = ("type", "choices", "nargs", "const")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:

@@ -42,19 +42,17 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _write_files(
-    folder: Path, model_state: dict, optimizer_state: dict, training_state: dict, config: TrainConfig
-) -> None:
-    torch.save(model_state, folder / MODEL_FILE)
-    torch.save(optimizer_state, folder / OPTIMIZER_FILE)
-    torch.save(training_state, folder / TRAINING_STATE_FILE)
+def write_files(folder: Path, files: dict[str, dict], config: TrainConfig) -> None:
+    """``torch.save`` each of ``files`` (name -> state) and the config into ``folder``, flushed to disk."""
+    for name, state in files.items():
+        torch.save(state, folder / name)
     config.save_json(folder / CONFIG_FILE)
-    for name in (MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, CONFIG_FILE):
+    for name in (*files, CONFIG_FILE):
         _fsync(folder / name)
     _fsync(folder)
 
 
-def _publish(temporary: Path, final: Path) -> None:
+def publish(temporary: Path, final: Path) -> None:
     """Rename the finished ``temporary`` folder to ``final`` (replacing an older one of that name)."""
     if final.exists():  # a resumed run saving a step again: swap, so ``final`` is never missing
         retired = final.with_name(f"{RETIRED_PREFIX}{final.name.removeprefix('model_')}-{os.getpid()}")
@@ -88,9 +86,10 @@ def save_checkpoint(
     remove_temporaries(save_dir)
     temporary = save_dir / f"{TEMPORARY_PREFIX}{step}-{os.getpid()}"
     temporary.mkdir()
-    _write_files(temporary, model_state, optimizer_state, training_state, config)
+    files = {MODEL_FILE: model_state, OPTIMIZER_FILE: optimizer_state, TRAINING_STATE_FILE: training_state}
+    write_files(temporary, files, config)
     final = save_dir / f"model_{step}"
-    _publish(temporary, final)
+    publish(temporary, final)
     return final
 
 
@@ -121,6 +120,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The three state files of a checkpoint folder, loaded with ``weights_only=True``."""
     folder = Path(folder)
+    if not (folder / MODEL_FILE).is_file() and (folder / "sharded").is_dir():
+        raise ValueError(f"checkpoint {folder} is sharded (an FSDP2 run): resume it with --fsdp under torchrun")
     return {
         "model": torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True),
         "optimizer": torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True),

@@ -40,6 +40,14 @@ def parse_token_count(text: str) -> int:
     return int(float(digits) * multiplier)
 
 
+def parse_bool(text: str) -> bool:
+    """``--fsdp`` alone, or ``--fsdp true/false`` (what :func:`~experiments.args.config_to_argv` writes)."""
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
 def _flag(default, help: str, **metadata):
     """A config field exposed as ``--<name>``; ``metadata`` holds argparse options (type, choices...)."""
     if isinstance(default, (list, dict)):
@@ -118,6 +126,14 @@ class TrainConfig:
     # ---- run ----
     seed: int = _flag(0, "seed of the model init and data order", type=int)
     device: str = _flag("auto", "auto (cuda when available), cpu, cuda")
+    fsdp: bool = _flag(
+        False,
+        "under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP; "
+        "checkpoints by torch.distributed.checkpoint",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+    )
     eval_every: int = _flag(100, "steps between validation evaluations (0: only at the end)", type=int)
     save_every: int = _flag(100, "steps between checkpoints (0: no checkpoints)", type=int)
     save_dir: str | None = _flag(None, "run directory: checkpoints, metrics, plots, wandb (default runs/<run_name>)")

@@ -114,10 +114,14 @@ class ChunkLoader:
 def validation_chunks(
     tokens: torch.Tensor, seq_len: int, batch_size: int, max_tokens: int, rank: int = 0, world_size: int = 1
 ) -> list[torch.Tensor]:
-    """The first ``max_tokens`` validation tokens as ``seq_len`` chunks; rank r gets chunks r, r+W, ..."""
+    """The first ``max_tokens`` validation tokens as ``seq_len`` chunks; rank r gets chunks r, r+W, ...
+
+    The chunk count is rounded down to a multiple of ``world_size``: every rank runs as many
+    forward passes (FSDP2's are collective)."""
     num_chunks = min(max_tokens, len(tokens)) // seq_len
     if num_chunks < world_size:
         raise ValueError(f"eval_tokens {max_tokens} give {num_chunks} sequences, fewer than {world_size} ranks")
+    num_chunks -= num_chunks % world_size
     chunks = tokens[: num_chunks * seq_len].view(num_chunks, seq_len)[rank::world_size].long()
     return list(chunks.split(batch_size))
 

@@ -2,7 +2,8 @@
 
 With no flags: a tiny LLaMA on the embedded Shakespeare corpus with ``dct_adamw``, a few minutes on
 a 2-core CPU, writing everything under ``runs/<run_name>/``. Multi-GPU: ``torchrun
---nproc_per_node N -m experiments.pretrain ...``. Flags: ``--help`` or ``experiments/config.py``.
+--nproc_per_node N -m experiments.pretrain ...`` (DDP; add ``--fsdp`` for FSDP2 sharding).
+Flags: ``--help`` or ``experiments/config.py``.
 
 One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
 ``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``)
@@ -28,13 +29,16 @@ from tqdm.auto import tqdm
 
 from experiments.args import parse_config
 from experiments.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from experiments.checkpoint_sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from experiments.config import TrainConfig, resolve
 from experiments.data import BatchLoader, DataBundle, DataSpec, build_data
 from experiments.distributed import (
     DistributedContext,
     all_reduce_sum,
     barrier,
+    check_fsdp_supported,
     setup_distributed,
+    shard_model,
     teardown_distributed,
 )
 from experiments.evaluation import evaluate, next_token_loss
@@ -85,8 +89,10 @@ def train_step(
     for micro_step in range(config.gradient_accumulation):
         ids = loader.next_batch().to(context.device)
         last = micro_step == config.gradient_accumulation - 1
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = contextlib.nullcontext() if last or not context.enabled else model.no_sync()
+        # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last micro-batch only.
+        if config.fsdp:
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or config.fsdp or not context.enabled else model.no_sync()
         with sync:
             loss = next_token_loss(model(ids), ids, pad_id)
             (loss / config.gradient_accumulation).backward()
@@ -113,7 +119,8 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 
 @dataclass
 class Run:
-    """Everything a training run holds; ``model`` is unwrapped, ``wrapped`` is what trains (DDP or not)."""
+    """Everything a training run holds; ``model`` is unwrapped, ``wrapped`` is what trains (DDP or
+    not; FSDP2 shards ``model`` in place, so both are the same module)."""
 
     config: TrainConfig
     context: DistributedContext
@@ -143,6 +150,9 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     )
     model = build_model(config.model_config, config.model_impl, data.tokenizer.vocab_size).to(context.device)
     model = apply_parameterization(model, config).to(dtype=DTYPES[config.dtype])
+    if config.fsdp:
+        check_fsdp_supported(config.optimizer, resolved_parameterization(config))
+        model = shard_model(model, context)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(
         optimizer, config.scheduler, config.warmup_steps, config.num_training_steps, config.min_lr_ratio
@@ -152,7 +162,7 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     run = Run(config, context, data, model, model, optimizer, scheduler, progress)
     if config.continue_from:
         restore_run(run, resolve_checkpoint(config.continue_from))
-    if context.enabled:  # DDP broadcasts rank 0's (possibly restored) weights to the other ranks
+    if context.enabled and not config.fsdp:  # DDP broadcasts rank 0's (possibly restored) weights
         device_ids = [context.device] if context.device.type == "cuda" else None
         run.wrapped = DistributedDataParallel(model, device_ids=device_ids)
     return run
@@ -160,10 +170,13 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
 
 def restore_run(run: Run, folder: Path) -> None:
     """Load model, optimizer, schedule, data position, RNG states and counters from a checkpoint."""
-    state = load_checkpoint(folder, map_location=run.context.device)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    training = state["training_state"]
+    if run.config.fsdp:
+        training = load_sharded_checkpoint(folder, run.model, run.optimizer)
+    else:
+        state = load_checkpoint(folder, map_location=run.context.device)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        training = state["training_state"]
     run.scheduler.load_state_dict(training["scheduler"])
     run.data.train.load_state_dict(training["data"])
     restore_rng_states(training["rng"], run.context.device)
@@ -173,14 +186,24 @@ def restore_run(run: Run, folder: Path) -> None:
 
 
 def save_run(run: Run) -> None:
-    """Checkpoint ``run`` atomically as ``save_dir/model_<step>`` (rank 0 writes, every rank waits)."""
-    if run.context.is_main:
-        training_state = {
-            "progress": vars(run.progress).copy(),
-            "scheduler": run.scheduler.state_dict(),
-            "data": run.data.train.state_dict(),
-            "rng": rng_states(run.context.device),
-        }
+    """Checkpoint ``run`` atomically as ``save_dir/model_<step>`` (rank 0 writes, every rank waits;
+    with FSDP2 every rank writes its shards)."""
+    training_state = {
+        "progress": vars(run.progress).copy(),
+        "scheduler": run.scheduler.state_dict(),
+        "data": run.data.train.state_dict(),
+        "rng": rng_states(run.context.device),
+    }
+    if run.config.fsdp:
+        save_sharded_checkpoint(
+            run.config.save_dir,
+            run.progress.step,
+            model=run.model,
+            optimizer=run.optimizer,
+            training_state=training_state,
+            config=run.config,
+        )
+    elif run.context.is_main:
         save_checkpoint(
             run.config.save_dir,
             run.progress.step,
@@ -194,7 +217,7 @@ def save_run(run: Run) -> None:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training that ``config`` describes."""
-    context = setup_distributed(config.device)
+    context = setup_distributed(config.device, config.fsdp)
     try:
         return _train(resolve(config, context.world_size), context)
     finally:
@@ -214,7 +237,8 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
         print(
             f"model: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
             f"parameterization {resolved_parameterization(config)}, optimizer {config.optimizer}, "
-            f"{config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es) per step",
+            f"{config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es) per step"
+            f"{' (FSDP2)' if config.fsdp else ''}",
             flush=True,
         )
     logger = RunLogger(config, progress.wandb_id, enabled=context.is_main)
@@ -294,7 +318,8 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
         print(
             f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {wall:.0f} s "
             f"({result.tokens_per_second:.0f} tokens/s); final val loss {val_loss:.4f}, "
-            f"ppl {result.final_val_perplexity:.2f}; optimizer state {state_bytes / 2**20:.2f} MiB; "
+            f"ppl {result.final_val_perplexity:.2f}; optimizer state {state_bytes / 2**20:.2f} MiB"
+            f"{' on rank 0' if config.fsdp else ''}; "
             f"plot {plot}",
             flush=True,
         )

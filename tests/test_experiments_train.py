@@ -138,7 +138,7 @@ import experiments.checkpoint as checkpoint
 from experiments.pretrain import main
 
 marker = pathlib.Path(sys.argv[1])
-publish = checkpoint._publish
+publish = checkpoint.publish
 
 def publish_slowly(temporary, final):
     if final.name == "model_4":  # every file is written, the folder is not renamed yet
@@ -146,7 +146,7 @@ def publish_slowly(temporary, final):
         time.sleep(120)
     publish(temporary, final)
 
-checkpoint._publish = publish_slowly
+checkpoint.publish = publish_slowly
 main(sys.argv[2:])
 """
 

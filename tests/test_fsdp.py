@@ -205,3 +205,29 @@ def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path):
         for name in PROJECTED:
             assert result["dtypes"][name]["proj_indices"] == torch.int64
             assert result["dtypes"][name]["exp_avg"] == torch.float64
+
+
+def _nonfinite_worker(rank: int, out_dir: str) -> None:
+    outcomes = {}
+    for skip in (False, True):
+        model = _shard(make_tall_wide().double(), placement=True)
+        optimizer = DCTProjAdam(model.parameters(), rank=0.5, skip_nonfinite=skip)
+        before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+        regression_loss(model, 0, half(rank)).backward()
+        if rank == 1:      # only this rank's shard of one weight is non-finite
+            model.tall.weight.grad.to_local()[0, 0] = float("inf")
+        try:
+            optimizer.step()
+            outcome = "skipped" if optimizer.skipped_steps == 1 else "stepped"
+        except FloatingPointError:
+            outcome = "raised"
+        unchanged = all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
+        outcomes[skip] = (outcome, unchanged, len(optimizer.state))
+    torch.save(outcomes, f"{out_dir}/nonfinite-{rank}.pt")
+
+
+def test_a_non_finite_shard_stops_every_rank(tmp_path):
+    run_ranks(_nonfinite_worker, tmp_path, str(tmp_path))
+    for rank in range(WORLD_SIZE):
+        outcomes = torch.load(tmp_path / f"nonfinite-{rank}.pt")
+        assert outcomes == {False: ("raised", True, 0), True: ("skipped", True, 0)}, rank

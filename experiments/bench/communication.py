@@ -1,0 +1,126 @@
+"""What the optimizers send over the network on an FSDP2-sharded LLaMA decoder layer, measured.
+
+    python -m experiments.bench.communication                      # llama_1b, 2 gloo processes
+    python -m experiments.bench.communication --model_config llama_micro --world_size 2
+
+One decoder layer of ``--model_config`` is sharded by ``fully_shard`` with
+:func:`lowrank_optim.sharding.projection_shard_placement`; random gradients are set and
+``DCTProjAdam`` (default rank 1/4) and ``GaLoreAdamW`` (same rank, attn+mlp weights) each take a
+refresh step and an ordinary step. Every collective the optimizers issue goes through
+:class:`lowrank_optim.sharding.Sharding`, whose methods are counted here (calls and payload
+elements and bytes per rank). FSDP2's own traffic (all-gather of the parameters and
+reduce-scatter of the gradients) is the same for every optimizer and listed for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+
+from experiments.model import DecoderLayer, LlamaConfig
+from experiments.model_factory import config_path
+from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.sharding import Sharding, projection_shard_placement
+
+COUNTED = {"sum_": "all-reduce", "max_": "all-reduce", "broadcast_": "broadcast", "gather": "all-gather"}
+
+
+def _counting(traffic: Counter):
+    """Wrap Sharding's collectives so each call adds its payload to ``traffic``."""
+    originals = {name: getattr(Sharding, name) for name in COUNTED}
+
+    def wrap(name, original):
+        def counted(self, tensor, *args):
+            if self.is_split:
+                numel = self.shape.numel() if name == "gather" else tensor.numel()
+                traffic[(COUNTED[name], "calls")] += 1
+                traffic[(COUNTED[name], "bytes")] += numel * tensor.element_size()
+            return original(self, tensor, *args)
+        return counted
+
+    for name, original in originals.items():
+        setattr(Sharding, name, wrap(name, original))
+
+
+def _optimizers(layer, rank_fraction: float):
+    weights = [p for p in layer.parameters() if p.ndim == 2]
+    rank = int(rank_fraction * min(min(p.shape) for p in weights))
+    rest = [p for p in layer.parameters() if p.ndim != 2]
+    return {
+        "DCTProjAdam (defaults)": lambda: DCTProjAdam(layer.parameters(), rank=rank_fraction),
+        "DCTProjAdam residual=none": lambda: DCTProjAdam(layer.parameters(), rank=rank_fraction, residual="none"),
+        f"GaLoreAdamW (rank {rank})": lambda: GaLoreAdamW([{"params": weights, "rank": rank}, {"params": rest}]),
+    }
+
+
+def _worker(rank: int, world_size: int, rendezvous: str, model_config: str, rank_fraction: float, out: str) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    values = json.loads(config_path(model_config).read_text())
+    config = LlamaConfig.from_dict({**values, "vocab_size": values.get("vocab_size") or 256})
+    torch.manual_seed(0)
+    layer = fully_shard(DecoderLayer(config), shard_placement_fn=projection_shard_placement(world_size))
+    traffic_by_optimizer = {}
+    traffic: Counter = Counter()
+    _counting(traffic)
+    for label, build in _optimizers(layer, rank_fraction).items():
+        optimizer = build()
+        for kind in ("refresh step", "ordinary step"):
+            for param in layer.parameters():
+                param.grad = torch.randn_like(param)
+            traffic.clear()
+            optimizer.step()
+            traffic_by_optimizer[f"{label}: {kind}"] = {f"{op} {unit}": n for (op, unit), n in traffic.items()}
+    fsdp_bytes = sum(p.numel() * p.element_size() for p in layer.parameters()) * (world_size - 1) // world_size
+    if rank == 0:
+        with open(out, "w") as file:
+            json.dump({"optimizers": traffic_by_optimizer, "fsdp_per_step_each_way_bytes": fsdp_bytes,
+                       "weights": {n: list(p.shape) for n, p in layer.named_parameters() if p.ndim == 2},
+                       "placements": {n: str(p.placements) for n, p in layer.named_parameters() if p.ndim == 2}},
+                      file, indent=2)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(model_config: str, world_size: int, rank_fraction: float) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "traffic.json")
+        mp.spawn(_worker, args=(world_size, os.path.join(folder, "rendezvous"), model_config, rank_fraction, out),
+                 nprocs=world_size, join=True)
+        with open(out) as file:
+            return json.load(file)
+
+
+def report(result: dict) -> str:
+    lines = ["| optimizer: step | collectives the optimizer issues (payload per rank; an all-gather's payload "
+             "is the whole matrix) |", "|---|---|"]
+    for label, traffic in result["optimizers"].items():
+        parts = [f"{traffic[f'{op} calls']} {op} of {traffic[f'{op} bytes']:,} B"
+                 for op in ("all-reduce", "all-gather", "broadcast") if f"{op} calls" in traffic]
+        lines.append(f"| {label} | {'; '.join(parts) or 'none'} |")
+    lines.append(f"\nFSDP2 itself, every step and any optimizer: all-gather of the parameters and reduce-scatter "
+                 f"of the gradients, each {result['fsdp_per_step_each_way_bytes']:,} B received/sent per rank.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_config", default="llama_1b")
+    parser.add_argument("--world_size", type=int, default=2)
+    parser.add_argument("--rank", type=float, default=0.25, help="rank as a fraction of the smaller side")
+    args = parser.parse_args()
+    result = measure(args.model_config, args.world_size, args.rank)
+    print(json.dumps({"weights": result["weights"], "placements": result["placements"]}, indent=1))
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
