@@ -39,6 +39,10 @@ when its moments last started at zero), ``residual`` (``"scaled"``: the gradient
 subspace is added back, Adam-scaled, Fira-style, :mod:`lowrank_optim.residual`; ``"none"``: the
 paper's plain method).
 
+Under FSDP2 (``fully_shard``) each rank scores the columns on its own shard and one all-reduce of
+the scores per refresh gives every rank the same indices; see :mod:`lowrank_optim.sharding` for
+the shard layout (``projection_shard_placement``).
+
 Defaults ``score="l2"``, ``moments="transport"``, ``residual="scaled"``, measured on a byte-level
 tiny LLaMA (4 layers, width 128, rank 32 = 1/4, gap 50, α 0.25, lr 0.01, 300 steps; final
 validation loss, GaLoreAdamW at the same rank 1.890): the paper's plain method (l1/keep) 1.975

@@ -2,7 +2,7 @@
 
 ``run_ranks(fn, tmp_path, *args)`` spawns ``WORLD_SIZE`` processes, each calling ``fn(rank, *args)``
 after ``init_process_group("gloo")`` (file rendezvous in ``tmp_path``). ``fn`` must be a
-module-level function; results go back through files the test reads.
+module-level function; results go back through files the test reads (:func:`run_and_collect`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def run_ranks(fn, tmp_path: Path, *args) -> None:
     rendezvous = tmp_path / f"rendezvous-{fn.__name__}"
     rendezvous.unlink(missing_ok=True)
     mp.spawn(_rank_main, args=(fn, str(rendezvous), args), nprocs=WORLD_SIZE, join=True)
+
+
+def run_and_collect(fn, out_dir: Path, names, weights_only: bool = True) -> dict[str, list]:
+    """``fn(rank, str(out_dir))`` on every rank, which saves ``{name}-{rank}.pt`` for each of
+    ``names``; returns those files loaded, by name then rank."""
+    run_ranks(fn, out_dir, str(out_dir))
+    return {name: [torch.load(out_dir / f"{name}-{rank}.pt", weights_only=weights_only) for rank in range(WORLD_SIZE)]
+            for name in names}
 
 
 def _rank_main(rank: int, fn, rendezvous: str, args: tuple) -> None:

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from distributed_harness import WORLD_SIZE, half, run_ranks
+from distributed_harness import half, run_and_collect
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from toy import batch, make_model, max_rel_diff, projected_groups
@@ -82,10 +82,7 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    run_ranks(_ddp_worker, out_dir, str(out_dir))
-    return {name: [torch.load(out_dir / f"{name}-{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
-            for name in SETUPS}
+    return run_and_collect(_ddp_worker, tmp_path_factory.mktemp("ddp"), SETUPS)
 
 
 def test_setups_cover_every_registered_optimizer():

@@ -3,20 +3,22 @@
 ``DCTProjAdam`` on sharded weights selects from partial scores summed by one all-reduce; the test
 checks that the selected indices equal the unsharded run's at every step and that parameters and
 moments agree (float64: rounding only, < 1e-10). ``GaLoreAdamW`` gathers the gradient for its SVD.
-The moments are DTensors sharded like their parameters; distributed checkpoints resume exactly.
+The moments are DTensors sharded like their parameters; distributed checkpoints resume exactly,
+also in one unsharded process. The HSDP run uses a replicate × shard mesh of 1 × 2.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from distributed_harness import WORLD_SIZE, half, make_tall_wide, regression_loss, run_ranks
+from distributed_harness import WORLD_SIZE, half, make_tall_wide, regression_loss, run_and_collect
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW
-from lowrank_optim.sharding import projection_shard_placement
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, SSTAdamW
+from lowrank_optim.sharding import Sharding, projection_shard_placement
 
 STEPS = 6
 TOLERANCE = 1e-10
@@ -43,13 +45,17 @@ def _galore(model):
 
 
 OPTIMIZERS = {"dct": _dct, "dct_wide_right": _dct_wide_right, "galore": _galore}
-# How each sharded run lays out its shards: projection_shard_placement, or FSDP2's default (rows).
-SHARDED_RUNS = {"dct": ("dct", True), "dct_default_layout": ("dct", False), "galore": ("galore", True)}
-UNSHARDED_TWIN = {"dct": "dct", "dct_default_layout": "dct_wide_right", "galore": "galore"}
+# Each sharded run: its optimizer, whether shards follow projection_shard_placement (else FSDP2's
+# default, rows), and whether the mesh is HSDP's (replicate × shard, here 1 × 2) instead of 1-D.
+SHARDED_RUNS = {"dct": ("dct", True, False), "dct_default_layout": ("dct", False, False),
+                "galore": ("galore", True, False), "dct_hsdp": ("dct", True, True)}
+UNSHARDED_TWIN = {"dct": "dct", "dct_default_layout": "dct_wide_right", "galore": "galore", "dct_hsdp": "dct"}
 
 
-def _shard(model, placement: bool):
-    kwargs = {"shard_placement_fn": projection_shard_placement()} if placement else {}
+def _shard(model, placement: bool, hsdp: bool = False):
+    kwargs = {"shard_placement_fn": projection_shard_placement(WORLD_SIZE)} if placement else {}
+    if hsdp:
+        kwargs["mesh"] = init_device_mesh("cpu", (1, WORLD_SIZE), mesh_dim_names=("replicate", "shard"))
     for layer in (model.tall, model.mid, model.wide):
         fully_shard(layer, **kwargs)
     return fully_shard(model, **kwargs)
@@ -75,8 +81,8 @@ def _named_state(model, optimizer):
 
 
 def _fsdp_worker(rank: int, out_dir: str) -> None:
-    for run, (optimizer_name, placement) in SHARDED_RUNS.items():
-        model = _shard(make_tall_wide().double(), placement)
+    for run, (optimizer_name, placement, hsdp) in SHARDED_RUNS.items():
+        model = _shard(make_tall_wide().double(), placement, hsdp)
         optimizer = OPTIMIZERS[optimizer_name](model)
         indices = []
         _train(model, optimizer, half(rank), record=indices)
@@ -95,10 +101,7 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    run_ranks(_fsdp_worker, out_dir, str(out_dir))
-    return {run: [torch.load(out_dir / f"{run}-{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
-            for run in SHARDED_RUNS}
+    return run_and_collect(_fsdp_worker, tmp_path_factory.mktemp("fsdp"), SHARDED_RUNS, weights_only=False)
 
 
 def _unsharded(run: str):
@@ -114,9 +117,10 @@ def test_projection_placement_shards_wide_weights_by_columns(fsdp_results):
     assert placements["wide.weight"] == (Shard(1),)
     assert placements["tall.weight"] == placements["mid.weight"] == placements["wide.bias"] == (Shard(0),)
     assert fsdp_results["dct_default_layout"][0]["placements"]["wide.weight"] == (Shard(0),)
+    assert fsdp_results["dct_hsdp"][0]["placements"]["wide.weight"] == (Replicate(), Shard(1))
 
 
-@pytest.mark.parametrize("run", ["dct", "dct_default_layout"])
+@pytest.mark.parametrize("run", ["dct", "dct_default_layout", "dct_hsdp"])
 def test_sharded_dct_selects_the_unsharded_indices_every_step(fsdp_results, run):
     _, _, expected = _unsharded(run)
     for rank in range(WORLD_SIZE):
@@ -158,17 +162,30 @@ def _explicit_side_worker(rank: int, out_dir: str) -> None:
     except ValueError as error:
         message = str(error)
     unchanged = all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
-    torch.save({"message": message, "unchanged": unchanged, "state": len(optimizer.state)},
-               f"{out_dir}/explicit-{rank}.pt")
+    try:
+        SSTAdamW(model.named_parameters())
+        sst_message = None
+    except ValueError as error:
+        sst_message = str(error)
+    mesh = init_device_mesh("cpu", (1, WORLD_SIZE))
+    two_shards = distribute_tensor(torch.zeros(4, 4), mesh, [Shard(0), Shard(1)])
+    try:
+        Sharding.of(two_shards, "parameter tp.weight")
+        layout_message = None
+    except ValueError as error:
+        layout_message = str(error)
+    torch.save({"message": message, "unchanged": unchanged, "state": len(optimizer.state),
+                "sst_message": sst_message, "layout_message": layout_message}, f"{out_dir}/explicit-{rank}.pt")
 
 
-def test_explicit_side_on_the_sharded_dimension_is_an_error(tmp_path):
-    run_ranks(_explicit_side_worker, tmp_path, str(tmp_path))
-    for rank in range(WORLD_SIZE):
-        result = torch.load(tmp_path / f"explicit-{rank}.pt")
+def test_unsupported_sides_optimizers_and_layouts_are_errors(tmp_path):
+    for result in run_and_collect(_explicit_side_worker, tmp_path, ["explicit"])["explicit"]:
         assert "tall.weight" in result["message"] and "'left'" in result["message"]
         assert "Shard(dim=0)" in result["message"]
         assert result["unchanged"] and result["state"] == 0
+        assert "parameter tall.weight is sharded" in result["sst_message"]
+        assert "parameter tp.weight: placements (Shard(dim=0), Shard(dim=1)) are not supported" in \
+            result["layout_message"]
 
 
 def _checkpoint_worker(rank: int, out_dir: str) -> None:
@@ -195,16 +212,35 @@ def _checkpoint_worker(rank: int, out_dir: str) -> None:
                f"{out_dir}/resume-{rank}.pt")
 
 
-def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path):
-    run_ranks(_checkpoint_worker, tmp_path, str(tmp_path))
-    for rank in range(WORLD_SIZE):
-        result = torch.load(tmp_path / f"resume-{rank}.pt")
+@pytest.fixture(scope="module")
+def checkpoint_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("checkpoint")
+    return out_dir, run_and_collect(_checkpoint_worker, out_dir, ["resume"])["resume"]
+
+
+def test_distributed_checkpoint_resume_equals_uninterrupted(checkpoint_run):
+    for rank, result in enumerate(checkpoint_run[1]):
         for name, expected in result["uninterrupted"].items():
             assert torch.equal(result["resumed"][name], expected), (rank, name)
         assert set(result["steps"].values()) == {3}
         for name in PROJECTED:
             assert result["dtypes"][name]["proj_indices"] == torch.int64
             assert result["dtypes"][name]["exp_avg"] == torch.float64
+
+
+def test_a_sharded_checkpoint_resumes_in_one_unsharded_process(checkpoint_run):
+    """DCP reshards: the 2-rank checkpoint loads into a plain model and optimizer (no process group)."""
+    out_dir, results = checkpoint_run
+    model = make_tall_wide(seed=1).double()
+    optimizer = _dct(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=out_dir / "checkpoint")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _train(model, optimizer, steps=range(3, STEPS))
+    expected = results[0]["uninterrupted"]
+    for name, param in model.named_parameters():
+        assert (param.detach() - expected[name]).abs().max() <= TOLERANCE * expected[name].abs().max(), name
 
 
 def _nonfinite_worker(rank: int, out_dir: str) -> None:
@@ -227,7 +263,5 @@ def _nonfinite_worker(rank: int, out_dir: str) -> None:
 
 
 def test_a_non_finite_shard_stops_every_rank(tmp_path):
-    run_ranks(_nonfinite_worker, tmp_path, str(tmp_path))
-    for rank in range(WORLD_SIZE):
-        outcomes = torch.load(tmp_path / f"nonfinite-{rank}.pt")
+    for rank, outcomes in enumerate(run_and_collect(_nonfinite_worker, tmp_path, ["nonfinite"])["nonfinite"]):
         assert outcomes == {False: ("raised", True, 0), True: ("skipped", True, 0)}, rank

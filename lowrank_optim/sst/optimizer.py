@@ -22,6 +22,7 @@ import math
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..adam_form import AdamForm
@@ -134,6 +135,7 @@ class SSTAdamW(Optimizer):
         group_index = len(self.param_groups) - 1
         try:
             _check_group_hyperparameters(self.param_groups[-1])
+            _check_not_sharded(group_index, self.param_groups[-1])
             partition_group(group_index, self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
@@ -316,3 +318,13 @@ def _check_non_negative_int(name: str, value) -> None:
 
 
 register_optimizer("sst_adamw", SSTAdamW)
+
+
+def _check_not_sharded(group_index: int, group: dict) -> None:
+    """SST resamples and re-SVDs whole factors: FSDP2-sharded (DTensor) parameters are refused."""
+    for index, param in enumerate(group["params"]):
+        if isinstance(param, DTensor):
+            names = group.get("param_names")
+            name = names[index] if names else f"param_groups[{group_index}]['params'][{index}]"
+            raise ValueError(f"SSTAdamW: parameter {name} is sharded ({param.placements}); SST does not support "
+                             "FSDP2-sharded parameters (train it with DDP)")
