@@ -32,13 +32,13 @@ Steps are atomic with respect to refresh failures: all refreshes of a step are c
 parameter or state changes, and a failure (non-finite gradient, SVD non-convergence) raises an
 error naming the parameter with everything left as it was. ``skip_nonfinite=True`` instead checks
 every gradient once per step and skips the whole step (counted in ``skipped_steps``, warned).
-Parameters sharded by FSDP2 (DTensors) are stepped shard by shard, with their moments as DTensors
-sharded like them; the projector's selection, the residual's norm and the finiteness checks
-reduce over the shards (:mod:`lowrank_optim.sharding`, which also fixes which side is projected).
-
 A refresh that yields ``R`` for free (the DCT's PyTorch path, which forms all coefficients ``S``
 to score them) keeps it until its parameter is updated: at a refresh step that holds up to one
 ``R`` per refreshing weight (the size of one moment) at a time.
+
+Parameters sharded by FSDP2 (DTensors) are stepped shard by shard, with their moments as DTensors
+sharded like them; the projector's selection, the residual's norm and the finiteness checks
+reduce over the shards (:mod:`lowrank_optim.sharding`, which also fixes which side is projected).
 """
 from __future__ import annotations
 

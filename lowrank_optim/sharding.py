@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
@@ -46,7 +47,7 @@ class Sharding:
     """How one parameter is sharded: its mesh and placements, the tensor dimension that is split
     (None: replicated only) and the process group it is split over."""
 
-    mesh: object
+    mesh: DeviceMesh
     placements: tuple
     dim: int | None
     group: dist.ProcessGroup | None
