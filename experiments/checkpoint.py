@@ -32,6 +32,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINING_STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
+SHARDED_DIR = "sharded"  # FSDP2 runs: model and optimizer shards (experiments/checkpoint_sharded.py)
 
 
 def _fsync(path: Path) -> None:
@@ -120,7 +121,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The three state files of a checkpoint folder, loaded with ``weights_only=True``."""
     folder = Path(folder)
-    if not (folder / MODEL_FILE).is_file() and (folder / "sharded").is_dir():
+    if not (folder / MODEL_FILE).is_file() and (folder / SHARDED_DIR).is_dir():
         raise ValueError(f"checkpoint {folder} is sharded (an FSDP2 run): resume it with --fsdp under torchrun")
     return {
         "model": torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True),

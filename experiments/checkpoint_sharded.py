@@ -20,10 +20,15 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from experiments.checkpoint import TEMPORARY_PREFIX, TRAINING_STATE_FILE, publish, remove_temporaries, write_files
+from experiments.checkpoint import (
+    SHARDED_DIR,
+    TEMPORARY_PREFIX,
+    TRAINING_STATE_FILE,
+    publish,
+    remove_temporaries,
+    write_files,
+)
 from experiments.config import TrainConfig
-
-SHARDED_DIR = "sharded"
 
 
 def save_sharded_checkpoint(

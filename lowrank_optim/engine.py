@@ -57,7 +57,7 @@ from .plain_adamw import foreach_adamw_
 from .projectors import PROJECTORS, Projector, Subspace, resolve_side
 from .projectors.base import compressed_size, projected_shape
 from .residual import RESIDUALS, residual_coefficients, residual_weight_update_
-from .sharding import Sharding, local, local_side
+from .sharding import Sharding, local, local_side, summed
 from .validation import (
     check_adamw_hyperparameters,
     check_choice,
@@ -385,9 +385,7 @@ def _stored_subspace(state: dict) -> Subspace:
 
 def _captured_fraction(low_rank_grad: torch.Tensor, grad: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
     """``‖R‖²/‖G‖²``: the share of the gradient inside the new subspace (over all shards)."""
-    squares = torch.stack([low_rank_grad.float().square().sum(), grad.float().square().sum()])
-    if sharding is not None:
-        sharding.sum_(squares)
+    squares = summed(torch.stack([low_rank_grad.float().square().sum(), grad.float().square().sum()]), sharding)
     return squares[0] / squares[1].clamp_min(1e-30)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .sharding import Sharding
+from .sharding import Sharding, summed
 
 GROWTH_LIMIT = 1.01
 RESIDUALS = ("none", "scaled")
@@ -31,7 +31,7 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
     phi = _squared_norms(normalized, slot_dim).div_(inside.clamp_min(1e-30)).sqrt_()
     outside = (_squared_norms(grad, slot_dim) - inside).clamp_min(0)
     squared_norm = (phi.square() * outside).sum()
-    norm = (squared_norm if sharding is None else sharding.sum_(squared_norm)).sqrt()
+    norm = summed(squared_norm, sharding).sqrt()
     previous = state.get("residual_norm")
     if previous is None:
         limit = torch.ones((), device=grad.device)

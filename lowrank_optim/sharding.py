@@ -101,6 +101,11 @@ class Sharding:
                                   stride=stride)
 
 
+def summed(tensor: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    """``tensor`` summed over the shards of ``sharding`` (in place), or as it is without one."""
+    return tensor if sharding is None else sharding.sum_(tensor)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view, updated in place), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

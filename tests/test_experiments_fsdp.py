@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.checkpoint_sharded import SHARDED_DIR
+from experiments.checkpoint import SHARDED_DIR
 from experiments.distributed import check_fsdp_supported, setup_distributed
 from experiments.logging_utils import METRICS_FILE, read_metrics
 

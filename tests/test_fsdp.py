@@ -65,6 +65,15 @@ def _full(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _full_params(model) -> dict:
+    """Every parameter, whole (gathered from the shards), detached copies."""
+    return {name: _full(param.detach()).clone() for name, param in model.named_parameters()}
+
+
+def _close(got, expected) -> bool:
+    return bool((got - expected).abs().max() <= TOLERANCE * expected.abs().max())
+
+
 def _train(model, optimizer, part=slice(None), steps=range(STEPS), record=None):
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +103,7 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
                 "sharded_like_param": isinstance(state["exp_avg"], DTensor)
                 and state["exp_avg"].placements == param.placements,
             }
-        result = {"params": {n: _full(p.detach()) for n, p in model.named_parameters()}, "indices": indices,
+        result = {"params": _full_params(model), "indices": indices,
                   "moments": moments, "placements": {n: p.placements for n, p in model.named_parameters()}}
         torch.save(result, f"{out_dir}/{run}-{rank}.pt")
 
@@ -138,12 +147,12 @@ def test_sharded_run_matches_unsharded_parameters_and_moments(fsdp_results, run)
     result = fsdp_results[run][0]
     for name, param in model.named_parameters():
         got = result["params"][name]
-        assert (got - param.detach()).abs().max() <= TOLERANCE * param.detach().abs().max(), name
+        assert _close(got, param.detach()), name
     for name, state in _named_state(model, optimizer):
         got = result["moments"][name]
         assert got["sharded_like_param"], name
         assert got["exp_avg"].shape == state["exp_avg"].shape, name
-        assert (got["exp_avg"] - state["exp_avg"]).abs().max() <= TOLERANCE * state["exp_avg"].abs().max(), name
+        assert _close(got["exp_avg"], state["exp_avg"]), name
 
 
 def test_default_layout_projects_the_row_sharded_wide_weight_on_the_right(fsdp_results):
@@ -154,14 +163,15 @@ def test_default_layout_projects_the_row_sharded_wide_weight_on_the_right(fsdp_r
 def _explicit_side_worker(rank: int, out_dir: str) -> None:
     model = _shard(make_tall_wide().double(), placement=False)
     optimizer = _dct(model, proj_side="left")
-    before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    before = _full_params(model)
     regression_loss(model, 0, half(rank)).backward()
     try:
         optimizer.step()
         message = None
     except ValueError as error:
         message = str(error)
-    unchanged = all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
+    after = _full_params(model)
+    unchanged = all(torch.equal(after[n], before[n]) for n in before)
     try:
         SSTAdamW(model.named_parameters())
         sst_message = None
@@ -195,7 +205,7 @@ def _checkpoint_worker(rank: int, out_dir: str) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=f"{out_dir}/checkpoint")
     _train(model, optimizer, half(rank), steps=range(3, STEPS))
-    uninterrupted = {n: _full(p.detach()) for n, p in model.named_parameters()}
+    uninterrupted = _full_params(model)
 
     resumed = _shard(make_tall_wide(seed=1).double(), placement=True)
     resumed_optimizer = _dct(resumed)
@@ -208,7 +218,7 @@ def _checkpoint_worker(rank: int, out_dir: str) -> None:
     steps = {name: s["step"] for name, s in _named_state(resumed, resumed_optimizer)}
     _train(resumed, resumed_optimizer, half(rank), steps=range(3, STEPS))
     torch.save({"uninterrupted": uninterrupted, "dtypes": dtypes, "steps": steps,
-                "resumed": {n: _full(p.detach()) for n, p in resumed.named_parameters()}},
+                "resumed": _full_params(resumed)},
                f"{out_dir}/resume-{rank}.pt")
 
 
@@ -240,7 +250,7 @@ def test_a_sharded_checkpoint_resumes_in_one_unsharded_process(checkpoint_run):
     _train(model, optimizer, steps=range(3, STEPS))
     expected = results[0]["uninterrupted"]
     for name, param in model.named_parameters():
-        assert (param.detach() - expected[name]).abs().max() <= TOLERANCE * expected[name].abs().max(), name
+        assert _close(param.detach(), expected[name]), name
 
 
 def _nonfinite_worker(rank: int, out_dir: str) -> None:
@@ -248,7 +258,7 @@ def _nonfinite_worker(rank: int, out_dir: str) -> None:
     for skip in (False, True):
         model = _shard(make_tall_wide().double(), placement=True)
         optimizer = DCTProjAdam(model.parameters(), rank=0.5, skip_nonfinite=skip)
-        before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+        before = _full_params(model)
         regression_loss(model, 0, half(rank)).backward()
         if rank == 1:      # only this rank's shard of one weight is non-finite
             model.tall.weight.grad.to_local()[0, 0] = float("inf")
@@ -257,7 +267,8 @@ def _nonfinite_worker(rank: int, out_dir: str) -> None:
             outcome = "skipped" if optimizer.skipped_steps == 1 else "stepped"
         except FloatingPointError:
             outcome = "raised"
-        unchanged = all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
+        after = _full_params(model)
+        unchanged = all(torch.equal(after[n], before[n]) for n in before)
         outcomes[skip] = (outcome, unchanged, len(optimizer.state))
     torch.save(outcomes, f"{out_dir}/nonfinite-{rank}.pt")
 

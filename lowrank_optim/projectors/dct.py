@@ -25,7 +25,7 @@ import torch
 
 from ..kernels.column_select import scores_from_coefficients, top_columns
 from ..kernels.slot_remap import remap_slots, slot_dim
-from ..sharding import Sharding
+from ..sharding import Sharding, summed
 from .base import Projector, Subspace
 from .dct_basis import dct_coefficients, dct_matrix
 
@@ -50,13 +50,13 @@ class DCTProjector(Projector):
             size = grad.shape[1] if side == "right" else grad.shape[0]
             basis = _column_major_dct(size, grad.dtype, grad.device)
             scores = column_scores_triton(grad, basis, side, self.group["score"])
-            return {"indices": top_columns(_summed(scores, sharding), rank)}, None
+            return {"indices": top_columns(summed(scores, sharding), rank)}, None
         transform = self.group["transform"]
         if transform == "auto":
             transform = "fft" if grad.device.type == "cpu" else "matmul"
         coefficients = dct_coefficients(grad, side, transform)
         scores = scores_from_coefficients(coefficients, side, self.group["score"])
-        indices = top_columns(_summed(scores, sharding), rank)
+        indices = top_columns(summed(scores, sharding), rank)
         return {"indices": indices}, coefficients.index_select(slot_dim(side), indices)
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -82,10 +82,6 @@ class DCTProjector(Projector):
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         """Fraction of the new indices that were selected before."""
         return (_source_slots(old["indices"], new["indices"]) >= 0).float().mean()
-
-
-def _summed(scores: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
-    return scores if sharding is None else sharding.sum_(scores)
 
 
 @functools.cache
