@@ -7,38 +7,9 @@ import resource
 import torch
 from torch import nn
 
-from lowrank_optim.sharding import local
+from lowrank_optim.state_bytes import optimizer_state_bytes
 
-
-def _tensors(value, seen: set[int]):
-    """Every tensor reachable from ``value`` through containers and plain objects' attributes
-    (this rank's shard of a DTensor)."""
-    if isinstance(value, torch.Tensor):
-        yield local(value)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item, seen)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item, seen)
-    elif hasattr(value, "__dict__") and id(value) not in seen:
-        seen.add(id(value))  # objects can reference each other
-        yield from _tensors(vars(value), seen)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of memory retained by the tensors in ``optimizer.state``, each storage counted once.
-
-    Unlike ``lowrank_optim.state_bytes.optimizer_state_bytes`` this also follows objects stored in the
-    state, such as ``galore_torch``'s projector holding its projection matrix, so peer baselines are
-    measured the same way; and it counts whole storages, because a view (``galore_torch``'s
-    ``Vh[:r]``) keeps its entire base tensor alive.
-    """
-    storages: dict[tuple[int, torch.device], int] = {}
-    for tensor in _tensors(optimizer.state, set()):
-        storage = tensor.untyped_storage()
-        storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
-    return sum(storages.values())
+__all__ = ["optimizer_state_bytes", "parameter_counts", "peak_memory_bytes"]
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Bytes of optimizer state, for memory reports."""
+"""Bytes of optimizer state, for memory reports: the one count used by the library, the training
+script and the benchmarks, so that every optimizer (peers included) is measured the same way."""
 from __future__ import annotations
 
 import torch
@@ -6,12 +7,29 @@ import torch
 from .sharding import local
 
 
+def _tensors(value, seen: set[int]):
+    """Every tensor reachable from ``value`` through containers and plain objects' attributes
+    (this rank's shard of a DTensor). Objects are followed because peers keep tensors in them
+    (``galore_torch``'s projector holds its projection matrix)."""
+    if isinstance(value, torch.Tensor):
+        yield local(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item, seen)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item, seen)
+    elif hasattr(value, "__dict__") and id(value) not in seen:
+        seen.add(id(value))  # objects can reference each other
+        yield from _tensors(vars(value), seen)
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Total bytes of every tensor held in ``optimizer.state`` (moments, indices, projections, steps);
-    for FSDP2-sharded state, the bytes of this rank's shards."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += local(value).numel() * value.element_size()
-    return total
+    """Bytes of memory retained by the tensors in ``optimizer.state``, each storage counted once
+    and whole: a view (``galore_torch``'s ``Vh[:r]``) keeps its entire base tensor alive. For
+    FSDP2-sharded state, the bytes of this rank's shards."""
+    storages: dict[tuple[int, torch.device], int] = {}
+    for tensor in _tensors(optimizer.state, set()):
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+    return sum(storages.values())
