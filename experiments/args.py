@@ -17,6 +17,21 @@ from experiments.config import TrainConfig, flag_fields
 _ARGPARSE_KEYS = ("type", "choices", "nargs", "const")
 
 
+def _shown_by_argparse(parse):
+    """``parse`` (a flag's ``type``) with its ``ValueError`` message kept: argparse prints only
+    "invalid <function name> value" for a ``ValueError``, the message of an ``ArgumentTypeError``."""
+    if parse in (int, float):  # argparse's "invalid int value: 'x'" says it all
+        return parse
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The parser of every flag; with ``suppress_defaults`` absent flags are left out of the result."""
     parser = argparse.ArgumentParser(
@@ -27,6 +42,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for field in flag_fields():
         options = {key: field.metadata[key] for key in _ARGPARSE_KEYS if key in field.metadata}
+        if "type" in options:
+            options["type"] = _shown_by_argparse(options["type"])
         default = getattr(defaults, field.name)
         if not suppress_defaults:
             options["default"] = default

@@ -12,11 +12,16 @@ Contents, all loadable with ``torch.load(weights_only=True)``:
 * ``training_state.pt``: step, tokens seen, scheduler state, data-loader state (position and its
   generator), RNG states (torch CPU, CUDA when used), the wandb run id;
 * ``config.json``: the resolved :class:`~experiments.config.TrainConfig`.
+
+Reading one back, every user mistake is a :class:`~experiments.errors.UsageError` naming the folder
+or file: no checkpoint where ``--continue_from`` points, a missing file, a file ``torch.load`` cannot
+read (truncated, corrupt), the wrong kind for ``--fsdp``, or states that do not fit the run.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from experiments.config import TrainConfig
+from experiments.errors import UsageError, excerpt
 
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)$")
 TEMPORARY_PREFIX = ".tmp-model_"
@@ -33,6 +39,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 TRAINING_STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
 SHARDED_DIR = "sharded"  # FSDP2 runs: model and optimizer shards (experiments/checkpoint_sharded.py)
+PLAIN_CONTENTS = (MODEL_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, CONFIG_FILE)
+SHARDED_CONTENTS = (SHARDED_DIR, TRAINING_STATE_FILE, CONFIG_FILE)
 
 
 def _fsync(path: Path) -> None:
@@ -114,17 +122,63 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     checkpoints = list_checkpoints(path)
     if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint model_<step> at or inside {path}")
+        if path.is_dir():
+            found = "holds no model_<step> folder"
+        else:
+            found = "is not a directory" if path.exists() else "does not exist"
+        raise UsageError(
+            "--continue_from", f"expected a checkpoint folder model_<step> or a save_dir holding one; {path} {found}"
+        )
     return checkpoints[-1][1]
+
+
+def check_checkpoint(folder: Path, sharded: bool) -> None:
+    """Raise :class:`UsageError` unless ``folder`` is a complete checkpoint of the expected kind
+    (``sharded``: written by an FSDP2 run, for a run with ``--fsdp``)."""
+    if (folder / SHARDED_DIR).is_dir() and not sharded:
+        raise UsageError(str(folder), "is a sharded checkpoint (an FSDP2 run): resume it with --fsdp under torchrun")
+    if sharded and (folder / MODEL_FILE).is_file():
+        raise UsageError(str(folder), "is not sharded (a DDP or single-process run): resume it without --fsdp")
+    expected = SHARDED_CONTENTS if sharded else PLAIN_CONTENTS
+    missing = [name for name in expected if not (folder / name).exists()]
+    if missing:
+        raise UsageError(
+            str(folder), f"is an incomplete checkpoint: {', '.join(missing)} missing (expected {', '.join(expected)})"
+        )
+
+
+def load_state_file(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)``; a missing, truncated or corrupt file is a :class:`UsageError`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(str(path), "is missing from its checkpoint folder") from None
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise UsageError(
+            str(path),
+            f"cannot be loaded with torch.load(weights_only=True): truncated, corrupt or not a checkpoint file "
+            f"({excerpt(error)}); resume from another checkpoint",
+        ) from None
+
+
+def load_state_into(target: torch.nn.Module | torch.optim.Optimizer, state: dict, path: Path) -> None:
+    """``target.load_state_dict(state)``; a state that does not fit ``target`` (the run's flags
+    describe another model or optimizer than the saved one) is a :class:`UsageError` naming ``path``."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UsageError(
+            str(path),
+            f"does not fit this run's {type(target).__name__} ({excerpt(error)}); resume with the model and "
+            "optimizer flags of the saved run",
+        ) from None
 
 
 def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The three state files of a checkpoint folder, loaded with ``weights_only=True``."""
     folder = Path(folder)
-    if not (folder / MODEL_FILE).is_file() and (folder / SHARDED_DIR).is_dir():
-        raise ValueError(f"checkpoint {folder} is sharded (an FSDP2 run): resume it with --fsdp under torchrun")
     return {
-        "model": torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True),
-        "optimizer": torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True),
-        "training_state": torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True),
+        "model": load_state_file(folder / MODEL_FILE, map_location),
+        "optimizer": load_state_file(folder / OPTIMIZER_FILE, map_location),
+        "training_state": load_state_file(folder / TRAINING_STATE_FILE),
     }

@@ -24,6 +24,7 @@ from experiments.checkpoint import (
     SHARDED_DIR,
     TEMPORARY_PREFIX,
     TRAINING_STATE_FILE,
+    load_state_file,
     publish,
     remove_temporaries,
     write_files,
@@ -59,12 +60,12 @@ def save_sharded_checkpoint(
 
 
 def load_sharded_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Collective: load the model's and optimizer's shards in place; returns the training state."""
+    """Collective: load the model's and optimizer's shards in place; returns the training state.
+
+    ``folder`` is checked first (:func:`experiments.checkpoint.check_checkpoint`)."""
     folder = Path(folder)
-    if not (folder / SHARDED_DIR).is_dir():
-        raise ValueError(f"checkpoint {folder} is not sharded (a DDP or single-process run): resume it without --fsdp")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    return load_state_file(folder / TRAINING_STATE_FILE)

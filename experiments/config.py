@@ -7,6 +7,11 @@ command).
 
 :func:`resolve` turns a parsed config into the resolved one that is printed and saved with every
 checkpoint (derived batch sizes, warmup, run name and directories filled in).
+
+Each numeric flag declares the values it accepts (``valid``: :class:`Interval`); :func:`check_values`
+checks every field against them and against its ``choices``, so a config read from a file is held
+to the same rules as the command line. A value out of range raises
+:class:`~experiments.errors.UsageError` naming the flag.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from experiments.errors import UsageError, expected_one_of
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = EXPERIMENTS_DIR / ".cache"
@@ -29,15 +36,25 @@ def parse_number(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        raise ValueError(f"expected an integer or a number such as 0.25, got {text!r}") from None
 
 
 def parse_token_count(text: str) -> int:
     """``"100M"`` -> 100_000_000; also ``K``, ``B`` and plain integers."""
-    text = str(text).strip().upper()
-    multiplier = _TOKEN_SUFFIXES.get(text[-1:], 1)
-    digits = text[:-1] if text[-1:] in _TOKEN_SUFFIXES else text
-    return int(float(digits) * multiplier)
+    upper = str(text).strip().upper()
+    multiplier = _TOKEN_SUFFIXES.get(upper[-1:], 1)
+    digits = upper[:-1] if upper[-1:] in _TOKEN_SUFFIXES else upper
+    try:
+        count = float(digits) * multiplier
+    except ValueError:
+        raise ValueError(f"expected a token count such as 4096, 64K, 100M or 1.5B, got {text!r}") from None
+    if not math.isfinite(count):
+        raise ValueError(f"expected a finite token count, got {text!r}")
+    return int(count)
 
 
 def parse_bool(text: str) -> bool:
@@ -46,6 +63,57 @@ def parse_bool(text: str) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise ValueError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes")
+
+
+def parse_json_object(text: str) -> dict:
+    """``'{"residual": "none"}'`` -> ``{"residual": "none"}``; anything but a JSON object is refused."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f'expected a JSON object such as \'{{"residual": "none"}}\': {error} in {text!r}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a JSON object such as \'{{"residual": "none"}}\', got {text!r}')
+    return value
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric flag accepts: finite numbers from ``low`` to ``high`` (``None``: no
+    bound), each end included unless it is open; only integers when ``integer``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    @classmethod
+    def integers(cls, minimum: int) -> Interval:
+        return cls(low=minimum, integer=True)
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open and value == self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return kind
+
+
+POSITIVE = Interval(low=0.0, low_open=True)
+NON_NEGATIVE = Interval(low=0.0)
+# Flags that every optimizer receives as a keyword, so ``--optimizer_kwargs`` may set them too.
+OPTIMIZER_FLAGS = ("lr", "weight_decay", "betas", "eps")
 
 
 def _flag(default, help: str, **metadata):
@@ -76,56 +144,82 @@ class TrainConfig:
     dataset: str = _flag("shakespeare", "shakespeare (embedded, offline) or c4 (streamed, needs the network)")
     tokenizer: str = _flag("byte", "byte, bpe[:vocab] (trained locally, cached) or a hub name (GaLore: t5-base)")
     cache_dir: str | None = _flag(None, "tokenizer/token cache (default experiments/.cache)")
-    max_length: int = _flag(128, "sequence length in tokens (GaLore: 256)", type=int)
-    batch_size: int = _flag(16, "sequences per device per micro-batch", type=int)
+    max_length: int = _flag(128, "sequence length in tokens (GaLore: 256)", type=int, valid=Interval.integers(2))
+    batch_size: int = _flag(16, "sequences per device per micro-batch", type=int, valid=Interval.integers(1))
     total_batch_size: int | None = _flag(
         None,
         "sequences per optimizer step over all devices; gradient "
         "accumulation = total / (batch_size * world_size) (GaLore: 512)",
         type=int,
+        valid=Interval.integers(1),
     )
-    eval_tokens: int = _flag(65_536, "validation tokens per evaluation (GaLore: about 10M)", type=parse_token_count)
+    eval_tokens: int = _flag(
+        65_536,
+        "validation tokens per evaluation (GaLore: about 10M)",
+        type=parse_token_count,
+        valid=Interval.integers(1),
+    )
     # ---- schedule ----
-    num_training_steps: int = _flag(1000, "optimizer steps (GaLore 60M: 10000)", type=int)
+    num_training_steps: int = _flag(1000, "optimizer steps (GaLore 60M: 10000)", type=int, valid=Interval.integers(1))
     max_train_tokens: str | None = _flag(None, "token budget such as 100M; overrides num_training_steps")
     scheduler: str = _flag("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
-    warmup_steps: int | None = _flag(None, "linear warmup steps (default 10%% of the steps, as GaLore)", type=int)
-    min_lr_ratio: float = _flag(0.1, "final lr as a fraction of the peak", type=float)
+    warmup_steps: int | None = _flag(
+        None, "linear warmup steps (default 10%% of the steps, as GaLore)", type=int, valid=Interval.integers(0)
+    )
+    min_lr_ratio: float = _flag(0.1, "final lr as a fraction of the peak", type=float, valid=Interval(0.0, 1.0))
     # ---- optimizer ----
     optimizer: str = _flag("dct_adamw", "a name in lowrank_optim's registry or experiments.methods")
-    lr: float = _flag(1e-2, "peak learning rate (GaLore recipe: 0.01 with scale 0.25; AdamW: about 1e-3)", type=float)
-    weight_decay: float = _flag(0.0, "decoupled weight decay", type=float)
-    betas: list[float] | None = _flag(None, "Adam betas (default: the optimizer's own)", type=float, nargs=2)
-    eps: float | None = _flag(None, "Adam epsilon (default: the optimizer's own)", type=float)
-    grad_clipping: float = _flag(1.0, "max global gradient norm, 0 disables (GaLore default: 0)", type=float)
-    optimizer_kwargs: dict = _flag({}, "extra optimizer keyword arguments as JSON", type=json.loads)
+    lr: float = _flag(
+        1e-2, "peak learning rate (GaLore recipe: 0.01 with scale 0.25; AdamW: about 1e-3)", type=float, valid=POSITIVE
+    )
+    weight_decay: float = _flag(0.0, "decoupled weight decay", type=float, valid=NON_NEGATIVE)
+    betas: list[float] | None = _flag(
+        None,
+        "Adam betas (default: the optimizer's own)",
+        type=float,
+        nargs=2,
+        valid=Interval(0.0, 1.0, high_open=True),
+    )
+    eps: float | None = _flag(None, "Adam epsilon (default: the optimizer's own)", type=float, valid=NON_NEGATIVE)
+    grad_clipping: float = _flag(
+        1.0, "max global gradient norm, 0 disables (GaLore default: 0)", type=float, valid=NON_NEGATIVE
+    )
+    optimizer_kwargs: dict = _flag({}, "extra optimizer keyword arguments as a JSON object", type=parse_json_object)
     # ---- low-rank projection (projected optimizers) ----
     rank: int | float = _flag(
         32,
         "projection / SST / SLTrain rank; an int, or a fraction of the smaller side "
         "where the optimizer accepts one (GaLore 60M: 128)",
         type=parse_number,
+        valid=(Interval.integers(1), Interval(0.0, 1.0, low_open=True)),
     )
-    update_proj_gap: int = _flag(200, "steps between projection refreshes (GaLore: 200)", type=int)
+    update_proj_gap: int = _flag(
+        200, "steps between projection refreshes (GaLore: 200)", type=int, valid=Interval.integers(1)
+    )
     scale: float = _flag(
         0.25,
         "GaLore's alpha: scale of the back-projected update (GaLore: 0.25)",
         type=float,
+        valid=POSITIVE,
         aliases=("--galore_scale",),
     )
-    proj_type: str = _flag("std", "GaLore projection side: std, reverse_std, left, right")
-    score: str | None = _flag(None, "DCT column score: l1 or l2 (default: the optimizer's)")
-    moments: str | None = _flag(None, "moments at a refresh: keep, reset, transport (default: the optimizer's)")
-    proj_side: str | None = _flag(None, "DCT side: auto, left, right (default: the optimizer's)")
+    proj_type: str = _flag("std", "GaLore projection side", choices=("std", "reverse_std", "left", "right"))
+    score: str | None = _flag(None, "DCT column score (default: the optimizer's)", choices=("l1", "l2"))
+    moments: str | None = _flag(
+        None, "moments at a refresh (default: the optimizer's)", choices=("keep", "reset", "transport")
+    )
+    proj_side: str | None = _flag(None, "DCT side (default: the optimizer's)", choices=("auto", "left", "right"))
     target_modules: list[str] = _flag(["attn", "mlp"], "name fragments of the projected linears", nargs="+")
     # ---- parameterization (model transform) ----
     parameterization: str = _flag("auto", "dense, sst, sltrain, or auto (what the optimizer needs)")
-    density: float = _flag(0.03, "SLTrain sparse density delta", type=float)
-    alpha: float = _flag(32.0, "SLTrain low-rank scale alpha (W = alpha/r * B A + S)", type=float)
-    sst_interval: int = _flag(200, "SST steps between singular-vector resamples (paper: 200)", type=int)
+    density: float = _flag(0.03, "SLTrain sparse density delta", type=float, valid=Interval(0.0, 1.0, low_open=True))
+    alpha: float = _flag(32.0, "SLTrain low-rank scale alpha (W = alpha/r * B A + S)", type=float, valid=POSITIVE)
+    sst_interval: int = _flag(
+        200, "SST steps between singular-vector resamples (paper: 200)", type=int, valid=Interval.integers(1)
+    )
     # ---- run ----
-    seed: int = _flag(0, "seed of the model init and data order", type=int)
-    device: str = _flag("auto", "auto (cuda when available), cpu, cuda")
+    seed: int = _flag(0, "seed of the model init and data order", type=int, valid=Interval.integers(0))
+    device: str = _flag("auto", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
     fsdp: bool = _flag(
         False,
         "under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP; "
@@ -134,12 +228,23 @@ class TrainConfig:
         nargs="?",
         const=True,
     )
-    eval_every: int = _flag(100, "steps between validation evaluations (0: only at the end)", type=int)
-    save_every: int = _flag(100, "steps between checkpoints (0: no checkpoints)", type=int)
+    eval_every: int = _flag(
+        100, "steps between validation evaluations (0: only at the end)", type=int, valid=Interval.integers(0)
+    )
+    save_every: int = _flag(100, "steps between checkpoints (0: no checkpoints)", type=int, valid=Interval.integers(0))
     save_dir: str | None = _flag(None, "run directory: checkpoints, metrics, plots, wandb (default runs/<run_name>)")
     run_name: str | None = _flag(None, "default <model>-<optimizer>-<timestamp>")
     continue_from: str | None = _flag(None, "checkpoint folder model_<step> (or a save_dir: its latest) to resume")
     # ---- logging ----
+    # Logging reads the loss (and the optimizer statistics) back from the device, a host sync; in
+    # between, the loop only queues work. 10 as torchtitan's log_freq; 1 logs every step.
+    log_every: int = _flag(
+        10,
+        "steps between training-metric logs; the first step, eval and checkpoint steps and the last "
+        "step also log, and the loss logged is the mean since the previous log",
+        type=int,
+        valid=Interval.integers(1),
+    )
     wandb_mode: str = _flag(
         "offline", "wandb mode; the files go to <save_dir>/wandb", choices=("online", "offline", "disabled")
     )
@@ -164,7 +269,27 @@ class TrainConfig:
 
     @classmethod
     def load_json(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """The config saved in ``path``, its values checked (:func:`check_values`); a missing, unreadable
+        or malformed file, or a value its flag would refuse, is a :class:`UsageError` naming the file."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(str(path), "no such file: a run's config.json was expected here") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(str(path), f"cannot be read: {error}") from None
+        except json.JSONDecodeError as error:
+            raise UsageError(str(path), f"is not valid JSON ({error}); expected a saved run config") from None
+        if not isinstance(values, dict):
+            raise UsageError(str(path), f"expected a JSON object of config keys, got {type(values).__name__}")
+        try:
+            config = cls.from_dict(values)
+        except ValueError as error:
+            raise UsageError(str(path), f"{error}; expected the flags of experiments/config.py") from None
+        try:
+            check_values(config)
+        except UsageError as error:
+            raise UsageError(str(path), str(error)) from None
+        return config
 
 
 def flag_fields() -> list[dataclasses.Field]:
@@ -172,17 +297,77 @@ def flag_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("derived")]
 
 
+def _problem(field: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` for ``field`` (``None`` when nothing): its range, choices, type."""
+    if value is None and field.default is None:
+        return None
+    nargs = field.metadata.get("nargs")
+    if isinstance(nargs, int) or nargs == "+":  # a list (``"?"``: one optional value)
+        if not isinstance(value, (list, tuple)) or (nargs == "+" and not value):
+            return f"expected a list of values, got {value!r}"
+        if isinstance(nargs, int) and len(value) != nargs:
+            return f"expected {nargs} values, got {len(value)}: {value!r}"
+        elements = value
+    else:
+        elements = [value]
+    choices, valid = field.metadata.get("choices"), field.metadata.get("valid")
+    for element in elements:
+        if choices is not None and element not in choices:
+            return expected_one_of(element, choices)
+        if valid is not None:
+            intervals = valid if isinstance(valid, tuple) else (valid,)
+            if not any(interval.accepts(element) for interval in intervals):
+                return f"expected {' or '.join(map(str, intervals))}, got {element!r}"
+        if choices is None and valid is None:
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            kind = type(default) if isinstance(default, (bool, dict)) else str
+            if not isinstance(element, kind):
+                return f"expected a {kind.__name__} value, got {element!r}"
+    return None
+
+
+def check_values(config: TrainConfig) -> None:
+    """Raise :class:`UsageError` for the first flag whose value its field does not accept, or an
+    ``optimizer_kwargs`` entry for one of :data:`OPTIMIZER_FLAGS` that the flag would not accept
+    (``torch.optim.AdamW`` checks betas only by indexing them)."""
+    fields = {flag.name: flag for flag in flag_fields()}
+    for flag in fields.values():
+        problem = _problem(flag, getattr(config, flag.name))
+        if problem:
+            raise UsageError(f"--{flag.name}", problem)
+    for key in OPTIMIZER_FLAGS:
+        if key in config.optimizer_kwargs:
+            problem = _problem(fields[key], config.optimizer_kwargs[key])
+            if problem:
+                raise UsageError("--optimizer_kwargs", f"{key}: {problem}")
+
+
+def _training_steps(config: TrainConfig, tokens_per_step: int) -> int:
+    """``num_training_steps``, or the steps that ``max_train_tokens`` buys."""
+    if config.max_train_tokens is None:
+        return config.num_training_steps
+    try:
+        budget = parse_token_count(config.max_train_tokens)
+    except ValueError as error:
+        raise UsageError("--max_train_tokens", str(error)) from None
+    if budget < 1:
+        raise UsageError("--max_train_tokens", f"expected a positive token count, got {config.max_train_tokens!r}")
+    return math.ceil(budget / tokens_per_step)
+
+
 def resolve(config: TrainConfig, world_size: int) -> TrainConfig:
-    """Fill in derived values; raise ``ValueError`` for inconsistent batch sizes."""
+    """Fill in derived values; raise :class:`UsageError` for batch sizes or warmup that do not fit."""
     total = config.total_batch_size or config.batch_size * world_size
     per_step = config.batch_size * world_size
     if total % per_step:
-        raise ValueError(
-            f"total_batch_size {total} is not a multiple of batch_size {config.batch_size} x world_size {world_size}"
+        raise UsageError(
+            "--total_batch_size",
+            f"expected a multiple of batch_size x world_size = {config.batch_size} x {world_size} = {per_step}, "
+            f"got {total}",
         )
-    steps = config.num_training_steps
-    if config.max_train_tokens is not None:
-        steps = math.ceil(parse_token_count(config.max_train_tokens) / (total * config.max_length))
+    steps = _training_steps(config, total * config.max_length)
+    if config.warmup_steps is not None and config.warmup_steps > steps:
+        raise UsageError("--warmup_steps", f"expected at most the {steps} training steps, got {config.warmup_steps}")
     run_name = (
         config.run_name or f"{Path(config.model_config).stem}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
     )

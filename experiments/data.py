@@ -13,49 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from experiments.corpus import SHAKESPEARE_PATH, load_shakespeare
+from experiments.data_c4 import build_c4_data
+from experiments.data_interface import DataBundle, DataSpec
+from experiments.errors import UsageError, expected_one_of
 from experiments.tokenizer import Tokenizer, build_tokenizer
-
-
-class BatchLoader(Protocol):
-    """A resumable source of training batches ``[batch_size, max_length]`` for this rank."""
-
-    def next_batch(self) -> torch.Tensor: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class DataBundle:
-    """What the training loop needs: the tokenizer, the training loader, and validation batches."""
-
-    tokenizer: Tokenizer
-    train: BatchLoader
-    validation_batches: Callable[[], Iterator[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """The data-related part of the run configuration."""
-
-    dataset: str
-    tokenizer: str
-    max_length: int
-    batch_size: int
-    eval_tokens: int
-    seed: int
-    cache_dir: Path
-    rank: int = 0
-    world_size: int = 1
 
 
 class ChunkLoader:
@@ -76,9 +43,10 @@ class ChunkLoader:
         self.rank = rank
         self.global_batch = batch_size * world_size
         if (len(tokens) - seq_len) // seq_len < self.global_batch:
-            raise ValueError(
-                f"{len(tokens)} tokens are too few for a global batch of {self.global_batch} sequences "
-                f"of length {seq_len}"
+            raise UsageError(
+                "--batch_size",
+                f"the {len(tokens):,} training tokens are too few for a global batch of {self.global_batch} "
+                f"sequences (batch_size x world_size) of length {seq_len}; expected a smaller batch_size or max_length",
             )
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -120,7 +88,11 @@ def validation_chunks(
     forward passes (FSDP2's are collective)."""
     num_chunks = min(max_tokens, len(tokens)) // seq_len
     if num_chunks < world_size:
-        raise ValueError(f"eval_tokens {max_tokens} give {num_chunks} sequences, fewer than {world_size} ranks")
+        raise UsageError(
+            "--eval_tokens",
+            f"{max_tokens} tokens give {num_chunks} validation sequences of length {seq_len}; expected at least "
+            f"one per rank ({world_size}): eval_tokens >= max_length x world_size",
+        )
     num_chunks -= num_chunks % world_size
     chunks = tokens[: num_chunks * seq_len].view(num_chunks, seq_len)[rank::world_size].long()
     return list(chunks.split(batch_size))
@@ -167,16 +139,10 @@ def shakespeare_data(spec: DataSpec) -> DataBundle:
     return DataBundle(tokenizer=tokenizer, train=train, validation_batches=lambda: iter(validation))
 
 
-def c4_data(spec: DataSpec) -> DataBundle:
-    """C4 ``en`` streamed from the hub (needs the network and ``datasets``); see ``data_c4.py``."""
-    from experiments.data_c4 import build_c4_data
-
-    return build_c4_data(spec)
-
-
+# c4: ``allenai/c4`` ``en`` streamed from the hub (needs the network and ``datasets``), ``data_c4.py``.
 DATASETS: dict[str, Callable[[DataSpec], DataBundle]] = {
     "shakespeare": shakespeare_data,
-    "c4": c4_data,
+    "c4": build_c4_data,
 }
 
 
@@ -185,5 +151,5 @@ def build_data(spec: DataSpec) -> DataBundle:
     try:
         builder = DATASETS[spec.dataset]
     except KeyError:
-        raise ValueError(f"unknown dataset {spec.dataset!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise UsageError("--dataset", f"unknown dataset: {expected_one_of(spec.dataset, DATASETS)}") from None
     return builder(spec)

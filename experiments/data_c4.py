@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from experiments.data import DataBundle, DataSpec
+from experiments.data_interface import DataBundle, DataSpec
 from experiments.tokenizer import Tokenizer, build_tokenizer
 
 C4_PATH = "allenai/c4"

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from experiments.errors import UsageError
 from lowrank_optim.sharding import projection_shard_placement
 
 # What --fsdp trains: the optimizers whose steps work on DTensor shards (lowrank_optim.sharding).
@@ -60,7 +61,7 @@ def setup_distributed(requested_device: str, fsdp: bool = False) -> DistributedC
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
     if fsdp and "MASTER_ADDR" not in os.environ:
-        raise ValueError("--fsdp needs a process group: launch with torchrun (--nproc_per_node N, 1 included)")
+        raise UsageError("--fsdp", "needs a process group: launch with torchrun (--nproc_per_node N, 1 included)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if (world_size > 1 or fsdp) and not dist.is_initialized():
@@ -69,10 +70,12 @@ def setup_distributed(requested_device: str, fsdp: bool = False) -> DistributedC
 
 
 def check_fsdp_supported(optimizer: str, parameterization: str) -> None:
+    """Raise :class:`UsageError` unless ``--fsdp`` can train ``optimizer`` on ``parameterization``."""
     if optimizer not in FSDP_OPTIMIZERS or parameterization != "dense":
-        raise ValueError(
-            f"--fsdp trains the optimizers {', '.join(FSDP_OPTIMIZERS)} with the dense parameterization; "
-            f"got optimizer {optimizer!r}, parameterization {parameterization!r} (use DDP for those)"
+        raise UsageError(
+            "--fsdp",
+            f"trains the optimizers {', '.join(FSDP_OPTIMIZERS)} with the dense parameterization; "
+            f"got optimizer {optimizer!r}, parameterization {parameterization!r} (use DDP for those)",
         )
 
 

@@ -18,8 +18,9 @@ from experiments.config import TrainConfig
 METRICS_FILE = "metrics.jsonl"
 
 
-def projection_health(optimizer) -> dict[str, float]:
-    """Means of ``optimizer.refresh_stats`` (``captured``, ``overlap`` per parameter) at a refresh step.
+def projection_health(optimizer) -> dict[str, torch.Tensor]:
+    """Means of ``optimizer.refresh_stats`` (``captured``, ``overlap`` per parameter) at a refresh step,
+    as ``{"proj/<key>": 0-d tensor}`` left on the device (reading them is the caller's host sync).
 
     Projected optimizers fill ``refresh_stats`` (``{name: {"captured": x, "overlap": y}}``, numbers or
     0-d tensors) on the steps where they recompute a projection and leave it empty otherwise; other
@@ -32,7 +33,7 @@ def projection_health(optimizer) -> dict[str, float]:
     means = {}
     for key in keys:
         values = [torch.as_tensor(entry[key], dtype=torch.float32) for entry in stats.values() if key in entry]
-        means[f"proj/{key}"] = float(torch.stack(values).mean())  # one device sync per key
+        means[f"proj/{key}"] = torch.stack(values).mean()
     return means
 
 

@@ -10,10 +10,16 @@
 
 Optimizers come from ``lowrank_optim``'s registry, plus :data:`BASELINE_OPTIMIZERS` for peer
 packages used as benchmark baselines (``galore_torch_adamw`` = ``galore_torch.GaLoreAdamW``).
+
+The library validates hyperparameters when a model is converted or an optimizer built, raising a
+``ValueError`` that names the key (``Invalid rank: ...``); such an error, or a keyword the optimizer
+does not take, becomes a :class:`~experiments.errors.UsageError` of the flag that set the key
+(``--optimizer_kwargs`` for its keys).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,17 +29,30 @@ from torch import nn
 import lowrank_optim
 import lowrank_optim.sltrain
 import lowrank_optim.sst  # noqa: F401  (registers "sst_adamw")
-from experiments.config import TrainConfig
+from experiments.config import TrainConfig, flag_fields
+from experiments.errors import UsageError, expected_one_of
+
+# How the library's messages name the key at fault (lowrank_optim/validation.py: "Invalid <key>: ..."),
+# and Python's own message for a keyword a constructor does not take.
+_INVALID_KEY = re.compile(r"^Invalid (\w+)")
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 def _galore_torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
-    from galore_torch import GaLoreAdamW
-
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError:
+        raise UsageError(
+            "--optimizer", "galore_torch_adamw needs the galore_torch package (pip install galore-torch)"
+        ) from None
     return GaLoreAdamW(params, **kwargs)
 
 
 BASELINE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore_torch_adamw": _galore_torch_adamw,
+    # The library's plain AdamW path (torch form): DCTProjAdam over model.parameters() with rank None
+    # projects nothing; ``moment_bits`` (8/4) in --optimizer_kwargs quantizes its moments.
+    "lowrank_plain_adamw": lambda params, **kwargs: lowrank_optim.DCTProjAdam(params, **{"rank": None, **kwargs}),
 }
 
 
@@ -58,17 +77,20 @@ class OptimizerRecipe:
     means the optimizer gets ``model.parameters()``. ``keyword_fields``: ``(keyword, config field)``
     pairs passed to the constructor. ``parameterization``: the model transform for ``auto``.
     Fields whose value is ``None`` are left out, so the optimizer's own default applies.
+    ``resumable``: the optimizer's state loads with ``torch.load(weights_only=True)``.
     """
 
     projection_keys: tuple[str, ...] = ()
     keyword_fields: tuple[tuple[str, str], ...] = ()
     parameterization: str = "dense"
+    resumable: bool = True
 
 
 _GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 RECIPES: dict[str, OptimizerRecipe] = {
     "galore_adamw": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
-    "galore_torch_adamw": OptimizerRecipe(projection_keys=_GALORE_KEYS),
+    # galore_torch keeps a projector object in its state.
+    "galore_torch_adamw": OptimizerRecipe(projection_keys=_GALORE_KEYS, resumable=False),
     "dct_adamw": OptimizerRecipe(projection_keys=("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")),
     "sst_adamw": OptimizerRecipe(
         keyword_fields=(("update_interval", "sst_interval"), ("seed", "seed")), parameterization="sst"
@@ -108,15 +130,37 @@ def resolved_parameterization(config: TrainConfig) -> str:
     if config.parameterization == "auto":
         return recipe_for(config.optimizer).parameterization
     if config.parameterization not in PARAMETERIZATIONS:
-        raise ValueError(
-            f"unknown parameterization {config.parameterization!r}; known: auto, {', '.join(PARAMETERIZATIONS)}"
+        raise UsageError(
+            "--parameterization",
+            f"unknown parameterization: {expected_one_of(config.parameterization, ['auto', *PARAMETERIZATIONS])}",
         )
     return config.parameterization
 
 
+def _flag_of_library_error(error: Exception, config: TrainConfig) -> UsageError:
+    """``error`` of the library (or of a constructor call) as a :class:`UsageError` of the flag at fault."""
+    message = str(error)
+    match = _INVALID_KEY.match(message) or _UNEXPECTED_KEYWORD.search(message)
+    key = match.group(1) if match else None
+    if key in config.optimizer_kwargs:
+        return UsageError("--optimizer_kwargs", message)
+    flag = dict(recipe_for(config.optimizer).keyword_fields).get(key, key)  # SST's update_interval: --sst_interval
+    if flag in {field.name for field in flag_fields()}:
+        return UsageError(f"--{flag}", message)
+    if config.optimizer_kwargs:
+        return UsageError("--optimizer_kwargs", message)
+    return UsageError("--optimizer", f"{config.optimizer}: {message}")
+
+
 def apply_parameterization(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The model with its target linears re-parameterized (in place) as the config asks."""
-    return PARAMETERIZATIONS[resolved_parameterization(config)](model, config)
+    transform = PARAMETERIZATIONS[resolved_parameterization(config)]
+    try:
+        return transform(model, config)
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise _flag_of_library_error(error, config) from None
 
 
 def optimizer_kwargs(config: TrainConfig) -> dict:
@@ -146,5 +190,14 @@ def optimizer_params(model: nn.Module, config: TrainConfig):
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer ``config.optimizer`` over ``model`` (call after :func:`apply_parameterization`)."""
     if config.optimizer not in available_methods():
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; known: {', '.join(available_methods())}")
-    return create_optimizer(config.optimizer, optimizer_params(model, config), **optimizer_kwargs(config))
+        raise UsageError("--optimizer", f"unknown optimizer: {expected_one_of(config.optimizer, available_methods())}")
+    try:
+        return create_optimizer(config.optimizer, optimizer_params(model, config), **optimizer_kwargs(config))
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise _flag_of_library_error(error, config) from None
+    except TypeError as error:
+        if not _UNEXPECTED_KEYWORD.search(str(error)):
+            raise  # a bug, not a keyword of the user's
+        raise _flag_of_library_error(error, config) from None

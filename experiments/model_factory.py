@@ -1,15 +1,25 @@
-"""Build the model of a run: find the JSON config, fit the vocabulary, pick the implementation."""
+"""Build the model of a run: find the JSON config, fit the vocabulary, pick the implementation.
+
+A name that is no config, a file that is no JSON object or lacks a size, and sizes that are not
+positive integers or do not fit together raise :class:`~experiments.errors.UsageError`, naming
+``--model_config`` or the file.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
+from experiments.errors import UsageError, expected_one_of
 from experiments.model import Llama, LlamaConfig, load_model_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# Sizes a config file must give as positive integers (``vocab_size`` may be null: the tokenizer's).
+REQUIRED_SIZES = tuple(field.name for field in dataclasses.fields(LlamaConfig) if field.default is dataclasses.MISSING)
 
 
 def config_path(model_config: str) -> Path:
@@ -17,8 +27,38 @@ def config_path(model_config: str) -> Path:
     for candidate in (Path(model_config), CONFIGS_DIR / model_config, CONFIGS_DIR / f"{model_config}.json"):
         if candidate.is_file():
             return candidate
-    known = ", ".join(sorted(path.stem for path in CONFIGS_DIR.glob("*.json")))
-    raise FileNotFoundError(f"model config {model_config!r} is neither a file nor one of: {known}")
+    known = sorted(path.stem for path in CONFIGS_DIR.glob("*.json"))
+    raise UsageError(
+        "--model_config",
+        f"no such file, and not a name in experiments/configs/: {expected_one_of(model_config, known)}",
+    )
+
+
+def read_model_config(model_config: str) -> dict:
+    """The JSON config that ``model_config`` names, checked (``vocab_size`` may still be ``null``)."""
+    path = config_path(model_config)
+    try:
+        values = load_model_config(path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(str(path), f"cannot be read: {error}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(str(path), f"is not valid JSON ({error}); expected a LLaMA config") from None
+    if not isinstance(values, dict):
+        raise UsageError(str(path), f"expected a JSON object of LLaMA settings, got {type(values).__name__}")
+    missing = [name for name in REQUIRED_SIZES if name not in values]
+    if missing:
+        raise UsageError(str(path), f"lacks {', '.join(missing)}; a LLaMA config needs {', '.join(REQUIRED_SIZES)}")
+    for name in (*REQUIRED_SIZES, "max_position_embeddings"):
+        value = values.get(name)
+        if name not in values or (name == "vocab_size" and value is None):
+            continue  # the model's default length; the tokenizer's vocabulary
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(str(path), f"{name}: expected a positive integer, got {value!r}")
+    try:
+        LlamaConfig.from_dict({**values, "vocab_size": values["vocab_size"] or 1})
+    except ValueError as error:
+        raise UsageError(str(path), str(error)) from None
+    return values
 
 
 def model_config_dict(model_config: str, tokenizer_vocab_size: int) -> dict:
@@ -27,11 +67,13 @@ def model_config_dict(model_config: str, tokenizer_vocab_size: int) -> dict:
     GaLore's configs keep ``vocab_size`` 32000 whatever the tokenizer (T5's 32100 ids include 100
     sentinel tokens that never occur in text); a smaller tokenizer then leaves rows unused.
     """
-    values = load_model_config(config_path(model_config))
+    values = read_model_config(model_config)
     vocab_size = values.get("vocab_size") or tokenizer_vocab_size
     if vocab_size < tokenizer_vocab_size:
-        raise ValueError(
-            f"model vocab_size {vocab_size} of {model_config!r} is smaller than the tokenizer's {tokenizer_vocab_size}"
+        raise UsageError(
+            "--model_config",
+            f"vocab_size {vocab_size} of {model_config!r} is smaller than the tokenizer's {tokenizer_vocab_size}; "
+            "expected a config with vocab_size null or at least the tokenizer's",
         )
     return {**values, "vocab_size": vocab_size}
 

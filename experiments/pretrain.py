@@ -7,7 +7,13 @@ Flags: ``--help`` or ``experiments/config.py``.
 
 One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
 ``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``)
-and ends with a validation, a final checkpoint and ``loss_curve.png``.
+and ends with a validation, a final checkpoint and ``loss_curve.png``. It never waits for the device
+between logs (``experiments/log_window.py``): training metrics are read back every ``log_every``
+steps and at the first, evaluation, checkpoint and last steps.
+
+A user mistake in the flags, a config file or a checkpoint (:class:`~experiments.errors.UsageError`,
+checked up front by ``experiments/config_checks.py``) ends :func:`main` with one line
+``error: <flag or file>: <message>`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -28,20 +34,29 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from experiments.args import parse_config
-from experiments.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from experiments.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    load_checkpoint,
+    load_state_into,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from experiments.checkpoint_sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from experiments.config import TrainConfig, resolve
-from experiments.data import BatchLoader, DataBundle, DataSpec, build_data
+from experiments.config_checks import check_config
+from experiments.data import build_data
+from experiments.data_interface import BatchLoader, DataBundle, DataSpec
 from experiments.distributed import (
     DistributedContext,
-    all_reduce_sum,
     barrier,
-    check_fsdp_supported,
     setup_distributed,
     shard_model,
     teardown_distributed,
 )
+from experiments.errors import UsageError
 from experiments.evaluation import evaluate, next_token_loss
+from experiments.log_window import LogWindow
 from experiments.logging_utils import RunLogger, perplexity, projection_health, read_metrics
 from experiments.memory import optimizer_state_bytes, parameter_counts, peak_memory_bytes
 from experiments.methods import apply_parameterization, build_optimizer, resolved_parameterization
@@ -51,6 +66,7 @@ from experiments.schedulers import build_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSS_PLOT = "loss_curve.png"
+USAGE_ERROR_STATUS = 2  # as argparse's
 
 
 @dataclass
@@ -76,6 +92,14 @@ class Progress:
     wandb_id: str = ""
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``batch`` on ``device`` without waiting for it: a copy from pageable host memory makes the host
+    wait for all queued GPU work, one from pinned memory (``non_blocking``) is queued like a kernel."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def train_step(
     model: nn.Module,
     loader: BatchLoader,
@@ -84,10 +108,11 @@ def train_step(
     pad_id: int,
     context: DistributedContext,
 ) -> torch.Tensor:
-    """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss."""
+    """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss, a
+    detached 0-d tensor on the device (nothing here waits for the device)."""
     total = torch.zeros((), device=context.device)
     for micro_step in range(config.gradient_accumulation):
-        ids = loader.next_batch().to(context.device)
+        ids = to_device(loader.next_batch(), context.device)
         last = micro_step == config.gradient_accumulation - 1
         # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last micro-batch only.
         if config.fsdp:
@@ -151,7 +176,6 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     model = build_model(config.model_config, config.model_impl, data.tokenizer.vocab_size).to(context.device)
     model = apply_parameterization(model, config).to(dtype=DTYPES[config.dtype])
     if config.fsdp:
-        check_fsdp_supported(config.optimizer, resolved_parameterization(config))
         model = shard_model(model, context)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(
@@ -174,13 +198,19 @@ def restore_run(run: Run, folder: Path) -> None:
         training = load_sharded_checkpoint(folder, run.model, run.optimizer)
     else:
         state = load_checkpoint(folder, map_location=run.context.device)
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_state_into(run.model, state["model"], folder / MODEL_FILE)
+        load_state_into(run.optimizer, state["optimizer"], folder / OPTIMIZER_FILE)
         training = state["training_state"]
     run.scheduler.load_state_dict(training["scheduler"])
     run.data.train.load_state_dict(training["data"])
     restore_rng_states(training["rng"], run.context.device)
     run.progress = Progress(**training["progress"])
+    if run.progress.step >= run.config.num_training_steps:
+        raise UsageError(
+            "--num_training_steps",
+            f"expected more than the {run.progress.step} steps that {folder} has trained, got "
+            f"{run.config.num_training_steps}: nothing is left to train",
+        )
     if run.context.is_main:
         print(f"resumed from {folder} at step {run.progress.step}", flush=True)
 
@@ -215,8 +245,28 @@ def save_run(run: Run) -> None:
     barrier(run.context)
 
 
+def every(step: int, period: int) -> bool:
+    """Whether ``step`` is a multiple of ``period`` (``0``: never)."""
+    return period > 0 and step % period == 0
+
+
+def logs_after(step: int, config: TrainConfig) -> bool:
+    """Whether the loop reads the training metrics back from the device after ``step``: every
+    ``log_every`` steps, at the first and the last step, and at evaluation and checkpoint steps
+    (which wait for the device anyway). Ending a window at every checkpoint makes a resumed run
+    log the same windows, hence the same values, as an uninterrupted one."""
+    return (
+        every(step, config.log_every)
+        or step in (1, config.num_training_steps)
+        or every(step, config.eval_every)
+        or every(step, config.save_every)
+    )
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the training that ``config`` describes."""
+    """Run (or resume) the training that ``config`` describes; a user mistake in it raises
+    :class:`~experiments.errors.UsageError` before anything is built."""
+    check_config(config)
     context = setup_distributed(config.device, config.fsdp)
     try:
         return _train(resolve(config, context.world_size), context)
@@ -225,12 +275,12 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
+    run = build_run(config, context)  # first: a run refused while building leaves save_dir untouched
     save_dir = Path(config.save_dir)
     if context.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         config.save_json(save_dir / "config.json")
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True), flush=True)
-    run = build_run(config, context)
     progress, optimizer, pad_id = run.progress, run.optimizer, run.data.tokenizer.pad_id
     trainable, total_params = parameter_counts(run.model)
     if context.is_main:
@@ -259,41 +309,43 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
     )
     start = time.perf_counter()
     first_step = progress.step
-    timed_tokens, train_seconds = 0, 0.0
     val_loss, validated_step = float("nan"), None
     saved_step = progress.step if config.continue_from else None
+    window = LogWindow(context.device)
     while progress.step < config.num_training_steps:
-        step_start = time.perf_counter()
         lr = run.scheduler.get_last_lr()[0]
         loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
         run.scheduler.step()
         progress.step += 1
         progress.tokens_seen += tokens_per_step
-        mean_loss = float(all_reduce_sum(loss, context)) / context.world_size
-        seconds = time.perf_counter() - step_start
-        if progress.step > first_step + 1:  # the first step of a process includes one-time warm-up
-            timed_tokens += tokens_per_step
-            train_seconds += seconds
+        window.add(loss, tokens_per_step)
+        window.note_refresh(progress.step, projection_health(optimizer))
+        if progress.step == first_step + 1:  # the first step of a process includes one-time warm-up
+            window.end_warmup()
+        bar.update(1)
+        if not logs_after(progress.step, config):
+            continue
+        summary = window.close(context)
         metrics = {
-            "train/loss": mean_loss,
-            "train/perplexity": perplexity(mean_loss),
+            "train/loss": summary.loss,
+            "train/perplexity": perplexity(summary.loss),
             "lr": lr,
             "tokens_seen": progress.tokens_seen,
-            "throughput/tokens_per_s": tokens_per_step / seconds,
+            "throughput/tokens_per_s": summary.tokens_per_second,
             "memory/peak_bytes": peak_memory_bytes(context.device),
             "optimizer/state_bytes": optimizer_state_bytes(optimizer),
-            **projection_health(optimizer),
+            **summary.projection,
         }
         logger.log(progress.step, metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
-        if config.eval_every and progress.step % config.eval_every == 0:
+        bar.set_postfix(loss=f"{summary.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{summary.tokens_per_second:.0f}")
+        if every(progress.step, config.eval_every):
             val_loss, validated_step = validate(), progress.step
             if context.is_main:
                 bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
-        if config.save_every and progress.step % config.save_every == 0:
+        if every(progress.step, config.save_every):
             save_run(run)
             saved_step = progress.step
+        window.reset()
     bar.close()
     wall = time.perf_counter() - start
 
@@ -307,7 +359,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
         config=config,
         final_val_loss=val_loss,
         final_val_perplexity=perplexity(val_loss),
-        tokens_per_second=timed_tokens / train_seconds if train_seconds > 0 else float("nan"),
+        tokens_per_second=window.run_tokens_per_second(),
         optimizer_state_bytes=state_bytes,
         trainable_parameters=trainable,
         total_parameters=total_params,
@@ -327,7 +379,12 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    train(parse_config(argv))
+    """Train as the command line says; a user mistake ends with one line on stderr and status 2."""
+    try:
+        train(parse_config(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR_STATUS) from None
 
 
 if __name__ == "__main__":

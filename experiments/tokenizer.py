@@ -9,6 +9,9 @@
   and a hash of the training text), so it is trained once.
 * anything else: a hub name for ``transformers.AutoTokenizer`` (``t5-base`` is GaLore's); needs the
   network or a local Hugging Face cache.
+
+A malformed ``bpe:<vocab>`` or a name ``transformers`` cannot load is a
+:class:`~experiments.errors.UsageError` of ``--tokenizer``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from experiments.errors import UsageError, excerpt
 
 DEFAULT_BPE_VOCAB = 4096
 # 256 byte symbols of the byte-level alphabet plus the two special tokens.
@@ -103,7 +108,14 @@ class HubTokenizer:
     def __init__(self, name: str) -> None:
         from transformers import AutoTokenizer
 
-        self._backend = AutoTokenizer.from_pretrained(name)
+        try:
+            self._backend = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                "--tokenizer",
+                f"transformers cannot load {name!r} ({excerpt(error)}); expected byte, bpe[:vocab] or the name of "
+                "a Hugging Face tokenizer on the hub (online) or in the local cache",
+            ) from None
         self.name = name
         # The base vocabulary, without added tokens: T5's 100 sentinel ids (32000..32099) never come
         # out of plain text, which is why GaLore's configs use vocab_size 32000 with t5-base.
@@ -128,8 +140,12 @@ def build_tokenizer(spec: str, training_texts: Callable[[], Sequence[str]], cach
     if spec == "byte":
         return ByteTokenizer()
     if kind == "bpe":
+        if argument and not argument.isdigit():
+            raise UsageError("--tokenizer", f"expected bpe or bpe:<vocabulary size> such as bpe:4096, got {spec!r}")
         vocab_size = int(argument) if argument else DEFAULT_BPE_VOCAB
         if vocab_size < MIN_BPE_VOCAB:
-            raise ValueError(f"BPE vocabulary size {vocab_size} must be at least {MIN_BPE_VOCAB}")
+            raise UsageError(
+                "--tokenizer", f"expected a BPE vocabulary size of at least {MIN_BPE_VOCAB}, got {vocab_size}"
+            )
         return BPETokenizer.trained_or_cached(training_texts(), vocab_size, cache_dir)
     return HubTokenizer(spec)

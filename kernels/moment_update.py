@@ -12,9 +12,9 @@ step), passed in rather than derived here so that callers can fold ε convention
 """
 from __future__ import annotations
 
-import torch
+import math
 
-from lowrank_optim.adam_form import sqrt
+import torch
 
 
 def adam_moment_update_(
@@ -32,5 +32,7 @@ def adam_moment_update_(
     grad = grad.to(exp_avg.dtype)
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().div_(sqrt(bias_correction2)).add_(eps)
+    sqrt_bias_correction2 = (bias_correction2.sqrt() if isinstance(bias_correction2, torch.Tensor)
+                             else math.sqrt(bias_correction2))
+    denom = exp_avg_sq.sqrt().div_(sqrt_bias_correction2).add_(eps)
     return exp_avg.div(denom).div_(bias_correction1)

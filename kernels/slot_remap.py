@@ -16,11 +16,6 @@ from __future__ import annotations
 import torch
 
 
-def slot_dim(side: str) -> int:
-    """The dimension of the moments that indexes slots: 1 on the right, 0 on the left."""
-    return 1 if side == "right" else 0
-
-
 def remap_slots(moment: torch.Tensor, source_slots: torch.Tensor, dim: int) -> torch.Tensor:
     """A new tensor: ``moment`` gathered along ``dim`` at ``source_slots``, zero where −1."""
     kept = source_slots >= 0

@@ -1,6 +1,6 @@
 """lowrank-optim: memory-efficient optimizers for LLM pretraining."""
 from .dct_adam import DCTAdamW, DCTProjAdam
-from .galore import GaLoreAdamW
+from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .param_groups import lowrank_param_groups
 from .registry import available_optimizers, create_optimizer, register_optimizer
 from .sltrain import SLTrainLinear, convert_to_sltrain, merge_sltrain
@@ -8,7 +8,7 @@ from .sst import SSTAdamW, SSTLinear, convert_to_sst, merge_sst, sst_layers
 from .state_bytes import optimizer_state_bytes
 
 __all__ = [
-    "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "lowrank_param_groups", "available_optimizers",
+    "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "GaLoreAdamW8bit", "lowrank_param_groups", "available_optimizers",
     "create_optimizer", "register_optimizer", "optimizer_state_bytes",
     "SLTrainLinear", "convert_to_sltrain", "merge_sltrain",
     "SSTAdamW", "SSTLinear", "convert_to_sst", "merge_sst", "sst_layers",

@@ -1,55 +1,4 @@
-"""``DCTProjAdam`` (alias ``DCTAdamW``): SVD-free projected AdamW on a fixed DCT basis.
-
-``opt = DCTProjAdam(model.parameters())`` works as is. Each projected ``m×n`` weight keeps its
-Adam moments in an ``m×r`` (or ``r×n``) subspace spanned by ``r`` columns of the orthonormal
-DCT-II matrix of the compressed side; the columns are re-selected every ``update_proj_gap`` steps
-by their alignment with the gradient (:mod:`lowrank_optim.projectors.dct`). Per layer the only
-projection state is the ``r`` selected indices; the basis is shared by all layers of one size.
-
-Update (engine: :mod:`lowrank_optim.engine`), ``torch.optim.AdamW`` conventions::
-
-    R = G·C[:, idx]  (right, m ≥ n)      or   C[:, idx]ᵀ·G  (left, m < n)
-    m ← β1·m + (1−β1)·R,   v ← β2·v + (1−β2)·R²,   N = m̂ / (√v̂ + ε)
-    W ← (1 − ηλ)·W − η·α·N·C[:, idx]ᵀ   (or C[:, idx]·N)
-
-Which parameters are projected:
-
-* groups without their own ``rank`` key (e.g. ``model.parameters()``): every 2-D parameter whose
-  smaller dimension exceeds its rank, except embedding-like matrices: by shape (one side more than
-  ``EMBEDDING_ASPECT_RATIO`` = 8 times the other: vocabulary × width matrices) or, when names are
-  given (``model.named_parameters()``), by name (containing ``embed``, ``wte``, ``wpe``,
-  ``lm_head``, ``tok_embeddings``, or a top-level ``output.weight``). Embeddings and output heads
-  get full AdamW, as in GaLore's recipe, whose quality anchors this library;
-* a group carrying its own ``rank``: every 2-D parameter in it (rank clamped to the smaller side);
-* a group with ``rank=None``: nothing. Everything not projected gets plain AdamW.
-
-Keywords (all per-group overridable): ``rank`` (int, or float fraction of the smaller side),
-``update_proj_gap``, ``scale`` (GaLore's α), ``score`` (``"l1"``/``"l2"``), ``moments``
-(``"keep"``: slot ``i`` keeps its moments while it now holds the new ``i``-th best column;
-``"reset"``: zeroed; ``"transport"``: each column still selected carries its moments to its new
-slot, new columns start at zero), ``proj_side`` (``"auto"``: the smaller side; ``"left"``,
-``"right"``), ``transform`` (``"auto"``: FFT on CPU, GEMM on GPU; ``"fft"``; ``"matmul"``),
-``moments_dtype`` (None: the parameter's dtype; ``torch.float32`` for fp32 moments of bf16
-weights), ``backend`` (``"auto"``: the fused Triton kernels for fp32/bf16/fp16 CUDA parameters
-when ``triton`` imports, else PyTorch; ``"torch"``; ``"triton"``, which on CPU tensors needs
-``TRITON_INTERPRET=1``), ``skip_nonfinite``.
-
-``bias_correction`` (``"step"``: Adam's per-parameter count; ``"slot"``: each slot counts from
-when its moments last started at zero), ``residual`` (``"scaled"``: the gradient outside the
-subspace is added back, Adam-scaled, Fira-style, :mod:`lowrank_optim.residual`; ``"none"``: the
-paper's plain method).
-
-Under FSDP2 (``fully_shard``) each rank scores the columns on its own shard and one all-reduce of
-the scores per refresh gives every rank the same indices; see :mod:`lowrank_optim.sharding` for
-the shard layout (``projection_shard_placement``).
-
-Defaults ``score="l2"``, ``moments="transport"``, ``residual="scaled"``, measured on a byte-level
-tiny LLaMA (4 layers, width 128, rank 32 = 1/4, gap 50, α 0.25, lr 0.01, 300 steps; final
-validation loss, GaLoreAdamW at the same rank 1.890): the paper's plain method (l1/keep) 1.975
-(+4.5%), l2/keep 1.960, l2/transport 1.941, l2/reset 1.973, per-slot bias correction worse
-(l2/transport 2.004), equal-memory rank 38 with l2/transport 1.935, l2/keep + residual 1.886,
-**l2/transport + residual 1.861 (−1.5%)**. The README's results section has the full table.
-"""
+"""``DCTProjAdam`` (alias ``DCTAdamW``): SVD-free projected AdamW on a fixed DCT basis."""
 from __future__ import annotations
 
 import torch
@@ -61,20 +10,98 @@ from .rank import check_rank, resolve_rank
 from .registry import register_optimizer
 from .validation import check_choice
 
-EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
-EMBEDDING_ASPECT_RATIO = 8.0
-TARGETS = ("auto", "all")
 PROJ_SIDES = ("auto", "left", "right")
 
 
-def is_embedding_like(name: str | None, shape: torch.Size) -> bool:
-    """The default rule keeping vocabulary matrices out of the projection (see module doc)."""
-    if name is not None and (any(p in name for p in EMBEDDING_NAME_PATTERNS) or name == "output.weight"):
-        return True
-    return max(shape) > EMBEDDING_ASPECT_RATIO * min(shape)
-
-
 class DCTProjAdam(ProjectedAdamW):
+    r"""AdamW whose moments live in a subspace spanned by ``r`` columns of a fixed DCT basis.
+
+    ``opt = DCTProjAdam(model.parameters())`` works as is. Each projected ``m×n`` weight keeps its
+    Adam moments in an ``m×r`` (or ``r×n``) subspace spanned by ``r`` columns of the orthonormal
+    DCT-II matrix ``C`` of the compressed side, re-selected every ``update_proj_gap`` steps by
+    their alignment with the gradient (arXiv 2505.17967; :mod:`lowrank_optim.projectors.dct`). The
+    only projection state per layer is the ``r`` selected indices; ``C`` is shared by all layers of
+    one size. Everything not projected gets plain ``torch.optim.AdamW`` in the same optimizer.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \eta \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda \text{ (weight decay)},
+            \alpha \text{ (scale)}, r \text{ (rank)}, T \text{ (update\_proj\_gap)} \\
+        &\textbf{for } t = 1, 2, \dots \textbf{ and each projected } W \in \mathbb{R}^{m\times n},\ m \ge n
+            \text{ (else the transposed, left-side form)}: \\
+        &\quad G \leftarrow \nabla_W f_t(W) \\
+        &\quad \textbf{if } (t-1) \bmod T = 0: \quad S = G\,C,\;
+            \mathrm{idx} \leftarrow \operatorname{top}_r\ \lVert S_{:,j} \rVert_2,\;
+            P \leftarrow C_{:,\mathrm{idx}} \quad \text{(moments of kept columns move to their new slots)} \\
+        &\quad R \leftarrow G\,P \\
+        &\quad m \leftarrow \beta_1 m + (1-\beta_1) R, \quad v \leftarrow \beta_2 v + (1-\beta_2) R^2 \\
+        &\quad N \leftarrow \dfrac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon} \\
+        &\quad \Delta \leftarrow N P^\top + c\,\varphi \circ (G - R P^\top)
+            \quad \text{(scaled residual, } \varphi_i = \lVert N_i\rVert / \lVert R_i\rVert \text{)} \\
+        &\quad W \leftarrow (1 - \eta\lambda)\, W - \eta\,\alpha\,\Delta
+        \end{aligned}
+
+    Which parameters are projected (:mod:`lowrank_optim.selection`): in a group without its own
+    ``rank`` (``model.parameters()``, ``model.named_parameters()``), every 2-D parameter whose
+    smaller side exceeds its rank except the vocabulary matrices (token embedding and output head:
+    by name when names are given, by the structure of the parameter list otherwise; a warning
+    names any shape the rule cannot tell). A group carrying its own ``rank`` projects every 2-D
+    parameter in it (rank clamped to the smaller side); ``rank=None`` projects nothing.
+    :meth:`projection_summary` shows the outcome.
+
+    Args:
+        params: parameters, named parameters or param groups. Every keyword below except
+            ``skip_nonfinite`` may be overridden per group; unknown group keys are refused.
+        lr (float, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
+            weight_decay (default 0.0): as ``torch.optim.AdamW`` (decay decoupled, before the update).
+        rank (int | float | None, default 0.25): an int, or a fraction of the smaller side.
+        update_proj_gap (int, default 200): steps between subspace refreshes.
+        scale (float, default 1.0): GaLore's ``α``, multiplying the update of projected weights.
+        score (str, default "l2"): column score ``‖S[:, j]‖_2`` (minimises the projection error
+            among column subsets) or ``"l1"`` (the paper's).
+        moments (str, default "transport"): on a refresh, ``"transport"`` moves the moments of
+            columns still selected to their new slots (exact; new columns start at zero);
+            ``"keep"`` leaves slot ``i`` as it is while it now holds the new ``i``-th column;
+            ``"reset"`` zeroes them.
+        residual (str, default "scaled"): ``"scaled"`` adds the gradient outside the subspace back,
+            Adam-scaled, with Fira's growth limiter (arXiv 2410.01623,
+            :mod:`lowrank_optim.residual`; one scalar of state per weight); ``"none"``: the paper's.
+        bias_correction (str, default "step"): Adam's per-parameter count, or ``"slot"``: each slot
+            counts from when its moments last started at zero.
+        proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"left"``, ``"right"``.
+        transform (str, default "auto"): how ``S`` is formed on the PyTorch path: FFT on CPU, GEMM
+            on GPU; ``"fft"``; ``"matmul"``.
+        moments_dtype (torch.dtype | None, default None): the parameter's dtype, or e.g.
+            ``torch.float32`` for fp32 moments of bf16 weights.
+        moment_bits (int | None, default None): ``8`` or ``4`` stores both moments block-wise
+            quantized (codes plus one fp32 scale per block of 256/128 values along the rank slots;
+            :mod:`lowrank_optim.quantization`), projected and plain parameters alike; tensors under
+            4096 values stay in float. ``None``: float moments in ``moments_dtype``.
+        bf16_stochastic_round (bool, default False): add the update to bf16 weights with unbiased
+            stochastic rounding (updates below half an ulp are not lost; PyTorch weight update).
+        backend (str, default "auto"): ``"auto"`` runs the fused Triton kernels for fp32/bf16/fp16
+            CUDA parameters when ``triton`` imports, else PyTorch; ``"torch"``; ``"triton"``
+            (an error where the kernels cannot run; CPU tensors need ``TRITON_INTERPRET=1``).
+        foreach (bool | None, default None): multi-tensor plain AdamW (None and True) or one tensor
+            at a time (False).
+        maximize (bool, default False): maximize the objective.
+        capturable, differentiable (False only), fused (None or False only): torch's keywords;
+            a ``True`` the optimizer cannot honour raises ``ValueError``.
+        skip_nonfinite (bool, default False): skip a step whose gradients hold inf/nan (counted
+            in ``skipped_steps``) instead of raising at a refresh.
+
+    Defaults chosen by measurement (``score="l2"``, ``moments="transport"``, ``residual="scaled"``),
+    on a byte-level tiny LLaMA (4 layers, width 128, rank 32, gap 50, α 0.25, lr 0.01, 300 steps;
+    final validation loss, GaLoreAdamW at the same rank 1.890): the paper's plain method (l1/keep)
+    1.975 (+4.5%), l2/keep 1.960, l2/transport 1.941, l2/reset 1.973, per-slot bias correction
+    2.004, l2/transport + residual **1.861 (−1.5%)**. The README's results section has the table.
+
+    ``torch.compile(opt.step)`` gives the eager trajectory (the step's bookkeeping runs eagerly,
+    the tensor math is compiled; :mod:`lowrank_optim.engine`). Under FSDP2 each rank scores the
+    columns on its own shard and one all-reduce of the scores per refresh gives every rank the
+    same indices (:mod:`lowrank_optim.sharding`).
+    """
+
     adam_form = AdamForm.TORCH
     side_key = "proj_side"
 
@@ -83,38 +110,38 @@ class DCTProjAdam(ProjectedAdamW):
                  update_proj_gap: int = 200, scale: float = 1.0, score: str = "l2",
                  moments: str = "transport", proj_side: str = "auto", transform: str = "auto",
                  bias_correction: str = "step", residual: str = "scaled", moments_dtype: torch.dtype | None = None,
-                 backend: str = "auto",
+                 moment_bits: int | None = None, bf16_stochastic_round: bool = False,
+                 backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  skip_nonfinite: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
                         proj_side=proj_side, transform=transform, moments_dtype=moments_dtype,
                         bias_correction=bias_correction, residual=residual, backend=backend,
-                        projection="dct")
-        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """A group that names its own ``rank`` projects all its 2-D parameters (``targets="all"``);
-        otherwise the default rule applies (``targets="auto"``)."""
-        param_group = dict(param_group)
-        param_group.setdefault("targets", "all" if "rank" in param_group else "auto")
-        super().add_param_group(param_group)
+                        moment_bits=moment_bits, bf16_stochastic_round=bf16_stochastic_round)
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused)
 
     def _validate_group(self, group: dict) -> None:
         check_rank(group["rank"])
         check_choice("proj_side", group["proj_side"], PROJ_SIDES)
-        check_choice("targets", group["targets"], TARGETS)
-        check_choice("projection", group["projection"], tuple(PROJECTORS))
-        for key, choices in PROJECTORS[group["projection"]].options.items():
+        for key, choices in PROJECTORS["dct"].options.items():
             check_choice(key, group[key], choices)
 
-    def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:
+    def _projection_rank(self, group: dict, param: torch.Tensor, rank_given: bool, vocabulary: bool) -> int | None:
         if group["rank"] is None or param.ndim != 2:
             return None
         rank = resolve_rank(group["rank"], param.shape)
-        if group["targets"] == "auto" and (rank >= min(param.shape) or
-                                            is_embedding_like(name, param.shape)):
+        if not rank_given and (rank >= min(param.shape) or vocabulary):
             return None
         return rank
+
+    def _projector_name(self, group: dict) -> str:
+        return "dct"
+
+    def _nothing_projected_warning(self) -> str:
+        return ("no parameter is projected (no 2-D parameter outside the embedding and output head is larger "
+                "than its rank): this is plain AdamW. Give a param group its own rank to project its weights")
 
 
 DCTAdamW = DCTProjAdam

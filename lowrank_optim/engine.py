@@ -1,44 +1,43 @@
-"""The projected-AdamW engine shared by :class:`GaLoreAdamW` and :class:`DCTProjAdam`.
+"""The optimizer shell shared by :class:`GaLoreAdamW` and :class:`DCTProjAdam`.
 
-For a projected 2-D parameter ``W`` (``m×n``) with gradient ``G`` and projector ``P`` (see
-:mod:`lowrank_optim.projectors`), one step is::
+The math of a projected step is one function, :func:`lowrank_optim.projected_adamw.projected_adamw_`;
+plain parameters get :func:`lowrank_optim.plain_adamw.plain_adamw_step_`. This class is the
+``torch.optim`` bookkeeping around them, in the shape of ``torch/optim/adam.py``:
 
-    refresh P from G          when the parameter's step count t (before this step) is 0 mod T
-    R = project(G)            G·P (right) or Pᵀ·G (left), moments live in R's shape
-    m ← β1·m + (1−β1)·R,  v ← β2·v + (1−β2)·R²
-    N = m̂ / (√v̂ + ε_eff)
-    W ← W − η·α·(N·Pᵀ or P·N)        (α = ``scale``; decoupled decay per :class:`AdamForm`)
+* construction validates every hyperparameter (``ValueError`` naming the key and the value) and
+  refuses unknown param-group keys; each parameter's *plan* (projected or plain, rank, side,
+  backend) is resolved once from its shape, group, sharding and device;
+* :meth:`step` loops the groups: :meth:`_init_group` creates state lazily and collects the
+  parameters with gradients, the subspace refreshes of the step are all computed before anything
+  changes, then every parameter takes its update;
+* the state is tensors and ints only (``torch.load(weights_only=True)`` loads it) and keeps its
+  dtypes on :meth:`load_state_dict`; ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the
+  optimizer keep its instance attributes.
 
-Bias correction counts the parameter's steps (``bias_correction="step"``, Adam's) or, with
-``"slot"``, each slot's steps since its moments last started from zero: a column that enters the
-subspace under ``reset``/``transport`` then gets the corrections of a fresh Adam instead of those of
-step ``t`` (which inflate ``m̂/√v̂`` up to ~6× for the first tens of steps after a refresh).
+**Refreshes.** A parameter's subspace is (re)computed from its gradient when its step count
+(before the step) is ``0 mod update_proj_gap``. When ``P`` changes, the moments follow the group's
+``moments`` policy: ``keep`` (slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in
+the new basis; a slot gather for the DCT, fused into the moment update). A refresh that yields
+``R`` for free (the DCT's PyTorch path forms all coefficients ``S`` to score them) keeps it until
+its parameter is updated: at a refresh step that holds up to one ``R`` per refreshing weight.
 
-``residual="scaled"`` adds the gradient outside the subspace back, Adam-scaled (Fira;
-:mod:`lowrank_optim.residual`).
+Steps are atomic with respect to refresh failures: a non-finite gradient or an SVD that does not
+converge at a refresh raises an error naming the parameter, with every parameter and state as it
+was. ``skip_nonfinite=True`` instead checks every gradient once per step and skips the whole step
+(counted in ``skipped_steps``, warned).
 
-When ``P`` changes, the moments follow the group's ``moments`` policy: ``keep`` (left as they are,
-slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in the new basis by the
-projector; a slot gather, as for the DCT, is done while the moments are updated). Everything not
-projected gets plain AdamW (multi-tensor) in the same step.
+**torch.compile.** ``torch.compile(opt.step)`` gives the eager trajectory because :meth:`step`
+disables Dynamo for itself and everything it calls (``torch._disable_dynamo``, the lazy form of
+``torch.compiler.disable``, so that importing the library imports neither Dynamo nor Triton): it runs eagerly
+inside a compiled training step. Tracing it was measured to diverge silently — Dynamo's handling
+of the step counters kept in the state dicts froze them (eager counts 1 2 3 4 …, compiled 1 2 2
+2 …), also when only the frames below :meth:`step` were traced — and compiling the element-wise
+math alone would recompile every step (its learning rate and bias corrections are Python floats).
+Compile the model; the projected step's heavy work is GEMMs and, on CUDA, the fused Triton kernels.
 
-The group key ``backend`` (:mod:`lowrank_optim.kernels.backend`) picks who computes the projected
-step, per parameter device: ``"torch"`` (the PyTorch reference), ``"triton"`` (fused kernels:
-selection scores without ``S``, gather-GEMM projection, one-pass moment update, back-projection
-GEMM with the weight update in its epilogue) or ``"auto"`` (Triton for CUDA parameters of fp32,
-bf16 or fp16 when it imports, else PyTorch).
-
-Steps are atomic with respect to refresh failures: all refreshes of a step are computed before any
-parameter or state changes, and a failure (non-finite gradient, SVD non-convergence) raises an
-error naming the parameter with everything left as it was. ``skip_nonfinite=True`` instead checks
-every gradient once per step and skips the whole step (counted in ``skipped_steps``, warned).
-A refresh that yields ``R`` for free (the DCT's PyTorch path, which forms all coefficients ``S``
-to score them) keeps it until its parameter is updated: at a refresh step that holds up to one
-``R`` per refreshing weight (the size of one moment) at a time.
-
-Parameters sharded by FSDP2 (DTensors) are stepped shard by shard, with their moments as DTensors
-sharded like them; the projector's selection, the residual's norm and the finiteness checks
-reduce over the shards (:mod:`lowrank_optim.sharding`, which also fixes which side is projected).
+**FSDP2.** Parameters sharded by ``fully_shard`` (DTensors) are stepped shard by shard, with their
+moments as DTensors sharded like them; the projector's selection, the residual's norm and the
+finiteness checks reduce over the shards (:mod:`lowrank_optim.sharding`, which also fixes the side).
 """
 from __future__ import annotations
 
@@ -48,107 +47,151 @@ from typing import ClassVar
 
 import torch
 
-from .adam_form import AdamForm, bias_corrections
+from .adam_form import AdamForm
+from .finite import all_finite, finite_flags
+from .geometry import compressed_size, projected_shape, resolve_side
 from .kernels.backend import check_backend, resolve_backend
-from .kernels.dispatch import adam_moment_update, projected_weight_update_
-from .kernels.slot_remap import slot_dim
-from .kernels.weight_update import update_coefficients
-from .plain_adamw import foreach_adamw_
-from .projectors import PROJECTORS, Projector, Subspace, resolve_side
-from .projectors.base import compressed_size, projected_shape
-from .residual import RESIDUALS, residual_coefficients, residual_weight_update_
+from .moments import Moments
+from .plain_adamw import as_float, plain_adamw_step_
+from .projected_adamw import projected_adamw_
+from .projectors import PROJECTORS, Projector, Subspace
+from .quantization import check_moment_bits
+from .residual import RESIDUALS
+from .rounding import rounding_generator
+from .selection import vocabulary_matrices
 from .sharding import Sharding, local, local_side, summed
+from .state_bytes import tensor_bytes
+from .state_io import restore_saved_dtypes
+from .summary import ProjectionRow, ProjectionSummary
 from .validation import (
     check_adamw_hyperparameters,
+    check_bool,
     check_choice,
     check_dense_real_grad,
     check_float_dtype_or_none,
+    check_group_keys,
     check_positive_int,
     check_positive_real,
+    check_torch_keywords,
 )
 
 MOMENT_POLICIES = ("keep", "reset", "transport")
-AUTOMATIC_SIDE_MODES = ("auto", "std")
 BIAS_CORRECTIONS = ("step", "slot")
+TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused")
 _SUBSPACE_PREFIX = "proj_"
+_LEGACY_GROUP_KEYS = ("projection", "targets")     # group keys of checkpoints written before v0.2
+# Keys added after the first release, with the behaviour of the versions that did not have them.
+KEYS_ADDED_LATER = {"backend": "auto", "bias_correction": "step", "residual": "none", "moment_bits": None,
+                    "bf16_stochastic_round": False, "foreach": None, "maximize": False, "capturable": False,
+                    "differentiable": False, "fused": None}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one parameter is stepped, resolved once: plain AdamW when ``rank`` is None."""
+
+    key: str                    # its name, or its position in the param groups
+    rank: int | None
+    side: str | None
+    backend: str | None         # "torch" or "triton", for the parameter's device and dtypes
+    sharding: Sharding | None
 
 
 @dataclass
 class _Projected:
-    """A projected parameter of this step: where it is, how it is projected.
-
-    ``weight`` and ``grad`` are the parameter and its gradient, or this rank's shards of them
-    when FSDP2 shards the parameter (``sharding``, :mod:`lowrank_optim.sharding`)."""
+    """A projected parameter of this step. ``weight`` and ``grad`` are the parameter and its
+    gradient (negated under ``maximize``), or this rank's shards of them under FSDP2."""
 
     group: dict
     param: torch.Tensor
+    plan: _Plan
     weight: torch.Tensor
     grad: torch.Tensor
-    sharding: Sharding | None
-    name: str           # the parameter's name, or its position in the param groups
-    rank: int
-    side: str
     projector: Projector
-    backend: str        # resolved for the parameter's device: "torch" or "triton"
+    refresh: bool
     new_subspace: Subspace | None = None
     low_rank_grad: torch.Tensor | None = None     # R, when the refresh produced it
-    source_slots: torch.Tensor | None = None     # a transport deferred to the moment update
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
-    """Base class: subclasses choose the AdamW form, the projector and which parameters project.
-
-    Subclasses implement :meth:`_validate_group` and :meth:`_projection_rank` and set
-    ``adam_form`` and ``side_key`` (the group key holding the side mode).
-    """
+    """Base class (module doc). Subclasses set ``adam_form`` (where ε and weight decay sit),
+    ``side_key`` (the group key of the side mode) and ``group_only_keys`` (keys a group may carry
+    that are not constructor defaults), and implement :meth:`_validate_group`,
+    :meth:`_projection_rank`, :meth:`_projector_name` and :meth:`_nothing_projected_warning`."""
 
     adam_form: ClassVar[AdamForm]
     side_key: ClassVar[str]
+    group_only_keys: ClassVar[tuple[str, ...]] = ()
+    keys_added_later: ClassVar[dict] = {}       # the subclass's own, as KEYS_ADDED_LATER
 
-    def __init__(self, params, defaults: dict, skip_nonfinite: bool = False):
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"Invalid skip_nonfinite: {skip_nonfinite!r} (expected a bool)")
+    def __init__(self, params, defaults: dict, *, skip_nonfinite: bool = False, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None):
+        check_torch_keywords(foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
+                             differentiable=differentiable)
+        check_bool("skip_nonfinite", skip_nonfinite)
+        defaults = dict(defaults, foreach=foreach, maximize=maximize, capturable=capturable,
+                        differentiable=differentiable, fused=fused)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._rank_given: list[bool] = []
+        self._plans: dict[torch.Tensor, _Plan] = {}
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("backend", "auto")     # state saved before these keys existed
-            group.setdefault("bias_correction", "step")
-            group.setdefault("residual", "none")
+        self._plan_all(warn=True)
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
+        """Validate and add a group; a rejected group leaves the optimizer as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        check_group_keys(param_group, set(self.defaults) | set(self.group_only_keys), type(self).__name__)
+        rank_given = "rank" in param_group
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_adamw_hyperparameters(group)
-            check_positive_int("update_proj_gap", group["update_proj_gap"])
-            check_positive_real("scale", group["scale"])
-            check_choice("moments", group["moments"], MOMENT_POLICIES)
-            check_float_dtype_or_none("moments_dtype", group["moments_dtype"])
-            check_backend(group["backend"])
-            check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
-            check_choice("residual", group["residual"], RESIDUALS)
+            self._validate_shared_keys(group)
             self._validate_group(group)
+            for index, param in enumerate(group["params"]):
+                if param.is_complex():
+                    key = self._key(len(self.param_groups) - 1, group, index)
+                    raise ValueError(f"{_label(key, param)}: complex parameters are not supported")
         except ValueError:
             self.param_groups.pop()
             raise
-        for index, param in enumerate(group["params"]):
-            if param.is_complex():
-                self.param_groups.pop()
-                key = self._key(len(self.param_groups), group, index)
-                raise ValueError(f"{_label(key, param)}: complex parameters are not supported")
+        self._rank_given.append(rank_given)
+        self._plans = {}
+
+    @staticmethod
+    def _validate_shared_keys(group: dict) -> None:
+        check_adamw_hyperparameters(group)
+        check_torch_keywords(**{key: group[key] for key in TORCH_KEYWORDS})
+        check_positive_int("update_proj_gap", group["update_proj_gap"])
+        check_positive_real("scale", group["scale"])
+        check_choice("moments", group["moments"], MOMENT_POLICIES)
+        check_float_dtype_or_none("moments_dtype", group["moments_dtype"])
+        check_backend(group["backend"])
+        check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
+        check_choice("residual", group["residual"], RESIDUALS)
+        check_moment_bits(group["moment_bits"])
+        check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
 
     def _validate_group(self, group: dict) -> None:
-        """Checks of the subclass's own keys (the shared ones are checked in add_param_group)."""
+        """Checks of the subclass's own keys."""
         raise NotImplementedError
 
-    def _projection_rank(self, group: dict, param: torch.Tensor, name: str | None) -> int | None:
-        """The rank ``param`` is projected to, or None for plain AdamW."""
+    def _projection_rank(self, group: dict, param: torch.Tensor, rank_given: bool, vocabulary: bool) -> int | None:
+        """The rank ``param`` is projected to, or None for plain AdamW. ``rank_given``: the group
+        carried its own ``rank``; ``vocabulary``: the default rule takes it for an embedding or
+        output head (:mod:`lowrank_optim.selection`)."""
+        raise NotImplementedError
+
+    def _projector_name(self, group: dict) -> str:
+        """The :data:`~lowrank_optim.projectors.PROJECTORS` entry that projects ``group``."""
+        raise NotImplementedError
+
+    def _nothing_projected_warning(self) -> str:
+        """What to tell the user when no parameter is projected."""
         raise NotImplementedError
 
     @staticmethod
@@ -158,165 +201,197 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     @classmethod
     def _key(cls, group_index: int, group: dict, index: int) -> str:
-        """How ``refresh_stats`` and errors name a parameter: its name, else its position."""
+        """How ``refresh_stats``, summaries and errors name a parameter: its name, else its position."""
         name = cls._param_name(group, index)
         return name if name is not None else f"param_groups[{group_index}]['params'][{index}]"
 
+    # ------------------------------------------------------------------------------------ plans
+    def _plan(self, param: torch.Tensor) -> _Plan:
+        if param not in self._plans:
+            self._plan_all(warn=False)
+        return self._plans[param]
+
+    def _plan_all(self, warn: bool) -> None:
+        """Resolve every parameter's plan; with ``warn``, say what the default rule could not tell."""
+        entries, positions = [], []          # the 2-D parameters of groups without their own rank
+        for group_index, group in enumerate(self.param_groups):
+            for index, param in enumerate(group["params"]):
+                if param.ndim == 2 and not self._rank_given[group_index]:
+                    entries.append((self._param_name(group, index), tuple(param.shape)))
+                    positions.append((group_index, index))
+        vocabulary, undecided = vocabulary_matrices(entries)
+        vocabulary = {positions[i] for i in vocabulary}
+        plans = {}
+        for group_index, group in enumerate(self.param_groups):
+            for index, param in enumerate(group["params"]):
+                key = self._key(group_index, group, index)
+                rank = self._projection_rank(group, param, self._rank_given[group_index],
+                                             (group_index, index) in vocabulary)
+                plans[param] = self._resolve_plan(group, param, key, rank)
+        self._plans = plans
+        if not warn:
+            return
+        for i in undecided:
+            group_index, index = positions[i]
+            param = self.param_groups[group_index]["params"][index]
+            if self._plans[param].rank is not None:
+                warnings.warn(f"{type(self).__name__}: cannot tell from its shape whether the 2-D "
+                              f"{_label(self._plans[param].key, param)} is an embedding or output head; it is "
+                              "projected. Pass model.named_parameters(), or put it in a param group with "
+                              "rank=None to keep it in full AdamW", UserWarning, stacklevel=4)
+        if plans and all(plan.rank is None for plan in plans.values()):
+            warnings.warn(f"{type(self).__name__}: {self._nothing_projected_warning()}", UserWarning, stacklevel=4)
+
+    def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None) -> _Plan:
+        label = _label(key, param)
+        sharding = Sharding.of(param, label)
+        if sharding is not None and group["moment_bits"] is not None:
+            raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
+                             "supported (quantized blocks would depend on the shard layout); use float moments "
+                             "(moment_bits=None) or DDP")
+        try:
+            backend = resolve_backend(group["backend"], param.device, (param.dtype, self._moments_dtype(group, param)))
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+        if rank is None:
+            return _Plan(key, None, None, backend, sharding)
+        mode = group[self.side_key]
+        side = local_side(sharding, resolve_side(param.shape, mode), mode, label)
+        return _Plan(key, rank, side, backend, sharding)
+
     # ----------------------------------------------------------------------------------- step
-    @torch.no_grad()
+    @torch._disable_dynamo        # lazy: importing torch._dynamo here would import Triton (module doc)
     def step(self, closure=None):
+        """One optimization step on every parameter with a gradient (module doc)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        plain, projected = self._partition()
-        self.refresh_stats = {}
-        if self.skip_nonfinite and not _all_finite([p.grad for _, p in plain] +
-                                                    [item.param.grad for item in projected]):
-            self.skipped_steps += 1
-            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
-                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
-            return loss
-
-        refreshing = [item for item in projected if self._needs_refresh(item)]
-        self._compute_refreshes(refreshing)      # may raise: nothing has changed yet
-        self._plain_step(plain)
-        for item in projected:
-            self._projected_step(item)
+        with torch.no_grad():
+            self._step()
         return loss
 
-    def _partition(self) -> tuple[list[tuple[dict, torch.Tensor]], list[_Projected]]:
-        """Split the parameters with gradients into plain and projected ones (validating grads)."""
-        plain, projected = [], []
-        for group_index, group in enumerate(self.param_groups):
-            projector = PROJECTORS[group["projection"]](group)
-            for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                key = self._key(group_index, group, index)
-                label = _label(key, param)
-                check_dense_real_grad(param.grad, label)
-                sharding = Sharding.of(param, label)
-                rank = self._projection_rank(group, param, self._param_name(group, index))
-                if rank is None:
-                    plain.append((group, param))
-                    continue
-                mode = group[self.side_key]
-                side = local_side(sharding, resolve_side(param.shape, mode), mode, AUTOMATIC_SIDE_MODES, label)
-                backend = resolve_backend(group["backend"], param.device,
-                                          (param.dtype, self._moments_dtype(group, param)))
-                projected.append(_Projected(group, param, local(param), local(param.grad), sharding, key, rank,
-                                            side, projector, backend))
-        return plain, projected
+    def _step(self) -> None:
+        work = [self._init_group(group) for group in self.param_groups]
+        self.refresh_stats = {}
+        if self.skip_nonfinite:
+            # the gradients as autograd left them (DTensors under FSDP2: their check spans the shards)
+            grads = [p.grad for (params, _), _ in work for p in params] + [i.param.grad for _, p in work for i in p]
+            if not all_finite(grads):
+                self.skipped_steps += 1
+                warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
+                              f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=4)
+                return
 
-    def _needs_refresh(self, item: _Projected) -> bool:
-        state = self.state.get(item.param, {})
+        self._compute_refreshes([item for _, projected in work for item in projected if item.refresh])
+        for group, ((params, grads), projected) in zip(self.param_groups, work):
+            generators = [self._rounding(group, param) for param in params] if group["bf16_stochastic_round"] else None
+            plain_adamw_step_(self.state, group, params, grads, form=self.adam_form,
+                              moments_dtype=group["moments_dtype"], foreach=group["foreach"] is not False,
+                              moment_bits=group["moment_bits"], generators=generators,
+                              backends=[self._plans[param].backend for param in params])
+            for item in projected:
+                self._projected_step(item)
+
+    def _init_group(self, group: dict):
+        """``((plain params, their grads), projected items)`` of the parameters with gradients,
+        gradients validated (and negated under ``maximize``)."""
+        params, grads, projected = [], [], []
+        projector = None
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            plan = self._plan(param)
+            check_dense_real_grad(param.grad, _label(plan.key, param))
+            grad = local(param.grad)
+            if group["maximize"]:
+                grad = -grad
+            if plan.rank is None:
+                params.append(param)
+                grads.append(grad)
+                continue
+            projector = projector or PROJECTORS[self._projector_name(group)](group)
+            projected.append(_Projected(group, param, plan, local(param), grad, projector,
+                                        refresh=self._needs_refresh(param, group)))
+        return (params, grads), projected
+
+    def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
+        state = self.state.get(param, {})
         has_subspace = any(key.startswith(_SUBSPACE_PREFIX) for key in state)
-        return not has_subspace or state["step"] % item.group["update_proj_gap"] == 0
+        return not has_subspace or state["step"] % group["update_proj_gap"] == 0
 
     def _compute_refreshes(self, refreshing: list[_Projected]) -> None:
         if not refreshing:
             return
-        finite = _finite_flags([item.param.grad for item in refreshing])
-        for item, is_finite in zip(refreshing, finite):
+        for item, is_finite in zip(refreshing, finite_flags([item.param.grad for item in refreshing])):
             if not is_finite:
                 raise FloatingPointError(
-                    f"{_label(item.name, item.param)}: non-finite gradient at a subspace refresh; no "
+                    f"{_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; no "
                     "parameter or state was changed (pass skip_nonfinite=True to skip such steps)")
         for item in refreshing:
             try:
                 item.new_subspace, item.low_rank_grad = item.projector.select_and_project(
-                    item.grad, item.rank, item.side, item.backend, item.sharding)
+                    item.grad, item.plan.rank, item.plan.side, item.plan.backend, item.plan.sharding)
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None
-                raise RuntimeError(f"{_label(item.name, item.param)}: subspace refresh failed ({error}); "
+                raise RuntimeError(f"{_label(item.plan.key, item.param)}: subspace refresh failed ({error}); "
                                    "no parameter or state was changed") from error
 
-    # ------------------------------------------------------------------------------- updates
     def _moments_dtype(self, group: dict, param: torch.Tensor) -> torch.dtype:
-        return group.get("moments_dtype") or param.dtype
-
-    def _corrections(self, group: dict, step: int) -> tuple[float, float]:
-        beta1, beta2 = group["betas"]
-        if not group.get("correct_bias", True):
-            return 1.0, 1.0
-        return bias_corrections(step, beta1, beta2)
-
-    def _plain_step(self, plain: list[tuple[dict, torch.Tensor]]) -> None:
-        by_group: dict[int, list[torch.Tensor]] = {}
-        for group, param in plain:
-            by_group.setdefault(id(group), []).append(param)
-        for group in self.param_groups:
-            params = by_group.get(id(group))
-            if not params:
-                continue
-            exp_avgs, exp_avg_sqs, steps = [], [], []
-            for param in params:
-                state = self.state[param]
-                if "exp_avg" not in state:
-                    dtype = self._moments_dtype(group, param)
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
-                state["step"] += 1
-                exp_avgs.append(local(state["exp_avg"]))
-                exp_avg_sqs.append(local(state["exp_avg_sq"]))
-                steps.append(state["step"])
-            beta1, beta2 = group["betas"]
-            foreach_adamw_([local(p) for p in params], [local(p.grad) for p in params], exp_avgs, exp_avg_sqs, steps,
-                           lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], form=self.adam_form,
-                           correct_bias=group.get("correct_bias", True))
+        return group["moments_dtype"] or param.dtype
 
     def _projected_step(self, item: _Projected) -> None:
-        state, group, weight, grad = self.state[item.param], item.group, item.weight, item.grad
-        if "exp_avg" not in state:
-            shape = projected_shape(weight.shape, item.side, item.rank)
-            dtype = self._moments_dtype(group, item.param)
+        state, group, plan = self.state[item.param], item.group, item.plan
+        moments = self._moments(item, state)
+        if not moments.exists:
             state["step"] = 0
-            state["exp_avg"] = self._moment(item, torch.zeros(shape, dtype=dtype, device=weight.device))
-            state["exp_avg_sq"] = self._moment(item, torch.zeros(shape, dtype=dtype, device=weight.device))
+            moments.create(self._moments_dtype(group, item.param), item.weight.device,
+                           local_shape=projected_shape(item.weight.shape, plan.side, plan.rank))
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
-            state["slot_steps"] = torch.full((item.rank,), state["step"], dtype=torch.int64, device=weight.device)
-        if item.new_subspace is not None:
-            self._install_subspace(item, state)
+            state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64, device=item.weight.device)
+        source_slots = self._install_subspace(item, state, moments) if item.new_subspace is not None else None
         subspace = _stored_subspace(state)
         state["step"] += 1
 
         low_rank_grad = item.low_rank_grad
         if low_rank_grad is None:
-            low_rank_grad = item.projector.project(grad, subspace, item.side, item.backend)
+            low_rank_grad = item.projector.project(item.grad, subspace, plan.side, plan.backend)
         if item.new_subspace is not None:
-            self.refresh_stats[item.name]["captured"] = _captured_fraction(low_rank_grad, grad, item.sharding)
-        bc1, bc2 = self._corrections(group, self._slot_step_counts(item, state))
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
-        normalized, new_exp_avg, new_exp_avg_sq = adam_moment_update(
-            item.backend, low_rank_grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
-            eps=self.adam_form.effective_eps(group["eps"], bc2), bias_correction1=bc1, bias_correction2=bc2,
-            source_slots=item.source_slots, slot_dim=slot_dim(item.side))
-        if new_exp_avg is not exp_avg:       # a slot remap made new tensors
-            state["exp_avg"], state["exp_avg_sq"] = self._moment(item, new_exp_avg), self._moment(item, new_exp_avg_sq)
+            self.refresh_stats[plan.key]["captured"] = _captured_fraction(low_rank_grad, item.grad, plan.sharding)
         basis, indices = item.projector.basis_columns(
-            subspace, compressed_size(weight.shape, item.side), normalized.dtype, item.backend)
-        coefficients = dict(lr=_as_float(group["lr"]), scale=group["scale"], weight_decay=group["weight_decay"],
-                            decay_before_update=self.adam_form.decay_before_update)
-        if group["residual"] == "scaled":
-            a, b = update_coefficients(**coefficients)
-            phi = residual_coefficients(grad, low_rank_grad, normalized, item.side, state, item.sharding)
-            columns = basis if indices is None else basis.index_select(1, indices)
-            residual_weight_update_(weight, grad, low_rank_grad, normalized, columns, phi, item.side, a=a, b=b)
-        else:
-            projected_weight_update_(item.backend, weight, normalized, basis, indices, item.side, **coefficients)
+            subspace, compressed_size(item.weight.shape, plan.side), moments.float_dtype, plan.backend)
+        beta1, beta2 = group["betas"]
+        residual_norm = projected_adamw_(
+            item.weight, item.grad, low_rank_grad, moments, basis, indices,
+            side=plan.side, step=self._slot_step_counts(item, state), lr=as_float(group["lr"]), beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
+            form=self.adam_form, correct_bias=group.get("correct_bias", True), source_slots=source_slots,
+            residual=group["residual"] == "scaled", residual_norm=state.get("residual_norm"),
+            sharding=plan.sharding, backend=plan.backend,
+            stochastic_round=self._rounding(group, item.param) if group["bf16_stochastic_round"] else None)
+        if residual_norm is not None:
+            state["residual_norm"] = residual_norm
+
+    def _moments(self, item: _Projected, state: dict) -> Moments:
+        """The projected moments of ``item`` (of the global projected shape), stored as its state holds them."""
+        shape = projected_shape(item.param.shape, item.plan.side, item.plan.rank)
+        return Moments.of(state, shape, item.plan.side, item.group["moment_bits"], unwrap=local,
+                          wrap=lambda tensor: self._moment(item, tensor))
+
+    def _rounding(self, group: dict, param: torch.Tensor) -> torch.Generator | None:
+        """The generator of this step's stochastic rounding of a bf16 ``param`` (None for other dtypes)."""
+        if param.dtype != torch.bfloat16:
+            return None
+        step = self.state[param].get("step", 0) + 1 if param in self.state else 1
+        return rounding_generator(self._plans[param].key, step, param.device)
 
     @staticmethod
     def _moment(item: _Projected, tensor: torch.Tensor) -> torch.Tensor:
         """A moment as stored: this rank's shard of a DTensor sharded like the parameter, or itself."""
-        if item.sharding is None:
+        if item.plan.sharding is None:
             return tensor
-        return item.sharding.distribute(tensor, projected_shape(item.param.shape, item.side, item.rank))
+        return item.plan.sharding.distribute(tensor, projected_shape(item.param.shape, item.plan.side, item.plan.rank))
 
     @staticmethod
     def _slot_step_counts(item: _Projected, state: dict):
@@ -325,34 +400,61 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if item.group["bias_correction"] != "slot":
             return state["step"]
         state["slot_steps"] += 1
-        return state["slot_steps"].view((1, -1) if item.side == "right" else (-1, 1))
+        return state["slot_steps"].view((1, -1) if item.plan.side == "right" else (-1, 1))
 
-    def _install_subspace(self, item: _Projected, state: dict) -> None:
-        old = _stored_subspace(state)
-        new = item.new_subspace
-        size = compressed_size(item.param.shape, item.side)
-        policy = item.group["moments"]
-        if old:
-            if policy == "reset":
-                local(state["exp_avg"]).zero_()
-                local(state["exp_avg_sq"]).zero_()
-                if "slot_steps" in state:
-                    state["slot_steps"].zero_()
-            elif policy == "transport":
-                item.source_slots = item.projector.transport_slots(old, new)
-                if item.source_slots is None:
-                    for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
-                        moment = local(state[key])
-                        moment.copy_(item.projector.transport(moment, old, new, item.side, second))
-                elif "slot_steps" in state:
-                    kept = item.source_slots >= 0
-                    state["slot_steps"] = state["slot_steps"][item.source_slots.clamp(min=0)] * kept
-        self.refresh_stats[item.name] = {
+    def _install_subspace(self, item: _Projected, state: dict, moments: Moments) -> torch.Tensor | None:
+        """Store the new subspace and move the moments by the group's policy; returns the source
+        slots of a transport deferred to the moment update (a slot gather), else None."""
+        old, new, plan = _stored_subspace(state), item.new_subspace, item.plan
+        source_slots = None
+        if old and item.group["moments"] == "reset":
+            moments.zero_()
+            if "slot_steps" in state:
+                state["slot_steps"].zero_()
+        elif old and item.group["moments"] == "transport":
+            source_slots = item.projector.transport_slots(old, new)
+            if source_slots is None:
+                moments.transform_(lambda m: item.projector.transport(m, old, new, plan.side, False),
+                                   lambda v: item.projector.transport(v, old, new, plan.side, True))
+            elif "slot_steps" in state:
+                kept = source_slots >= 0
+                state["slot_steps"] = state["slot_steps"][source_slots.clamp(min=0)] * kept
+        size = compressed_size(item.param.shape, plan.side)
+        self.refresh_stats[plan.key] = {
             "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
         for key in [k for k in state if k.startswith(_SUBSPACE_PREFIX)]:
             del state[key]
         for key, tensor in new.items():
             state[_SUBSPACE_PREFIX + key] = tensor
+        return source_slots
+
+    # ---------------------------------------------------------------------------------- summary
+    def projection_summary(self) -> ProjectionSummary:
+        """One row per parameter: name (or position), shape, projected or not, rank, side and the
+        optimizer-state bytes it holds (this rank's shards under FSDP2) or, before its first step,
+        will hold. ``str()`` of the result is a table; see :class:`~lowrank_optim.summary.ProjectionSummary`."""
+        rows = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                plan = self._plan(param)
+                held = self.state.get(param)
+                state_bytes = tensor_bytes(held) if held else self._expected_state_bytes(group, param, plan)
+                rows.append(ProjectionRow(plan.key, tuple(param.shape), plan.rank is not None, plan.rank, plan.side,
+                                          state_bytes))
+        return ProjectionSummary(rows)
+
+    def _expected_state_bytes(self, group: dict, param: torch.Tensor, plan: _Plan) -> int:
+        """The bytes the first step allocates for ``param`` (whole parameter, before sharding)."""
+        dtype = self._moments_dtype(group, param)
+        if plan.rank is None:
+            return Moments.of({}, param.shape, None, group["moment_bits"]).expected_bytes(dtype)
+        shape = projected_shape(param.shape, plan.side, plan.rank)
+        moments = Moments.of({}, shape, plan.side, group["moment_bits"]).expected_bytes(dtype)
+        projector = PROJECTORS[self._projector_name(group)](group)
+        subspace = projector.subspace_bytes(compressed_size(param.shape, plan.side), plan.rank, param.dtype)
+        slot_steps = 8 * plan.rank if group["bias_correction"] == "slot" else 0
+        residual = 4 if group["residual"] == "scaled" else 0
+        return moments + subspace + slot_steps + residual
 
     # ------------------------------------------------------------------------------ state io
     def state_dict(self):
@@ -361,17 +463,32 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load, keeping every saved state tensor's dtype (torch would cast integer subspace indices
-        and fp32 moments to the parameter's dtype)."""
-        saved = state_dict["state"]
+        """Load, keeping every saved state tensor's dtype (:mod:`lowrank_optim.state_io`)."""
+        groups = [{k: v for k, v in group.items() if k not in _LEGACY_GROUP_KEYS}
+                  for group in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
         self.skipped_steps = state_dict.get("skipped_steps", 0)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in saved.get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor):
-                    self.state[param][key] = value.to(device=param.device)
+
+    def __getstate__(self) -> dict:
+        """torch keeps only defaults, state and param_groups; the instance attributes go along, so
+        ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that steps."""
+        state = super().__getstate__()
+        state.update(skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps,
+                     _rank_given=list(self._rank_given))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_rank_given", [False] * len(self.param_groups))
+        self.refresh_stats = {}
+        self._plans = {}             # resolved again (load_state_dict calls this with the new groups)
+        for group in self.param_groups:          # groups saved before these keys existed ran as:
+            for key, value in {**KEYS_ADDED_LATER, **self.keys_added_later}.items():
+                group.setdefault(key, value)
 
 
 def _label(key: str, param: torch.Tensor) -> str:
@@ -387,39 +504,3 @@ def _captured_fraction(low_rank_grad: torch.Tensor, grad: torch.Tensor, sharding
     """``‖R‖²/‖G‖²``: the share of the gradient inside the new subspace (over all shards)."""
     squares = summed(torch.stack([low_rank_grad.float().square().sum(), grad.float().square().sum()]), sharding)
     return squares[0] / squares[1].clamp_min(1e-30)
-
-
-def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """One host sync: is each tensor free of inf/nan. Norms of 16-bit tensors are taken in fp32
-    (a large finite fp16 gradient must not overflow to inf). A DTensor is finite when all its
-    shards are: one all-reduce per process group of the sharded ones."""
-    flags = _local_finite_flags([local(t) for t in tensors])
-    by_group: dict[int, tuple[Sharding, list[int]]] = {}
-    for index, tensor in enumerate(tensors):
-        sharding = Sharding.of(tensor, f"gradient {index}")
-        if sharding is not None and sharding.is_split:
-            by_group.setdefault(id(sharding.group), (sharding, []))[1].append(index)
-    for sharding, indices in by_group.values():
-        bad = sharding.max_(torch.logical_not(flags[indices]).to(torch.int32))
-        flags[indices] = bad == 0
-    return flags.tolist()
-
-
-def _local_finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    norms: list[torch.Tensor | None] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_dtype.setdefault(tensor.dtype, []).append(index)
-    for dtype, indices in by_dtype.items():
-        norm_dtype = torch.float32 if dtype.itemsize < 4 else None
-        for index, norm in zip(indices, torch._foreach_norm([tensors[i] for i in indices], dtype=norm_dtype)):
-            norms[index] = norm.float()
-    return torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return not tensors or all(_finite_flags(tensors))
-
-
-def _as_float(value) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else float(value)

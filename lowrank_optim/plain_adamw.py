@@ -1,9 +1,13 @@
-"""Multi-tensor (``torch._foreach_*``) AdamW for the parameters an optimizer does not project.
+"""AdamW for the parameters an optimizer does not project, and the state bookkeeping around it.
 
-Same math as :func:`lowrank_optim.kernels.moment_update.adam_moment_update_` applied per tensor, in
-either :class:`~lowrank_optim.adam_form.AdamForm`. Moments may be stored in a wider dtype than the
-parameter (fp32 moments for bf16 weights): the update is computed in the moments' dtype and rounded
-once when added to the weight.
+:func:`plain_adamw_step_` is what every optimizer of the library runs on its plain parameters
+(embeddings, norms, biases, the head; everything of a model for ``SSTAdamW`` but the SST
+factors): lazy zero moments, one step count per parameter, then one AdamW step in either
+:class:`~lowrank_optim.adam_form.AdamForm`, through the multi-tensor path (``torch._foreach_*``,
+:func:`foreach_adamw_`) or the single-tensor one (:func:`single_tensor_adamw_`), which also serves
+8/4-bit moments (:mod:`lowrank_optim.moments`) and stochastic rounding of bf16 weights. Float
+moments may be stored in a wider dtype than the parameter (fp32 moments for bf16 weights): the
+update is computed in the moments' dtype and rounded once when added to the weight.
 """
 from __future__ import annotations
 
@@ -13,6 +17,77 @@ from collections import defaultdict
 import torch
 
 from .adam_form import AdamForm, bias_corrections
+from .moments import Moments
+from .quantization import stochastic_round_bf16
+from .sharding import local
+
+
+def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], *,
+                      form: AdamForm, moments_dtype: torch.dtype | None = None, foreach: bool = True,
+                      moment_bits: int | None = None, generators: list | None = None,
+                      backends: list[str] | None = None) -> None:
+    """One AdamW step with ``group``'s hyperparameters on ``params`` (their gradients ``grads``;
+    local shards of FSDP2 parameters, whose float moments are then DTensors), creating each
+    parameter's state ``{step, moments}`` in ``state`` (the optimizer's) on its first step.
+
+    ``moment_bits`` (8 or 4) stores the moments quantized (:mod:`lowrank_optim.moments`; tensors
+    under 4096 values stay float) and ``generators`` (one per parameter, or None each) rounds bf16
+    weights stochastically; both take the single-tensor path, whose moment update runs on each
+    parameter's resolved backend (``backends``; default ``"torch"``)."""
+    if not params:
+        return
+    views, steps = [], []
+    for param in params:
+        entry = state[param]
+        moments = Moments.of(entry, param.shape, None, moment_bits, unwrap=local)
+        if not moments.exists:
+            entry["step"] = 0
+            moments.create(moments_dtype or param.dtype, param.device, like=param)
+        entry["step"] += 1
+        views.append(moments)
+        steps.append(entry["step"])
+    beta1, beta2 = group["betas"]
+    hyper = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                 weight_decay=group["weight_decay"], form=form, correct_bias=group.get("correct_bias", True))
+    if foreach and moment_bits is None and generators is None:
+        foreach_adamw_([local(p) for p in params], grads, [m.unwrap(m.state["exp_avg"]) for m in views],
+                       [m.unwrap(m.state["exp_avg_sq"]) for m in views], steps, **hyper)
+        return
+    for index, (param, grad, moments, step) in enumerate(zip(params, grads, views, steps)):
+        generator = None if generators is None else generators[index]
+        backend = "torch" if backends is None else backends[index]
+        single_tensor_adamw_(local(param), grad, moments, step, backend=backend, generator=generator, **hyper)
+
+
+def as_float(value) -> float:
+    """A hyperparameter that may be a 0-d tensor (a tensor ``lr``) as a Python float."""
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Moments, step: int, *, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float, form: AdamForm,
+                         correct_bias: bool = True, backend: str = "torch",
+                         generator: torch.Generator | None = None) -> None:
+    """The step of :func:`foreach_adamw_` on one tensor (``foreach=False``), with float or quantized
+    moments; ``generator``: stochastic rounding of a bf16 ``param`` (the new value in fp32, rounded
+    once, unbiased)."""
+    bc1, bc2 = bias_corrections(step, beta1, beta2) if correct_bias else (1.0, 1.0)
+    update = moments.step(backend, grad, beta1=beta1, beta2=beta2, eps=form.effective_eps(eps, bc2),
+                          bias_correction1=bc1, bias_correction2=bc2)
+    decay = 1.0 - lr * weight_decay
+    if generator is not None:
+        exact = param.float()
+        if form.decay_before_update:
+            exact = exact.mul_(decay).add_(update.float(), alpha=-lr)
+        else:
+            exact = exact.add_(update.float(), alpha=-lr).mul_(decay)
+        param.copy_(stochastic_round_bf16(exact, generator=generator))
+        return
+    if weight_decay and form.decay_before_update:
+        param.mul_(decay)
+    param.add_(update.to(param.dtype), alpha=-lr)
+    if weight_decay and not form.decay_before_update:
+        param.add_(param, alpha=-lr * weight_decay)
 
 
 def foreach_adamw_(

@@ -41,6 +41,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .geometry import AUTOMATIC_SIDE_MODES, kept_dim, resolve_side
+
 
 @dataclass(frozen=True)
 class Sharding:
@@ -111,22 +113,16 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def kept_dim(side: str) -> int:
-    """The dimension a projection on ``side`` keeps: rows (0) on the right, columns (1) on the left."""
-    return 0 if side == "right" else 1
-
-
-def local_side(sharding: Sharding | None, side: str, mode: str, automatic_modes: tuple[str, ...],
-               label: str) -> str:
+def local_side(sharding: Sharding | None, side: str, mode: str, label: str) -> str:
     """The projection side for a parameter of ``sharding``: ``side`` (from its shape) unless that
     compresses the sharded dimension; then the other side for an automatic ``mode``, else an error."""
     if sharding is None or sharding.dim is None or sharding.dim == kept_dim(side):
         return side
-    if mode in automatic_modes:
+    if mode in AUTOMATIC_SIDE_MODES:
         return "right" if sharding.dim == 0 else "left"
     raise ValueError(f"{label}: side mode {mode!r} projects on the {side} side, which compresses dimension "
                      f"{sharding.dim}, the one FSDP shards (placements {sharding.placements}); use an "
-                     f"automatic side ({', '.join(map(repr, automatic_modes))}) or shard with "
+                     f"automatic side ({', '.join(map(repr, AUTOMATIC_SIDE_MODES))}) or shard with "
                      "lowrank_optim.sharding.projection_shard_placement")
 
 
@@ -138,8 +134,6 @@ def projection_shard_placement(world_size: int | None = None, side_mode: str = "
     ``fully_shard(block, shard_placement_fn=projection_shard_placement())`` keeps every projected
     step local (module doc) and makes the sharded run pick the same sides as an unsharded one.
     """
-    from .projectors.base import resolve_side
-
     size = dist.get_world_size() if world_size is None else world_size
 
     def placement(param: torch.nn.Parameter) -> Shard:

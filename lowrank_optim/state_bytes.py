@@ -25,11 +25,16 @@ def _tensors(value, seen: set[int]):
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of memory retained by the tensors in ``optimizer.state``, each storage counted once
-    and whole: a view (``galore_torch``'s ``Vh[:r]``) keeps its entire base tensor alive. For
-    FSDP2-sharded state, the bytes of this rank's shards."""
+    """Bytes of memory retained by the tensors in ``optimizer.state`` (:func:`tensor_bytes`)."""
+    return tensor_bytes(optimizer.state)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes retained by the tensors reachable from ``value``, each storage counted once and whole:
+    a view (``galore_torch``'s ``Vh[:r]``) keeps its entire base tensor alive. For FSDP2-sharded
+    state, the bytes of this rank's shards."""
     storages: dict[tuple[int, torch.device], int] = {}
-    for tensor in _tensors(optimizer.state, set()):
+    for tensor in _tensors(value, set()):
         storage = tensor.untyped_storage()
         storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
     return sum(storages.values())

@@ -78,3 +78,41 @@ def check_dense_real_grad(grad: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name}: sparse gradients are not supported (use torch.optim.SparseAdam)")
     if grad.is_complex():
         raise RuntimeError(f"{name}: complex gradients are not supported (optimize torch.view_as_real views)")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
+# Keys torch.optim.lr_scheduler adds to param groups: a group carrying them (one taken from another
+# optimizer's param_groups) is accepted.
+SCHEDULER_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+
+
+def check_group_keys(group: dict, accepted, owner: str) -> None:
+    """``ValueError`` naming the first key of ``group`` that ``owner`` does not know, with the list
+    of accepted keys (a misspelt ``update_proj_gapp`` must not train silently at the default)."""
+    known = set(accepted) | {"params", "param_names", *SCHEDULER_GROUP_KEYS}
+    unknown = sorted(key for key in group if key not in known)
+    if unknown:
+        raise ValueError(f"Invalid param group key {unknown[0]!r} for {owner} (accepted keys: "
+                         f"{', '.join(sorted(set(accepted) | {'params'}))})")
+
+
+def check_torch_keywords(*, foreach, fused, maximize, capturable, differentiable) -> None:
+    """The common ``torch.optim`` keywords: ``foreach`` (None or a bool) and ``maximize`` are
+    implemented; ``fused=True``, ``capturable=True`` and ``differentiable=True`` cannot be honoured
+    and are refused rather than ignored."""
+    if foreach is not None:
+        check_bool("foreach", foreach)
+    check_bool("maximize", maximize)
+    if fused not in (None, False):
+        raise ValueError(f"Invalid fused: {fused!r} (torch's fused AdamW kernel cannot run a projected step; "
+                         "the projected step is fused by backend='triton', the default 'auto' on CUDA)")
+    if capturable is not False:
+        raise ValueError(f"Invalid capturable: {capturable!r} (CUDA-graph capture is not supported: a refresh "
+                         "step changes shapes and sorts on the host; pass capturable=False)")
+    if differentiable is not False:
+        raise ValueError(f"Invalid differentiable: {differentiable!r} (the step is not differentiable: it runs "
+                         "under no_grad; pass differentiable=False)")

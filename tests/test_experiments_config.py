@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from experiments.args import build_parser, config_to_argv, parse_config  # noqa: E402
-from experiments.config import TrainConfig, parse_number, parse_token_count, resolve  # noqa: E402
+from experiments.config import (  # noqa: E402
+    TrainConfig,
+    check_values,
+    flag_fields,
+    parse_number,
+    parse_token_count,
+    resolve,
+)
+from experiments.errors import UsageError  # noqa: E402
 from experiments.schedulers import WarmupSchedule, build_scheduler  # noqa: E402
 
 
@@ -112,7 +120,7 @@ def test_resolve_derives_accumulation_steps_and_warmup():
     assert config.save_dir.endswith(config.run_name) and config.cache_dir
     budget = resolve(TrainConfig(batch_size=8, max_length=128, max_train_tokens="1M"), world_size=1)
     assert budget.num_training_steps == -(-1_000_000 // (8 * 128))
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(UsageError, match="--total_batch_size: expected a multiple of"):
         resolve(TrainConfig(batch_size=3, total_batch_size=8), world_size=1)
 
 
@@ -133,6 +141,16 @@ def test_every_flag_has_help_and_parser_covers_all_fields():
     flag_names = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("derived")}
     assert set(actions) == flag_names
     assert all(action.help for action in actions.values())
+
+
+def test_every_numeric_flag_declares_the_values_it_accepts():
+    numeric = [f.name for f in flag_fields() if f.metadata.get("type") in (int, float, parse_number, parse_token_count)]
+    assert len(numeric) > 20 and all("valid" in f.metadata for f in flag_fields() if f.name in numeric)
+    check_values(TrainConfig())  # the defaults pass
+    with pytest.raises(UsageError, match=r"^--target_modules: expected a list of values, got \[\]$"):
+        check_values(TrainConfig(target_modules=[]))
+    with pytest.raises(UsageError, match=r"^--fsdp: expected a bool value, got 'yes'$"):
+        check_values(TrainConfig(fsdp="yes"))
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])

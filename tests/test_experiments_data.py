@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from experiments.corpus import VALIDATION_PLAYS, load_shakespeare, play_title  # noqa: E402
-from experiments.data import ChunkLoader, DataSpec, build_data, encode_documents, validation_chunks  # noqa: E402
+from experiments.data import ChunkLoader, build_data, encode_documents, validation_chunks  # noqa: E402
 from experiments.data_c4 import DocumentLoader, pad_or_truncate, validation_batches  # noqa: E402
+from experiments.data_interface import DataSpec  # noqa: E402
 from experiments.tokenizer import ByteTokenizer, build_tokenizer  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def test_shakespeare_bundle(tmp_path):
     validation = list(data.validation_batches())
     assert sum(len(b) for b in validation) == 1024 // 64
     assert list(tmp_path.glob("tokens-byte-*.pt"))  # encoded once, then cached
-    with pytest.raises(ValueError, match="unknown dataset 'wikipedia'"):
+    with pytest.raises(ValueError, match="--dataset: unknown dataset: expected one of .*, got 'wikipedia'"):
         build_data(DataSpec("wikipedia", "byte", 64, 4, 1024, 0, tmp_path))
 
 

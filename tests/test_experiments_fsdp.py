@@ -68,11 +68,11 @@ def test_fsdp_trains_like_ddp(runs):
 @pytest.mark.parametrize("optimizer, parameterization", [("sst_adamw", "sst"), ("adamw", "sltrain"),
                                                          ("galore_torch_adamw", "dense")])
 def test_fsdp_refuses_what_it_cannot_shard(optimizer, parameterization):
-    with pytest.raises(ValueError, match=f"--fsdp trains .*got optimizer '{optimizer}'"):
+    with pytest.raises(ValueError, match=f"--fsdp: trains .*got optimizer '{optimizer}'"):
         check_fsdp_supported(optimizer, parameterization)
 
 
 def test_fsdp_outside_torchrun_is_an_error(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    with pytest.raises(ValueError, match="--fsdp needs a process group: launch with torchrun"):
+    with pytest.raises(ValueError, match="--fsdp: needs a process group: launch with torchrun"):
         setup_distributed("cpu", fsdp=True)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from experiments.errors import UsageError  # noqa: E402
 from experiments.model import Llama, LlamaConfig  # noqa: E402
 from experiments.model_factory import CONFIGS_DIR, build_model, config_path, model_config_dict  # noqa: E402
 
@@ -61,7 +62,7 @@ def test_tiny_config_takes_the_tokenizer_vocabulary():
     assert config_path("llama_micro.json") == CONFIGS_DIR / "llama_micro.json"
     with pytest.raises(ValueError, match="smaller than the tokenizer's 32100"):
         model_config_dict("llama_60m", 32100)
-    with pytest.raises(FileNotFoundError, match="llama_tiny"):
+    with pytest.raises(UsageError, match="--model_config: no such file.*llama_tiny, got 'llama_3m'"):
         config_path("llama_3m")
 
 

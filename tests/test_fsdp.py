@@ -26,15 +26,18 @@ PROJECTED = ("tall.weight", "mid.weight", "wide.weight")
 
 
 def _dct(model, **keys):
-    return DCTProjAdam(model.named_parameters(), lr=1e-2, rank=0.5, update_proj_gap=2, weight_decay=0.1, **keys)
+    """Every weight projected: a group with its own rank (the default rule would keep this toy
+    net's first and last weight, which look like vocabulary matrices, in full AdamW)."""
+    return DCTProjAdam([{"params": list(model.named_parameters()), "rank": 0.5}], lr=1e-2, update_proj_gap=2,
+                       weight_decay=0.1, **keys)
 
 
 def _dct_wide_right(model):
     """The unsharded twin of FSDP2's default layout: the row-sharded wide weight goes right."""
     wide = [model.wide.weight]
     rest = [p for p in model.parameters() if p is not model.wide.weight]
-    return DCTProjAdam([{"params": wide, "proj_side": "right"}, {"params": rest}], lr=1e-2, rank=0.5,
-                       update_proj_gap=2, weight_decay=0.1)
+    return DCTProjAdam([{"params": wide, "proj_side": "right", "rank": 0.5}, {"params": rest, "rank": 0.5}],
+                       lr=1e-2, update_proj_gap=2, weight_decay=0.1)
 
 
 def _galore(model):
@@ -162,10 +165,11 @@ def test_default_layout_projects_the_row_sharded_wide_weight_on_the_right(fsdp_r
 
 def _explicit_side_worker(rank: int, out_dir: str) -> None:
     model = _shard(make_tall_wide().double(), placement=False)
-    optimizer = _dct(model, proj_side="left")
     before = _full_params(model)
-    regression_loss(model, 0, half(rank)).backward()
-    try:
+    optimizer = None
+    try:                    # refused when the optimizer resolves the parameter's side: at construction
+        optimizer = _dct(model, proj_side="left")
+        regression_loss(model, 0, half(rank)).backward()
         optimizer.step()
         message = None
     except ValueError as error:
@@ -184,7 +188,7 @@ def _explicit_side_worker(rank: int, out_dir: str) -> None:
         layout_message = None
     except ValueError as error:
         layout_message = str(error)
-    torch.save({"message": message, "unchanged": unchanged, "state": len(optimizer.state),
+    torch.save({"message": message, "unchanged": unchanged, "state": 0 if optimizer is None else len(optimizer.state),
                 "sst_message": sst_message, "layout_message": layout_message}, f"{out_dir}/explicit-{rank}.pt")
 
 
@@ -257,7 +261,7 @@ def _nonfinite_worker(rank: int, out_dir: str) -> None:
     outcomes = {}
     for skip in (False, True):
         model = _shard(make_tall_wide().double(), placement=True)
-        optimizer = DCTProjAdam(model.parameters(), rank=0.5, skip_nonfinite=skip)
+        optimizer = DCTProjAdam([{"params": list(model.parameters()), "rank": 0.5}], skip_nonfinite=skip)
         before = _full_params(model)
         regression_loss(model, 0, half(rank)).backward()
         if rank == 1:      # only this rank's shard of one weight is non-finite

@@ -34,12 +34,39 @@ def test_auto_picks_triton_on_cuda_only(monkeypatch):
     monkeypatch.setattr(backend_module, "triton_available", lambda: True)
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"      # the interpreter is opt-in
     assert resolve_backend("torch", torch.device("cuda", 0)) == "torch"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
     assert resolve_backend("auto", torch.device("cuda", 0), (torch.bfloat16, torch.float32)) == "triton"
     assert resolve_backend("auto", torch.device("cuda", 0), (torch.float64, torch.float64)) == "torch"
     monkeypatch.setattr(backend_module, "triton_available", lambda: False)
     assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+
+
+def test_explicit_triton_runs_where_the_kernels_can(monkeypatch):
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("triton", torch.device("cuda", 0), (torch.bfloat16, torch.float32)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", torch.device("cpu"), (torch.float32, torch.float32)) == "triton"
+
+
+def test_explicit_triton_that_cannot_run_raises(monkeypatch):
+    """Never a silent fallback: each reason is named."""
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"Invalid backend: 'triton' for a parameter on cpu .*TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"), (torch.float32,))
+    with pytest.raises(ValueError, match=r"Invalid backend: 'triton' for torch.float64 tensors"):
+        resolve_backend("triton", torch.device("cuda", 0), (torch.float32, torch.float64))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"for torch.float64 tensors"):
+        resolve_backend("triton", torch.device("cpu"), (torch.float64,))
+    monkeypatch.setattr(backend_module, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"Invalid backend: 'triton' \(the triton package does not import"):
+        resolve_backend("triton", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"):
+        resolve_backend("cuda", torch.device("cuda", 0))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -95,3 +95,76 @@ def test_shape_mismatch_is_rejected():
     grad, exp_avg, exp_avg_sq = _inputs((5, 4), torch.float32, torch.float32)
     with pytest.raises(ValueError, match="do not match"):
         adam_moment_update_triton(grad, exp_avg.T.contiguous(), exp_avg_sq, **STEP_SCALARS)
+
+
+def _slot_corrections(n_slots, side, form, seed=3):
+    """Per-slot fp32 ``(bc1, bc2, ε)`` for step counts 1..40, shaped as the engine makes them:
+    ``(1, r)`` when slots are columns (right), ``(r, 1)`` when they are rows (left). The HF form
+    folds its ε convention into a per-slot ε (``ε/√bc2``), the torch form keeps a scalar one."""
+    steps = torch.randint(1, 41, (n_slots,), generator=torch.Generator().manual_seed(seed)).float()
+    steps = steps.view((1, -1) if side == "right" else (-1, 1)).to(DEVICE)
+    bc1, bc2 = 1.0 - torch.pow(0.9, steps), 1.0 - torch.pow(0.999, steps)
+    eps = 1e-8 / bc2.sqrt() if form == "hf" else 1e-8
+    return bc1, bc2, eps
+
+
+def _double(value):
+    return value.double() if isinstance(value, torch.Tensor) else value
+
+
+@pytest.mark.parametrize("form", ["torch", "hf"])
+@pytest.mark.parametrize("remap", [False, True], ids=["in-place", "remap"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(37, 13), (13, 37), (1, 5)])
+def test_per_slot_corrections_match_float64(shape, side, remap, form):
+    """Per-slot bc1, bc2, ε read by slot (column on the right, row on the left), alone and with the
+    fused slot remap; float64 reference from the same fp32 corrections."""
+    slot_dim = 1 if side == "right" else 0
+    grad, exp_avg, exp_avg_sq = _inputs(shape, torch.float32, torch.float32, seed=4)
+    bc1, bc2, eps = _slot_corrections(shape[slot_dim], side, form)
+    slots = None
+    m64, v64 = exp_avg.double(), exp_avg_sq.double()
+    if remap:
+        slots = torch.randperm(shape[slot_dim], generator=torch.Generator().manual_seed(5))
+        slots[::2] = -1
+        slots = slots.to(DEVICE)
+        m64, v64 = remap_slots(m64, slots, slot_dim), remap_slots(v64, slots, slot_dim)
+    expected = adam_moment_update_(grad.double(), m64, v64, beta1=0.9, beta2=0.999, eps=_double(eps),
+                                   bias_correction1=bc1.double(), bias_correction2=bc2.double())
+    given = [value.clone() if isinstance(value, torch.Tensor) else value for value in (bc1, bc2, eps)]
+    update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
+                                             bias_correction1=bc1, bias_correction2=bc2, source_slots=slots,
+                                             slot_dim=slot_dim)
+    assert (m is exp_avg) is not remap
+    for before, after in zip(given, (bc1, bc2, eps)):              # the corrections are only read
+        assert before == after if isinstance(before, float) else torch.equal(before, after)
+    for actual, reference in ((update, expected), (m, m64), (v, v64)):
+        _assert_close(actual, reference, TOLERANCES[torch.float32, torch.float32])
+
+
+def test_per_slot_corrections_go_to_triton(monkeypatch):
+    """``backend="triton"`` runs the kernel for per-slot corrections, never the PyTorch reference."""
+    from lowrank_optim.kernels import dispatch
+
+    def reference(*args, **kwargs):
+        raise AssertionError("backend='triton' fell back to the PyTorch reference")
+
+    grad, exp_avg, exp_avg_sq = _inputs((13, 37), torch.float32, torch.float32, seed=6)
+    bc1, bc2, eps = _slot_corrections(13, "left", "hf")
+    m64, v64 = exp_avg.double(), exp_avg_sq.double()
+    expected = adam_moment_update_(grad.double(), m64, v64, beta1=0.9, beta2=0.999, eps=eps.double(),
+                                   bias_correction1=bc1.double(), bias_correction2=bc2.double())
+    monkeypatch.setattr(dispatch, "adam_moment_update_", reference)
+    monkeypatch.setattr(dispatch, "remap_slots", reference)
+    update, _, _ = dispatch.adam_moment_update("triton", grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
+                                               bias_correction1=bc1, bias_correction2=bc2, slot_dim=0)
+    _assert_close(update, expected, TOLERANCES[torch.float32, torch.float32])
+
+
+def test_per_slot_corrections_along_the_wrong_dim_are_rejected():
+    """A length-r vector broadcasts along columns, so it cannot index the rows of r×n moments."""
+    grad, exp_avg, exp_avg_sq = _inputs((5, 9), torch.float32, torch.float32)
+    bc1, bc2, eps = _slot_corrections(5, "left", "torch")
+    with pytest.raises(ValueError, match=r"per-slot bias_correction1 of shape \(5,\) does not broadcast"):
+        adam_moment_update_triton(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
+                                  bias_correction1=bc1.view(-1), bias_correction2=bc2, slot_dim=0)

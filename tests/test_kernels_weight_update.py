@@ -79,3 +79,100 @@ def test_update_of_the_wrong_shape_is_rejected():
     weight, update, basis, indices = _problem((33, 21), "right", torch.float32, torch.float32, dense=False)
     with pytest.raises(ValueError, match="do not fit"):
         projected_weight_update_triton_(weight, update.T, basis, indices, "right", decay_before_update=True, **HYPER)
+
+
+def _residual_problem(shape, side, weight_dtype, update_dtype, dense, seed=1):
+    """The weight problem plus ``G`` (in W's dtype, as autograd leaves it), ``R`` (in N's dtype)
+    and ``φ`` (fp32, ``m×1`` or ``1×n``, as the residual's coefficients come)."""
+    weight, update, basis, indices = _problem(shape, side, weight_dtype, update_dtype, dense, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    m, n = shape
+    grad = torch.randn(shape, generator=generator).to(weight_dtype).to(DEVICE)
+    low_rank_grad = torch.randn(update.shape, generator=generator).to(update_dtype).to(DEVICE)
+    coefficients = torch.rand((m, 1) if side == "right" else (1, n), generator=generator).to(DEVICE)
+    return weight, update, basis, indices, dict(residual_grad=grad, residual_low_rank_grad=low_rank_grad,
+                                                residual_coefficients=coefficients)
+
+
+def _as_double(residual):
+    return {key: value.double() for key, value in residual.items()}
+
+
+@pytest.mark.parametrize("decay_before_update", [True, False], ids=["torch-form", "hf-form"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtypes", list(TOLERANCES), ids=lambda d: f"W{d[0]}-N{d[1]}".replace("torch.", ""))
+def test_residual_update_matches_float64_and_the_reference(dtypes, shape, side, dense, decay_before_update):
+    """``W ← a·W − b·[(N − φ∘R)·Pᵀ + φ∘G]`` (right; left ``P·(N − φ∘R) + φ∘G``) by the fused kernel,
+    against float64 and against the PyTorch reference run in the same dtypes. Tolerances as for
+    the plain update: ``φ∘G`` adds one fp32 product to each fp32 accumulator, ``N − φ∘R`` one
+    fp32 rounding per operand (none that the r-term dot does not already allow for)."""
+    weight_dtype, update_dtype = dtypes
+    if update_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's bf16 dot is wrong; runs on GPU")
+    weight, update, basis, indices, residual = _residual_problem(shape, side, weight_dtype, update_dtype, dense)
+    arguments = dict(decay_before_update=decay_before_update, **HYPER)
+    expected = weight.double()
+    projected_weight_update_(expected, update.double(), basis.double(), indices, side, **arguments,
+                             **_as_double(residual))
+    reference = weight.clone()
+    projected_weight_update_(reference, update, basis, indices, side, **arguments, **residual)
+    projected_weight_update_triton_(weight, update, basis, indices, side, **arguments, **residual)
+    assert weight.dtype == weight_dtype
+    tolerance = TOLERANCES[dtypes]
+    for actual in (weight, reference):
+        torch.testing.assert_close(actual.double(), expected, rtol=tolerance,
+                                   atol=tolerance * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_residual_is_the_gradient_outside_the_subspace(side):
+    """With ``N = 0`` and ``φ = 1`` the update is ``−ηα·(G − R·Pᵀ)`` (right): for ``R`` the
+    projection of ``G`` that is the part of ``G`` outside the span of ``P``, formed from scratch."""
+    weight, update, basis, indices, residual = _residual_problem((45, 70), side, torch.float32, torch.float32,
+                                                                 dense=False)
+    grad = residual["residual_grad"]
+    p = basis.double()[:, indices]
+    low_rank_grad = grad.double() @ p if side == "right" else p.T @ grad.double()
+    outside = grad.double() - (low_rank_grad @ p.T if side == "right" else p @ low_rank_grad)
+    expected = weight.double() - 0.05 * 0.5 * outside
+    projected_weight_update_triton_(weight, torch.zeros_like(update), basis, indices, side, lr=0.05, scale=0.5,
+                                    weight_decay=0.0, decay_before_update=True, residual_grad=grad,
+                                    residual_low_rank_grad=low_rank_grad.float(),
+                                    residual_coefficients=torch.ones_like(residual["residual_coefficients"]))
+    torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_dimensional_coefficients_and_the_dispatch(side, monkeypatch):
+    """``φ`` as a 1-D vector does what its ``m×1``/``1×n`` view does, and ``backend="triton"``
+    runs the kernel, never the PyTorch reference."""
+    from lowrank_optim.kernels import dispatch
+
+    def reference(*args, **kwargs):
+        raise AssertionError("backend='triton' fell back to the PyTorch reference")
+
+    weight, update, basis, indices, residual = _residual_problem((33, 96), side, torch.float32, torch.float32,
+                                                                 dense=True)
+    expected = weight.clone()
+    projected_weight_update_triton_(expected, update, basis, indices, side, decay_before_update=False, **HYPER,
+                                    **residual)
+    flat = dict(residual, residual_coefficients=residual["residual_coefficients"].view(-1))
+    monkeypatch.setattr(dispatch, "_reference_weight_update_", reference)
+    dispatch.projected_weight_update_("triton", weight, update, basis, indices, side, decay_before_update=False,
+                                      **HYPER, **flat)
+    assert torch.equal(weight, expected)
+
+
+def test_incomplete_or_misshapen_residual_is_rejected():
+    weight, update, basis, indices, residual = _residual_problem((33, 21), "right", torch.float32, torch.float32,
+                                                                 dense=False)
+    for update_weight in (projected_weight_update_, projected_weight_update_triton_):
+        with pytest.raises(ValueError, match="missing residual_low_rank_grad"):
+            update_weight(weight, update, basis, indices, "right", decay_before_update=True, **HYPER,
+                          residual_grad=residual["residual_grad"],
+                          residual_coefficients=residual["residual_coefficients"])
+        with pytest.raises(ValueError, match=r"residual_coefficients of shape \(1, 21\) do not scale the rows"):
+            update_weight(weight, update, basis, indices, "right", decay_before_update=True, **HYPER,
+                          **dict(residual, residual_coefficients=torch.ones(1, 21, device=DEVICE)))

@@ -84,8 +84,11 @@ def test_lowrank_param_groups_selects_hf_llama_attention_and_mlp():
     GaLoreAdamW(groups)                      # accepted as is
     with pytest.raises(ValueError, match="matches no nn.Linear"):
         lowrank_param_groups(model, target_modules=("conv",))
-    with pytest.raises(ValueError, match="Invalid target_modules: 'attn'"):
+    # A single string is a regular expression matched against whole names (lowrank_optim.modules).
+    with pytest.raises(ValueError, match="Invalid target_modules: 'attn' matches no nn.Linear"):
         lowrank_param_groups(model, target_modules="attn")
+    regex = lowrank_param_groups(model, target_modules=r".*_attn\..*", rank=4)
+    assert [name for name, _ in regex[0]["params"]] == projected[:2]
 
 
 def test_registry():

@@ -5,8 +5,6 @@ from torch.distributed.tensor import Replicate, Shard
 
 from lowrank_optim.sharding import Sharding, local_side, projection_shard_placement
 
-AUTOMATIC = ("auto", "std")
-
 
 def _sharding(dim):
     placements = (Replicate(),) if dim is None else (Shard(dim),)
@@ -34,12 +32,12 @@ def test_projection_shard_placement_follows_the_side_mode():
     (0, "left", "right"), (1, "right", "left"),
 ])
 def test_automatic_modes_pick_the_side_that_stays_local(dim, side, expected):
-    assert local_side(None if dim is None else _sharding(dim), side, "auto", AUTOMATIC, "w") == expected
+    assert local_side(None if dim is None else _sharding(dim), side, "auto", "w") == expected
 
 
 def test_an_explicit_side_across_the_shards_names_the_parameter():
     with pytest.raises(ValueError, match=r"layers\.0\.down\.weight.*'left'.*dimension 0"):
-        local_side(_sharding(0), "left", "left", AUTOMATIC, "layers.0.down.weight")
+        local_side(_sharding(0), "left", "left", "layers.0.down.weight")
 
 
 def test_plain_tensors_have_no_sharding():

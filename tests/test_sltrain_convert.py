@@ -175,7 +175,7 @@ def test_bias_is_copied_and_merge_of_a_single_layer():
         ({"alpha": 0}, "alpha", 0),
         ({"alpha": -1.0}, "alpha", -1.0),
         ({"seed": 0.5}, "seed", 0.5),
-        ({"target_modules": "attn"}, "target_modules", "attn"),
+        ({"target_modules": "attn"}, "target_modules", "attn"),  # a regex: no whole name is "attn"
         ({"target_modules": ()}, "target_modules", ()),
         ({"target_modules": ("attn", "")}, "target_modules", ("attn", "")),
         ({"target_modules": ("nothing_matches",)}, "target_modules", ("nothing_matches",)),

@@ -242,7 +242,8 @@ class _WithMultiheadAttention(nn.Module):
         (TinyBlock, {"rank": 7}, r"Invalid rank: 7 .*<= 6 = min\(in_features, out_features\) of 'mlp_gate'"),
         (TinyBlock, {"rank": 2.0}, r"Invalid rank: 2\.0"),
         (TinyBlock, {"rank": 2, "target_modules": ("proj",)}, r"Invalid target_modules: \('proj',\) matches no"),
-        (TinyBlock, {"rank": 2, "target_modules": "attn"}, r"Invalid target_modules: 'attn' \(expected a coll"),
+        (TinyBlock, {"rank": 2, "target_modules": "mlp_"}, r"Invalid target_modules: 'mlp_' matches no"),  # fullmatch
+        (TinyBlock, {"rank": 2, "target_modules": "(attn"}, r"Invalid target_modules: '\(attn' \(a single string is a"),
         (TinyBlock, {"rank": 2, "target_modules": ()}, r"Invalid target_modules: \(\) \(expected non-empty"),
         (_WithMultiheadAttention, {"rank": 2}, r"matches 'attn\.out_proj', a NonDynamicallyQuantizableLinear"),
     ],

@@ -8,6 +8,7 @@ from sst_helpers import TinyBlock, batch, train_steps
 from torch import nn
 
 from lowrank_optim import create_optimizer, optimizer_state_bytes
+from lowrank_optim.moments import Moments
 from lowrank_optim.sst import SSTAdamW, SSTLinear, convert_to_sst, sst_layers
 from lowrank_optim.sst.adam_update import adamw_with_step_counts_
 from lowrank_optim.sst.resample import carry_over_columns_
@@ -170,7 +171,8 @@ def test_kept_pairs_keep_their_moments_and_new_pairs_start_at_zero():
 def test_carry_over_columns_moves_moments_to_the_new_slots():
     moments = torch.arange(1.0, 7.0).view(2, 3)  # columns for pairs 2, 5, 7
     state = {"exp_avg": moments.clone(), "exp_avg_sq": moments.clone() * 10, "column_steps": torch.tensor([4, 5, 6])}
-    carry_over_columns_(state, torch.tensor([2, 5, 7]), torch.tensor([7, 1, 2]), spectral_size=8)
+    carry_over_columns_(Moments.of(state, (2, 3), "right", None), torch.tensor([2, 5, 7]), torch.tensor([7, 1, 2]),
+                        spectral_size=8)
     assert torch.equal(state["exp_avg"], torch.tensor([[3.0, 0.0, 1.0], [6.0, 0.0, 4.0]]))
     assert torch.equal(state["exp_avg_sq"], torch.tensor([[30.0, 0.0, 10.0], [60.0, 0.0, 40.0]]))
     assert torch.equal(state["column_steps"], torch.tensor([6, 0, 4]))
@@ -179,12 +181,11 @@ def test_carry_over_columns_moves_moments_to_the_new_slots():
 def test_rewarmup_scales_the_learning_rate_of_young_columns():
     def update(rewarmup_steps):
         param = torch.zeros(3, 3)
-        exp_avg, exp_avg_sq = torch.full((3, 3), 0.1), torch.full((3, 3), 0.02)
+        state = {"exp_avg": torch.full((3, 3), 0.1), "exp_avg_sq": torch.full((3, 3), 0.02)}
         adamw_with_step_counts_(
             param,
             torch.ones(3, 3),
-            exp_avg,
-            exp_avg_sq,
+            Moments.of(state, (3, 3), "right", None),
             torch.tensor([1, 2, 40]),
             lr=0.1,
             beta1=0.9,
@@ -317,7 +318,7 @@ def test_rejects_hyperparameters(key, value, message):
     [
         ({"seed": -1}, r"Invalid seed: -1 \(expected an integer >= 0\)"),
         ({"seed": "0"}, r"Invalid seed: '0'"),
-        ({"skip_nonfinite": 1}, r"Invalid skip_nonfinite: 1 \(expected a bool\)"),
+        ({"skip_nonfinite": 1}, r"Invalid skip_nonfinite: 1 \(expected True or False\)"),
     ],
 )
 def test_rejects_optimizer_options(kwargs, message):

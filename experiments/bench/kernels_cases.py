@@ -23,7 +23,7 @@ import torch
 from lowrank_optim.kernels.column_select import top_columns
 from lowrank_optim.kernels.dispatch import adam_moment_update, projected_weight_update_
 
-from lowrank_optim.projectors.base import compressed_size, projected_shape, resolve_side
+from lowrank_optim.geometry import compressed_size, projected_shape, resolve_side
 from lowrank_optim.projectors.dct_basis import dct_matrix
 
 from .kernels_timing import measure_ms

@@ -1,12 +1,21 @@
 """Subspace projectors by name. A new projector: one file with a :class:`Projector` subclass, plus
 one line here."""
-from .base import Projector, Subspace, resolve_side
+from .base import Projector, Subspace
 from .dct import DCTProjector
+from .randomized_svd import RandomizedSVDProjector
 from .svd import SVDProjector
 
 PROJECTORS: dict[str, type[Projector]] = {
     DCTProjector.name: DCTProjector,
     SVDProjector.name: SVDProjector,
+    RandomizedSVDProjector.name: RandomizedSVDProjector,
 }
 
-__all__ = ["PROJECTORS", "Projector", "Subspace", "resolve_side", "DCTProjector", "SVDProjector"]
+
+def projectors_of(family: str) -> tuple[str, ...]:
+    """The names of the registered projectors of ``family`` (``"svd"`` or ``"dct"``)."""
+    return tuple(name for name, projector in PROJECTORS.items() if projector.family == family)
+
+
+__all__ = ["PROJECTORS", "Projector", "Subspace", "projectors_of", "DCTProjector", "SVDProjector",
+           "RandomizedSVDProjector"]

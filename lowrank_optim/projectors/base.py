@@ -7,9 +7,10 @@ A projector compresses one side of an ``m×n`` gradient ``G`` with an orthonorma
     left:   R = Pᵀ·G  (r×n),   ΔW = P·N
 
 A *subspace* is a dict of tensors (only tensors, so optimizer state loads with
-``torch.load(weights_only=True)``) from which ``P`` can be rebuilt. A new projector implements
-:meth:`Projector.select`, :meth:`Projector.basis` and :meth:`Projector.transport`, and is listed in
-:data:`lowrank_optim.projectors.PROJECTORS`.
+``torch.load(weights_only=True)``) from which ``P`` can be rebuilt. A new projector is one file
+with a subclass implementing :meth:`Projector.select`, :meth:`Projector.basis`,
+:meth:`Projector.transport` and :meth:`Projector.overlap`, plus one line in
+:data:`lowrank_optim.projectors.PROJECTORS`; the engine does not know which projector it runs.
 
 Methods taking ``backend`` (a resolved ``"torch"`` or ``"triton"``, see
 :mod:`lowrank_optim.kernels.backend`) route their work through :mod:`lowrank_optim.kernels`. A
@@ -20,52 +21,29 @@ projector whose ``P`` is a column subset of a fixed matrix says so through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..geometry import compressed_size
 from ..kernels.dispatch import project as _project
-from ..sharding import Sharding
+
+if TYPE_CHECKING:
+    from ..sharding import Sharding
 
 Subspace = dict[str, torch.Tensor]
-
-SIDE_MODES = ("auto", "std", "reverse_std", "left", "right")
-
-
-def resolve_side(shape: torch.Size, mode: str) -> str:
-    """``"left"`` or ``"right"`` for a weight of ``shape`` under a side mode.
-
-    ``auto``/``std`` compress the smaller dimension (right when ``m ≥ n``), ``reverse_std`` the
-    larger one, ``left``/``right`` force the side.
-    """
-    m, n = shape
-    if mode in ("auto", "std"):
-        return "right" if m >= n else "left"
-    if mode == "reverse_std":
-        return "left" if m >= n else "right"
-    if mode in ("left", "right"):
-        return mode
-    raise ValueError(f"Invalid projection side mode: {mode!r} (expected one of {SIDE_MODES})")
-
-
-def compressed_size(shape: torch.Size, side: str) -> int:
-    """``k``: the dimension the projection compresses."""
-    return shape[1] if side == "right" else shape[0]
-
-
-def projected_shape(shape: torch.Size, side: str, rank: int) -> tuple[int, int]:
-    """Shape of ``R`` (and of the moments) for a weight of ``shape``."""
-    return (shape[0], rank) if side == "right" else (rank, shape[1])
-
 
 class Projector(ABC):
     """Chooses a subspace from a gradient and maps between full and projected spaces.
 
     ``options`` lists the projector's own param-group keys and their allowed values; the optimizer
-    validates them and passes the group to the constructor.
+    validates them and passes the group to the constructor. ``family`` says which optimizer may
+    use it: ``"svd"`` projectors (a dense ``P`` from the gradient's singular vectors) are the
+    choices of ``GaLoreAdamW(projector=...)``; ``"dct"`` is ``DCTProjAdam``'s.
     """
 
     name: ClassVar[str]
+    family: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, group: dict):
@@ -92,6 +70,11 @@ class Projector(ABC):
     def transport(self, moment: torch.Tensor, old: Subspace, new: Subspace, side: str,
                   second_moment: bool) -> torch.Tensor:
         """Express a moment accumulated in ``old`` coordinates in ``new`` coordinates."""
+
+    @abstractmethod
+    def subspace_bytes(self, size: int, rank: int, dtype: torch.dtype) -> int:
+        """Bytes of the subspace state of a rank-``rank`` projection of size ``size`` (the first
+        step's allocation, for summaries and memory accounting)."""
 
     @abstractmethod
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:

@@ -23,8 +23,9 @@ import functools
 
 import torch
 
+from ..geometry import compressed_size, slot_dim
 from ..kernels.column_select import scores_from_coefficients, top_columns
-from ..kernels.slot_remap import remap_slots, slot_dim
+from ..kernels.slot_remap import remap_slots
 from ..sharding import Sharding, summed
 from .base import Projector, Subspace
 from .dct_basis import dct_coefficients, dct_matrix
@@ -32,6 +33,7 @@ from .dct_basis import dct_coefficients, dct_matrix
 
 class DCTProjector(Projector):
     name = "dct"
+    family = "dct"
     options = {"score": ("l1", "l2"), "transform": ("auto", "matmul", "fft")}
 
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
@@ -47,8 +49,7 @@ class DCTProjector(Projector):
         own shard and one all-reduce of the ``k`` scores gives every rank the same indices."""
         if backend == "triton":
             from ..kernels.column_select_triton import column_scores_triton
-            size = grad.shape[1] if side == "right" else grad.shape[0]
-            basis = _column_major_dct(size, grad.dtype, grad.device)
+            basis = _column_major_dct(compressed_size(grad.shape, side), grad.dtype, grad.device)
             scores = column_scores_triton(grad, basis, side, self.group["score"])
             return {"indices": top_columns(summed(scores, sharding), rank)}, None
         transform = self.group["transform"]
@@ -79,6 +80,9 @@ class DCTProjector(Projector):
     def transport_slots(self, old: Subspace, new: Subspace) -> torch.Tensor:
         return _source_slots(old["indices"], new["indices"])
 
+    def subspace_bytes(self, size: int, rank: int, dtype: torch.dtype) -> int:
+        return rank * torch.int64.itemsize         # the indices; C is shared and rebuilt from its size
+
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         """Fraction of the new indices that were selected before."""
         return (_source_slots(old["indices"], new["indices"]) >= 0).float().mean()
@@ -91,8 +95,9 @@ def _column_major_dct(size: int, dtype: torch.dtype, device: torch.device) -> to
 
 
 def _source_slots(old_indices: torch.Tensor, new_indices: torch.Tensor) -> torch.Tensor:
-    """For each new index, its slot among ``old_indices``, or -1."""
-    size = int(max(old_indices.max(), new_indices.max())) + 1
-    slot_of = torch.full((size,), -1, dtype=torch.int64, device=new_indices.device)
-    slot_of[old_indices] = torch.arange(old_indices.numel(), device=new_indices.device)
-    return slot_of[new_indices]
+    """For each new index, its slot among ``old_indices``, or -1.
+
+    An ``r×r`` comparison rather than a lookup table sized by the largest index: no value is read
+    back to the host, so ``torch.compile`` traces it without guarding on the indices."""
+    matches = new_indices.unsqueeze(1) == old_indices.unsqueeze(0)
+    return torch.where(matches.any(dim=1), matches.int().argmax(dim=1), -1)

@@ -13,23 +13,33 @@ Transport (LDAdam-style rotation): with ``M = P_newᵀ·P_old``, the first momen
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..sharding import Sharding
 from .base import Projector, Subspace
+
+if TYPE_CHECKING:
+    from ..sharding import Sharding
 
 
 class SVDProjector(Projector):
     name = "svd"
+    family = "svd"
 
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
                sharding: Sharding | None = None) -> Subspace:
         """On an FSDP2 shard the whole gradient is all-gathered first (``m·n`` numbers: the costly
         path) and ``P`` is broadcast from the group's first rank, so all ranks hold the same ``P``."""
         full = grad if sharding is None else sharding.gather(grad)
-        u, _, vh = torch.linalg.svd(full.float(), full_matrices=False)
-        matrix = (vh[:rank].T if side == "right" else u[:, :rank]).to(grad.dtype).contiguous()
+        matrix = self.singular_vectors(full.float(), rank, side).to(grad.dtype).contiguous()
         return {"matrix": matrix if sharding is None else sharding.broadcast_(matrix)}
+
+    def singular_vectors(self, grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+        """``P``: the top-``rank`` right (``V[:, :r]``) or left (``U[:, :r]``) singular vectors of
+        the fp32 ``grad``, by a full thin SVD."""
+        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        return vh[:rank].T if side == "right" else u[:, :rank]
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         return subspace["matrix"].to(dtype)
@@ -41,6 +51,9 @@ class SVDProjector(Projector):
             rotation = rotation.square()
         rotated = moment.float() @ rotation.T if side == "right" else rotation @ moment.float()
         return rotated.to(moment.dtype)
+
+    def subspace_bytes(self, size: int, rank: int, dtype: torch.dtype) -> int:
+        return size * rank * dtype.itemsize        # P, in the gradient's dtype
 
     def overlap(self, old: Subspace, new: Subspace, size: int) -> torch.Tensor:
         rotation = new["matrix"].float().T @ old["matrix"].float()

@@ -114,6 +114,16 @@ class SLTrainLinear(nn.Module):
         """The dense weight ``(α/r)·B·A + S`` (m, n), detached: for export and inspection only."""
         return compose_weight(self.B, self.A, self.sparse_values, self.sparse_support, self.scale)
 
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new ``nn.Linear`` computing what the layer computes: weight :meth:`merged_weight`, a copy of
+        the bias; same dtype and device. The layer itself is unchanged."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.merged_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import torch
 
+from ..moments import Moments
+from ..quantization import stochastic_round_bf16
+
 
 def adamw_with_step_counts_(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    moments: Moments,
     steps: torch.Tensor,
     *,
     lr: float,
@@ -37,19 +39,24 @@ def adamw_with_step_counts_(
     eps: float,
     weight_decay: float,
     rewarmup_steps: int,
+    generator: torch.Generator | None = None,
 ) -> None:
     """One AdamW step in place; ``steps`` (int, already incremented, ≥ 1) broadcasts against ``param``.
 
     ``steps`` has shape (r,) for an (m, r) matrix of columns, or () for a tensor with one count.
+    ``moments`` are float or quantized (:class:`~lowrank_optim.moments.Moments`); ``generator``
+    rounds a bf16 ``param`` stochastically.
     """
     t = steps.to(torch.float64)
     lr_t = lr * (torch.clamp(t / rewarmup_steps, max=1.0) if rewarmup_steps else torch.ones_like(t))
-    bias_correction1 = 1.0 - beta1**t
-    bias_correction2 = 1.0 - beta2**t
-    dtype = exp_avg.dtype
+    update = moments.step("torch", grad, beta1=beta1, beta2=beta2, eps=eps,
+                          bias_correction1=(1.0 - beta1**t).float(), bias_correction2=(1.0 - beta2**t).float())
+    dtype = update.dtype
+    decay = (1.0 - lr_t * weight_decay).to(dtype)
+    if generator is not None:
+        exact = param.float().mul_(decay.float()).sub_(update.float() * lr_t.float())
+        param.copy_(stochastic_round_bf16(exact, generator=generator))
+        return
     if weight_decay:
-        param.mul_((1.0 - lr_t * weight_decay).to(dtype))
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt().to(dtype)).add_(eps)
-    param.sub_(exp_avg / denom * (lr_t / bias_correction1).to(dtype))
+        param.mul_(decay)
+    param.sub_((update * lr_t.to(dtype)).to(param.dtype))

@@ -153,6 +153,18 @@ class SSTLinear(nn.Module):
         product is formed in fp32 or wider, then cast to the layer's dtype)."""
         return self._product_in_work_dtype().to(self.s.dtype)
 
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new ``nn.Linear`` computing what the layer computes: weight :meth:`merged_weight`, a copy of
+        the bias; same dtype and device. The layer itself is unchanged."""
+        weight = self.merged_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = (self.U, self.V, self.s, self.active_indices, self.U_active, self.V_active)
         device_type = x.device.type

@@ -7,7 +7,7 @@ Build it over a model converted by :func:`~lowrank_optim.sst.convert.convert_to_
 
 It recognises each SST layer by its ``s``, ``U_active`` and ``V_active`` parameters
 (:mod:`~lowrank_optim.sst.partition`; all three must be in the same parameter group); every
-other parameter gets plain AdamW (:func:`lowrank_optim.plain_adamw.foreach_adamw_`, the
+other parameter gets plain AdamW (:func:`lowrank_optim.plain_adamw.plain_adamw_step_`, the
 ``torch.optim.AdamW`` arithmetic).
 
 Errors are raised before anything changes: bad gradients (sparse, complex, an SST layer with only
@@ -26,11 +26,18 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..adam_form import AdamForm
-from ..plain_adamw import foreach_adamw_
+from ..finite import all_finite
+from ..moments import Moments
+from ..plain_adamw import as_float, plain_adamw_step_
+from ..quantization import check_moment_bits
 from ..registry import register_optimizer
+from ..rounding import rounding_generator
+from ..state_io import restore_saved_dtypes
 from ..validation import (
     check_adamw_hyperparameters,
+    check_bool,
     check_choice,
+    check_group_keys,
     check_positive_int,
 )
 from .adam_update import adamw_with_step_counts_
@@ -39,7 +46,6 @@ from .parameter_owners import SST_ROLES
 from .partition import (
     SSTLayerEntry,
     check_finite_before_resample,
-    first_nonfinite,
     partition_group,
     sst_parameters,
 )
@@ -105,6 +111,8 @@ class SSTAdamW(Optimizer):
         resvd_interval: int | None = None,
         sampling: str = "s",
         rewarmup_steps: int = 20,
+        moment_bits: int | None = None,
+        bf16_stochastic_round: bool = False,
         seed: int = 0,
         skip_nonfinite: bool = False,
     ) -> None:
@@ -117,11 +125,12 @@ class SSTAdamW(Optimizer):
             resvd_interval=resvd_interval,
             sampling=sampling,
             rewarmup_steps=rewarmup_steps,
+            moment_bits=moment_bits,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
         _check_group_hyperparameters(defaults)
         _check_non_negative_int("seed", seed)
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"Invalid skip_nonfinite: {skip_nonfinite!r} (expected a bool)")
+        check_bool("skip_nonfinite", skip_nonfinite)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self._sst_step = 0
@@ -130,7 +139,8 @@ class SSTAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group after checking its hyperparameters and SST layers; a rejected group is not added."""
+        """Add a group after checking its keys, hyperparameters and SST layers; a rejected group is not added."""
+        check_group_keys(param_group, self.defaults, type(self).__name__)
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         try:
@@ -155,7 +165,7 @@ class SSTAdamW(Optimizer):
             every = [p for _, plain, _ in partitions for p in plain] + [
                 p for _, _, layers in partitions for e in layers if e.has_grad for p in sst_parameters(e.layer)
             ]
-            if first_nonfinite(every) is not None:
+            if not all_finite([p.grad for p in every]):
                 self.skipped_steps += 1
                 warnings.warn(
                     f"SSTAdamW: non-finite gradient, step skipped ({self.skipped_steps} skipped so far)",
@@ -177,65 +187,53 @@ class SSTAdamW(Optimizer):
         return loss
 
     def _step_plain(self, group: dict, params: list[torch.Tensor]) -> None:
-        if not params:
-            return
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        foreach_adamw_(
-            params,
-            [p.grad for p in params],
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            form=AdamForm.TORCH,
-        )
+        generators = [self._rounding(group, p) for p in params] if group["bf16_stochastic_round"] else None
+        plain_adamw_step_(self.state, group, params, [p.grad for p in params], form=AdamForm.TORCH,
+                          moment_bits=group["moment_bits"], generators=generators)
 
     def _step_layer(self, group: dict, layer: SSTLinear) -> None:
         beta1, beta2 = group["betas"]
         for role in SST_ROLES:
             p = getattr(layer, role)
-            state = self._layer_state(p, _COUNT_KEYS[role])
-            state[_COUNT_KEYS[role]].add_(1)
+            moments = self._layer_moments(group, p, role)
+            counts = moments.state[_COUNT_KEYS[role]]
+            counts.add_(1)
             adamw_with_step_counts_(
                 p,
                 p.grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state[_COUNT_KEYS[role]],
-                lr=float(group["lr"]),
+                moments,
+                counts,
+                lr=as_float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"] if role == "s" else 0.0,
                 rewarmup_steps=group["rewarmup_steps"],
+                generator=self._rounding(group, p) if group["bf16_stochastic_round"] else None,
             )
         layer.s.clamp_(min=0.0)
         layer.renormalize_active_()
 
-    def _layer_state(self, p: torch.Tensor, count_key: str) -> dict:
-        """Zero moments and int64 step counts: one for ``s`` (``"step"``), one per column otherwise."""
+    def _layer_moments(self, group: dict, p: torch.Tensor, role: str) -> Moments:
+        """The moments of an SST tensor (created zero on its first step, with int64 step counts:
+        one for ``s`` (``"step"``), one per column otherwise); the columns of ``U_active`` and
+        ``V_active`` are the slots their quantization blocks follow."""
         state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            count_shape = () if count_key == "step" else (p.shape[-1],)
-            state[count_key] = torch.zeros(count_shape, dtype=torch.int64, device=p.device)
-        return state
+        moments = Moments.of(state, p.shape, None if role == "s" else "right", group["moment_bits"])
+        if not moments.exists:
+            moments.create(p.dtype, p.device, like=p)
+            count_shape = () if role == "s" else (p.shape[-1],)
+            state[_COUNT_KEYS[role]] = torch.zeros(count_shape, dtype=torch.int64, device=p.device)
+        return moments
+
+    def _rounding(self, group: dict, p: torch.Tensor) -> torch.Generator | None:
+        """This step's stochastic-rounding generator for a bf16 ``p`` (None otherwise)."""
+        if p.dtype != torch.bfloat16:
+            return None
+        return rounding_generator(f"{id(group)}:{self._param_index(p)}", self._sst_step, p.device)
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _resample(self, group: dict, layers: list[SSTLayerEntry], resample_number: int) -> None:
         for entry in layers:
@@ -244,7 +242,8 @@ class SSTAdamW(Optimizer):
             try:
                 resample_layer_(
                     layer,
-                    *(self.state.get(getattr(layer, role), {}) for role in SST_ROLES),
+                    *(Moments.of(self.state[getattr(layer, role)], getattr(layer, role).shape,
+                                 None if role == "s" else "right", group["moment_bits"]) for role in SST_ROLES),
                     generator=self._generator,
                     sampling=group["sampling"],
                     resvd=resample_number % resvd_interval == 0,
@@ -277,12 +276,7 @@ class SSTAdamW(Optimizer):
         state_dict = dict(state_dict)
         sst = state_dict.pop("sst")
         super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
         self._sst_step = int(sst["step"])
         self._generator.set_state(sst["generator_state"].cpu())
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
@@ -310,6 +304,8 @@ def _check_group_hyperparameters(group: dict) -> None:
         check_positive_int("resvd_interval", group["resvd_interval"])
     check_choice("sampling", group["sampling"], SAMPLING_SCHEMES)
     _check_non_negative_int("rewarmup_steps", group["rewarmup_steps"])
+    check_moment_bits(group["moment_bits"])
+    check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
 
 
 def _check_non_negative_int(name: str, value) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..finite import finite_flags
 from ..validation import check_dense_real_grad
 from .layer import SSTLinear
 from .parameter_owners import SST_ROLES, sst_owner
@@ -91,30 +92,11 @@ def sst_parameters(layer: SSTLinear) -> list[torch.Tensor]:
     return [getattr(layer, role) for role in SST_ROLES]
 
 
-def first_nonfinite(params: list[torch.Tensor]) -> int | None:
-    """Index of the first parameter whose gradient has an inf/nan (one host sync), or None."""
-    if not params:
-        return None
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.grad.dtype, []).append(i)
-    norms: list[torch.Tensor] = [torch.empty(0)] * len(params)
-    for dtype, indices in by_dtype.items():
-        # fp32 or wider accumulation: a half-precision norm could overflow on finite values
-        group_norms = torch._foreach_norm(
-            [params[i].grad for i in indices], dtype=torch.promote_types(dtype, torch.float32)
-        )
-        for i, norm in zip(indices, group_norms, strict=True):
-            norms[i] = norm.to(device=params[0].grad.device, dtype=torch.float64)
-    finite = torch.stack(norms).isfinite().tolist()
-    return next((i for i, ok in enumerate(finite) if not ok), None)
-
-
 def check_finite_before_resample(layers: list[SSTLayerEntry]) -> None:
     """Raise ``FloatingPointError`` naming the first layer with a non-finite gradient: it would reach
     the re-SVD and the sampling."""
     params = [p for entry in layers for p in sst_parameters(entry.layer)]
-    bad = first_nonfinite(params)
+    bad = next((i for i, ok in enumerate(finite_flags([p.grad for p in params])) if not ok), None)
     if bad is not None:
         raise FloatingPointError(
             f"{layers[bad // len(SST_ROLES)].label}: non-finite gradient of {SST_ROLES[bad % len(SST_ROLES)]} "

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from ..moments import Moments
 from .layer import SSTLinear
 from .sampling import sample_active_indices
-
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def resample_layer_(
     layer: SSTLinear,
-    state_s: dict,
-    state_U: dict,
-    state_V: dict,
+    moments_s: Moments,
+    moments_U: Moments,
+    moments_V: Moments,
     *,
     generator: torch.Generator,
     sampling: str,
@@ -31,39 +30,36 @@ def resample_layer_(
 ) -> None:
     """Re-SVD ``layer`` if ``resvd``, then draw and load its next active pairs, carrying the state over.
 
-    The state dicts are updated in place; empty ones (a layer never stepped) are left empty.
+    The moments (views of the state dicts, float or quantized) are updated in place; a layer never
+    stepped has none and is left so.
     """
     if resvd:
         layer.resvd_()
-        _restart_(state_s, "step")
+        _restart_(moments_s, "step")
     previous = layer.active_indices.clone()
     layer.set_active_indices_(sample_active_indices(layer.s, layer.rank, generator, sampling))
-    for state in (state_U, state_V):
+    for moments in (moments_U, moments_V):
         if resvd:
-            _restart_(state, "column_steps")
+            _restart_(moments, "column_steps")
         else:
-            carry_over_columns_(state, previous, layer.active_indices, layer.spectral_size)
+            carry_over_columns_(moments, previous, layer.active_indices, layer.spectral_size)
 
 
-def carry_over_columns_(state: dict, previous: torch.Tensor, current: torch.Tensor, spectral_size: int) -> None:
+def carry_over_columns_(moments: Moments, previous: torch.Tensor, current: torch.Tensor, spectral_size: int) -> None:
     """Move each kept pair's moments and step count from its column in ``previous`` to its column in
-    ``current``; columns of pairs not in ``previous`` get zeros."""
-    if not state:
+    ``current``; columns of pairs not in ``previous`` get zeros (a slot remap of the moments)."""
+    if not moments.exists:
         return
     slot = torch.full((spectral_size,), -1, dtype=torch.int64, device=previous.device)
     slot[previous] = torch.arange(previous.numel(), device=previous.device)
     source = slot[current]
-    kept = source >= 0
-    source = source.clamp_min(0)
-    for key in MOMENT_KEYS:
-        moments = state[key]
-        moments.copy_(torch.where(kept, moments.index_select(1, source), 0.0))
-    steps = state["column_steps"]
-    steps.copy_(torch.where(kept, steps[source], 0))
+    moments.remap_slots(source)
+    steps = moments.state["column_steps"]
+    steps.copy_(torch.where(source >= 0, steps[source.clamp_min(0)], 0))
 
 
-def _restart_(state: dict, step_key: str) -> None:
-    if not state:
+def _restart_(moments: Moments, step_key: str) -> None:
+    if not moments.exists:
         return
-    for key in (*MOMENT_KEYS, step_key):
-        state[key].zero_()
+    moments.zero_()
+    moments.state[step_key].zero_()

@@ -1,0 +1,72 @@
+"""Up-front checks of a run config: user mistakes are found before anything is built or trained.
+
+:func:`check_config` raises :class:`~experiments.errors.UsageError` (naming the flag or file) for
+a value out of range or not among its choices (:func:`experiments.config.check_values`), a name no
+table knows (optimizer, dataset, parameterization, model config), a model config file that is
+unreadable or (native model) whose ``max_position_embeddings`` is shorter than ``--max_length``, a
+device that is not there, what ``--fsdp`` cannot train, and a ``--continue_from`` that is no
+complete checkpoint of the right kind of a resumable optimizer. What needs the world size (batch
+divisibility, warmup against the derived steps) is checked by :func:`experiments.config.resolve`;
+what needs the data or the model (corpus size, the library's own hyperparameter checks, checkpoint
+contents) where those are built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from experiments.checkpoint import check_checkpoint, resolve_checkpoint
+from experiments.config import TrainConfig, check_values
+from experiments.data import DATASETS
+from experiments.distributed import check_fsdp_supported
+from experiments.errors import UsageError, expected_one_of
+from experiments.methods import available_methods, recipe_for, resolved_parameterization
+from experiments.model import LlamaConfig
+from experiments.model_factory import read_model_config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise :class:`UsageError` for the first mistake found in ``config`` (see the module docstring)."""
+    check_values(config)
+    if config.optimizer not in available_methods():
+        raise UsageError("--optimizer", f"unknown optimizer: {expected_one_of(config.optimizer, available_methods())}")
+    if config.dataset not in DATASETS:
+        raise UsageError("--dataset", f"unknown dataset: {expected_one_of(config.dataset, DATASETS)}")
+    parameterization = resolved_parameterization(config)
+    _check_model_config(config)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", "cuda was asked for but torch sees no CUDA device; expected auto or cpu here")
+    if config.fsdp:
+        check_fsdp_supported(config.optimizer, parameterization)
+    for flag in ("save_dir", "cache_dir"):
+        path = getattr(config, flag)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise UsageError(f"--{flag}", f"{path} is a file; expected a directory (or a path to create one at)")
+    if config.continue_from:
+        _check_resume(config)
+
+
+def _check_model_config(config: TrainConfig) -> None:
+    """The model config file is readable and, for the native model (whose rotary tables end there),
+    its positions cover ``max_length``."""
+    values = read_model_config(config.model_config)
+    positions = values.get("max_position_embeddings", LlamaConfig.max_position_embeddings)
+    if config.model_impl == "native" and config.max_length > positions:
+        raise UsageError(
+            "--max_length",
+            f"expected at most the {positions} positions (max_position_embeddings) of model config "
+            f"{config.model_config!r}, got {config.max_length}",
+        )
+
+
+def _check_resume(config: TrainConfig) -> None:
+    """``continue_from`` names a complete checkpoint of the kind the run writes, of a resumable optimizer."""
+    if not recipe_for(config.optimizer).resumable:
+        raise UsageError(
+            "--continue_from",
+            f"runs of {config.optimizer} cannot be resumed: its optimizer state holds Python objects, which "
+            "torch.load(weights_only=True) refuses",
+        )
+    check_checkpoint(resolve_checkpoint(config.continue_from), sharded=config.fsdp)

@@ -1,0 +1,289 @@
+"""Block-wise quantized Adam moments: storage format, table-driven (de)quantization and the fused
+moment update, PyTorch reference of :mod:`.quantized_moment_update_triton`.
+
+This module is self-contained (it imports torch only): the quantization maps are passed in as a
+:class:`Codebook` of lookup tables, built by :mod:`lowrank_optim.quantization.maps`, which also
+documents the scheme as a whole. What lives here is what the Triton kernel has to match bit for bit.
+
+**Slots and blocks.** A moment is laid out as ``n_slots`` slots of ``length`` values each:
+
+* ``"columns"``: a right-projected ``m×r`` moment; slot ``j`` is column ``j`` (``length = m``);
+* ``"rows"``: a left-projected ``r×n`` moment; slot ``i`` is row ``i`` (``length = n``);
+* ``"flat"``: any other tensor, flattened: one slot of ``numel`` values.
+
+Every slot is cut into ``⌈length / B⌉`` blocks of ``B`` consecutive values (the last one shorter
+when ``B`` does not divide ``length``): a block never mixes two slots. Each block has one fp32
+scale, its absmax ``a = max |x|``.
+
+**Codes.** ``t = x / a`` (``a = 0``: ``t = 0``) is coded as the index of the nearest level of the
+map, ``code = #{k : midpoint_k ≤ t}`` over the midpoints between consecutive levels (a tie goes to
+the larger level); ``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte
+along the slot, value ``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the
+high nibble (an odd slot's last high nibble is 0, never read).
+
+**Storage** keeps the moment's natural orientation, so a slot remap is one gather along the slot
+dimension of both tensors and the codes shard like the moment along its length dimension:
+
+==========  ==============  ==========================  ==========================
+layout      moment          codes (uint8)               scales (fp32)
+==========  ==============  ==========================  ==========================
+columns     ``(m, r)``      ``(⌈m·b/8⌉, r)``            ``(⌈m/B⌉, r)``
+rows        ``(r, n)``      ``(r, ⌈n·b/8⌉)``            ``(r, ⌈n/B⌉)``
+flat        any, ``N``      ``(⌈N·b/8⌉,)``              ``(⌈N/B⌉,)``
+==========  ==============  ==========================  ==========================
+
+**The fused update** (:func:`quantized_adam_moment_update_`), all arithmetic fp32::
+
+    m ← deq(m̃)·β1 + R·(1 − β1)            v ← deq(ṽ)·β2 + (R·R)·(1 − β2)
+    N = (m / (√v / √bc2 + ε)) / bc1         from these fp32 moments, before re-quantization
+    m̃, ṽ ← quantize(m), quantize(v)
+
+NOTE: every expression is written as a fixed sequence of separately rounded IEEE fp32 operations
+(no ``alpha=`` adds, which CPU kernels may fuse into an FMA; a correctly rounded square root), in
+the order the Triton kernel uses (which runs with FP fusion off and round-to-nearest sqrt and
+division): both paths then produce the same fp32 values, hence the same codes.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LAYOUTS = ("flat", "columns", "rows")
+BITS = (8, 4)
+CODE_DTYPE = torch.uint8
+SCALE_DTYPE = torch.float32
+
+
+class Codebook(NamedTuple):
+    """The lookup tables of one quantization map on one device.
+
+    ``levels``: fp32, ``2**bits`` values in ``[-1, 1]``, non-decreasing: the map's levels, then
+    the top level repeated for codes a map does not use (so any byte decodes inside the table).
+    ``midpoints``: fp32, ``2**bits − 1`` values, ``(q_k + q_{k+1}) / 2`` between the map's levels
+    (computed in float64, then rounded) padded with ``+inf``, so a branchless binary search of
+    ``bits`` steps finds every code and never returns an unused one.
+    ``fill_code``: the code of the level nearest zero, written where a slot starts from zero."""
+
+    levels: torch.Tensor
+    midpoints: torch.Tensor
+    fill_code: int
+
+
+# ------------------------------------------------------------------------------------- checks
+def check_layout(layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Invalid layout: {layout!r} (expected one of {', '.join(map(repr, LAYOUTS))})")
+
+
+def check_bits(bits) -> None:
+    if bits not in BITS or isinstance(bits, bool):
+        raise ValueError(f"Invalid bits: {bits!r} (expected 8 or 4)")
+
+
+def check_block_size(block_size) -> None:
+    """A power of two from 8 to 4096: the Triton kernel tiles a block with ``tl.arange``."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 8 <= block_size <= 4096 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"Invalid block_size: {block_size!r} (expected a power of two from 8 to 4096)")
+
+
+def slot_dim(layout: str) -> int | None:
+    """The storage dimension that indexes slots: 1 for ``columns``, 0 for ``rows``, None for ``flat``."""
+    return {"columns": 1, "rows": 0, "flat": None}[layout]
+
+
+def slot_geometry(shape, layout: str) -> tuple[int, int]:
+    """``(n_slots, length)`` of a moment of ``shape`` in ``layout``."""
+    check_layout(layout)
+    shape = tuple(shape)
+    if layout == "flat":
+        return 1, math.prod(shape)
+    if len(shape) != 2:
+        raise ValueError(f"layout {layout!r} needs a 2-D moment, got shape {shape}")
+    rows, cols = shape
+    return (cols, rows) if layout == "columns" else (rows, cols)
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Bytes of codes for ``length`` values."""
+    return length if bits == 8 else (length + 1) // 2
+
+
+def storage_shapes(shape, bits: int, layout: str, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(codes shape, scales shape)`` of a moment of ``shape`` (module table)."""
+    check_bits(bits)
+    check_block_size(block_size)
+    n_slots, length = slot_geometry(shape, layout)
+    code_len, n_blocks = packed_length(length, bits), -(-length // block_size)
+    if layout == "flat":
+        return (code_len,), (n_blocks,)
+    if layout == "columns":
+        return (code_len, n_slots), (n_blocks, n_slots)
+    return (n_slots, code_len), (n_slots, n_blocks)
+
+
+def check_state(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, bits: int, layout: str,
+                block_size: int) -> None:
+    """ValueError naming the moment when ``codes``/``scales`` are not the storage of ``shape``."""
+    code_shape, scale_shape = storage_shapes(shape, bits, layout, block_size)
+    if codes.dtype != CODE_DTYPE or scales.dtype != SCALE_DTYPE:
+        raise ValueError(f"{name}: codes must be uint8 and scales float32, got {codes.dtype} and {scales.dtype}")
+    if tuple(codes.shape) != code_shape or tuple(scales.shape) != scale_shape:
+        raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} and scales of shape {tuple(scales.shape)} "
+                         f"are not the {bits}-bit {layout!r} storage of a moment of shape {tuple(shape)} with "
+                         f"block_size={block_size} (expected {code_shape} and {scale_shape})")
+
+
+# --------------------------------------------------------------------------- slot-major views
+def _slot_major(storage: torch.Tensor, layout: str) -> torch.Tensor:
+    """A ``(n_slots, ·)`` view of a moment or of its codes/scales storage."""
+    if layout == "flat":
+        return storage.reshape(1, -1)
+    return storage.t() if layout == "columns" else storage
+
+
+def _natural(slot_major: torch.Tensor, layout: str) -> torch.Tensor:
+    """The storage orientation of a ``(n_slots, ·)`` tensor (contiguous)."""
+    if layout == "flat":
+        return slot_major.reshape(-1).contiguous()
+    return (slot_major.t() if layout == "columns" else slot_major).contiguous()
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(n_slots, length)`` uint8 codes → ``(n_slots, packed_length)`` bytes."""
+    if bits == 8:
+        return codes
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))                    # the unused high nibble of an odd slot: 0
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :length]
+
+
+# ---------------------------------------------------------------------- (de)quantization
+def quantize_blockwise(x: torch.Tensor, codebook: Codebook, *, bits: int, layout: str,
+                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of ``x`` (any float dtype; quantized from its fp32 values)."""
+    storage_shapes(x.shape, bits, layout, block_size)            # validates
+    slots = _slot_major(x.float(), layout).contiguous()
+    n_slots, length = slots.shape
+    n_blocks = -(-length // block_size)
+    # zero padding leaves every block's absmax unchanged; the padded codes are cut off below
+    blocks = F.pad(slots, (0, n_blocks * block_size - length)).view(n_slots, n_blocks, block_size)
+    scales = blocks.abs().amax(dim=-1) if n_blocks else blocks.new_zeros(n_slots, 0)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    normalized = blocks / safe.unsqueeze(-1)
+    codes = torch.bucketize(normalized, codebook.midpoints, right=True).to(CODE_DTYPE)
+    codes = codes.view(n_slots, -1)[:, :length]
+    return _natural(_pack(codes, bits), layout), _natural(scales, layout)
+
+
+def unpack_codes(codes: torch.Tensor, *, bits: int, layout: str, shape) -> torch.Tensor:
+    """The codes (int64) of every value of a moment of ``shape``, in the moment's shape."""
+    n_slots, length = slot_geometry(shape, layout)
+    slot_codes = _unpack(_slot_major(codes, layout), bits, length).long()
+    if layout == "flat":
+        return slot_codes.reshape(shape)
+    return slot_codes.t().contiguous() if layout == "columns" else slot_codes
+
+
+def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, codebook: Codebook, *, bits: int,
+                         layout: str, block_size: int, shape) -> torch.Tensor:
+    """The fp32 moment of ``shape`` that ``codes``/``scales`` store: ``levels[code]·scale``."""
+    check_state("moment", codes, scales, shape, bits, layout, block_size)
+    n_slots, length = slot_geometry(shape, layout)
+    slot_codes = _unpack(_slot_major(codes, layout), bits, length)
+    values = codebook.levels[slot_codes.long()]
+    per_value_scales = _slot_major(scales, layout).repeat_interleave(block_size, dim=1)[:, :length]
+    values = values * per_value_scales
+    if layout == "flat":
+        return values.reshape(shape)
+    return values.t().contiguous() if layout == "columns" else values.contiguous()
+
+
+def remap_quantized_slots(codes: torch.Tensor, scales: torch.Tensor, source_slots: torch.Tensor, *, layout: str,
+                          bits: int, fill_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(codes, scales)`` whose slot ``j`` holds old slot ``source_slots[j]`` (zero where −1).
+
+    A whole slot moves with its codes and its scales, so dequantizing the result equals remapping
+    the dequantized moment, exactly. New slots get scale 0 (so they dequantize to 0) and
+    ``fill_code``."""
+    dim = slot_dim(layout)
+    if dim is None:
+        raise ValueError("a slot remap needs the 'columns' or 'rows' layout, got 'flat'")
+    n_slots = codes.shape[dim]
+    if source_slots.ndim != 1 or source_slots.numel() != n_slots:
+        raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index the {n_slots} slots "
+                         f"of a {layout!r} moment")
+    kept = source_slots >= 0
+    index = source_slots.clamp(min=0)
+    mask_shape = (1, -1) if dim == 1 else (-1, 1)
+    fill_byte = fill_code if bits == 8 else fill_code | (fill_code << 4)
+    new_codes = codes.index_select(dim, index).masked_fill_(~kept.view(mask_shape), fill_byte)
+    new_scales = scales.index_select(dim, index) * kept.view(mask_shape).to(scales.dtype)
+    return new_codes, new_scales
+
+
+# ------------------------------------------------------------------------------ fused update
+def quantized_adam_moment_update_(
+    grad: torch.Tensor,
+    m_codes: torch.Tensor,
+    m_scales: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    *,
+    m_codebook: Codebook,
+    v_codebook: Codebook,
+    beta1: float,
+    beta2: float,
+    eps: float | torch.Tensor,
+    bias_correction1: float | torch.Tensor,
+    bias_correction2: float | torch.Tensor,
+    bits: int,
+    layout: str,
+    block_size: int,
+    source_slots: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, m_codes, m_scales, v_codes, v_scales)`` (module doc for the math).
+
+    Without ``source_slots`` the four state tensors are updated in place and returned as they are;
+    with them (int64, one source slot or −1 per slot) the state is first remapped
+    (:func:`remap_quantized_slots`) and new tensors are returned, the inputs left untouched.
+    ``bias_correction1/2`` and ``eps`` may be tensors broadcasting against the moment (per-slot
+    corrections). ``N`` is fp32 in the gradient's shape."""
+    shape = grad.shape
+    check_state("exp_avg", m_codes, m_scales, shape, bits, layout, block_size)
+    check_state("exp_avg_sq", v_codes, v_scales, shape, bits, layout, block_size)
+    if source_slots is not None:
+        m_codes, m_scales = remap_quantized_slots(m_codes, m_scales, source_slots, layout=layout, bits=bits,
+                                                  fill_code=m_codebook.fill_code)
+        v_codes, v_scales = remap_quantized_slots(v_codes, v_scales, source_slots, layout=layout, bits=bits,
+                                                  fill_code=v_codebook.fill_code)
+    common = dict(bits=bits, layout=layout, block_size=block_size)
+    exp_avg = dequantize_blockwise(m_codes, m_scales, m_codebook, shape=shape, **common)
+    exp_avg_sq = dequantize_blockwise(v_codes, v_scales, v_codebook, shape=shape, **common)
+    grad = grad.float()
+    # per-slot values as fp32 tensors, as the kernel reads them (a float64 tensor would promote)
+    as32 = lambda value: value.to(torch.float32) if isinstance(value, torch.Tensor) else value
+    eps, bias_correction1, bias_correction2 = as32(eps), as32(bias_correction1), as32(bias_correction2)
+    exp_avg = exp_avg * beta1 + grad * (1.0 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * (1.0 - beta2)
+    sqrt_bias_correction2 = bias_correction2.sqrt() if isinstance(bias_correction2, torch.Tensor) \
+        else math.sqrt(bias_correction2)
+    # NOTE: the square root through float64 is correctly rounded on every device (the kernel's
+    # tl.sqrt_rn is; torch.sqrt on some CPUs is off by an ulp), and so are its fp32 results
+    denom = torch.sqrt(exp_avg_sq.double()).float() / sqrt_bias_correction2 + eps
+    update = (exp_avg / denom) / bias_correction1
+    new_m_codes, new_m_scales = quantize_blockwise(exp_avg, m_codebook, **common)
+    new_v_codes, new_v_scales = quantize_blockwise(exp_avg_sq, v_codebook, **common)
+    for tensor, new in ((m_codes, new_m_codes), (m_scales, new_m_scales), (v_codes, new_v_codes),
+                        (v_scales, new_v_scales)):
+        tensor.copy_(new)
+    return update, m_codes, m_scales, v_codes, v_scales

@@ -1,0 +1,98 @@
+"""The quantization maps: which levels a normalized moment value ``t = x / absmax ∈ [−1, 1]`` may take.
+
+Built in float64 from their definitions (written for this library, not copied), stored as fp32
+lookup tables (:class:`~lowrank_optim.kernels.quantized_moment_update.Codebook`).
+
+**Dynamic (tree) map** (Dettmers, "8-bit approximations for parallelism in deep learning", 2016),
+for ``b`` bits with ``c = b − 1`` magnitude bits when signed (one sign bit), ``c = b`` unsigned.
+Read the magnitude bits as ``e`` leading zeros (the decade), an indicator 1, then ``c − 1 − e``
+linear fraction bits ``f``; decade ``e`` splits ``(10^−(e+1), 10^−e]`` into ``F_e = 2^(c−1−e)``
+equal bins and takes their centres::
+
+    level(e, f) = 10^−e · (0.1 + 0.9·(f + ½) / F_e),      e = 0 … c−1,  f = 0 … F_e − 1
+
+except that the top level (``e = 0``, ``f = F_0 − 1``) is 1 itself, so a block's absmax is stored
+exactly. Relative resolution is about ``0.9/F_e`` inside a decade and the range spans ``c``
+decades. The all-zero magnitude pattern is
+
+* ``0`` in the **signed** map (first moment): levels ``{0} ∪ {±level(e, f)}``, symmetric,
+  ``2^b − 1`` levels (8 bits: 255, magnitudes from ``5.5·10^−7`` to 1; 4 bits: 15,
+  ``{.0055, .0325, .0775, .2125, .4375, .6625, 1}``); the one spare code is never written;
+* the centre of the next decade, ``0.55·10^−c``, in the **unsigned** map (second moment):
+  ``2^b`` levels, none of them zero (8 bits: 256, from ``5.5·10^−9`` to 1).
+
+**Linear zero-free map** for the 4-bit second moment (torchao's ``AdamW4bit``; Li et al.,
+"Memory efficient optimizers with 4-bit states", 2023): ``k / 16`` for ``k = 1 … 16``.
+
+Why no zero for ``v``: a value of ``v`` below half the lowest level is stored as 0; the next step
+then has ``v = (1 − β2)·R²`` while ``m`` kept its history, so ``N = m̂/(√v̂ + ε)`` grows by up to
+``1/√(1 − β2) ≈ 32`` (β2 = 0.999) for that coordinate. Rounding such values up to the lowest level
+instead only shrinks their update. At 4 bits the threshold (1/32 of the block's absmax) is hit all
+the time; at 8 bits a zero level would catch values below ``1.6·10^−7`` of the absmax (torchao's
+and bitsandbytes' unsigned map; rarely), and the zero-free level costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lowrank_optim.kernels.quantized_moment_update import Codebook, check_bits
+
+
+def dynamic_map(bits: int, signed: bool) -> torch.Tensor:
+    """The dynamic tree map (module doc), float64, ascending."""
+    check_bits(bits)
+    magnitude_bits = bits - 1 if signed else bits
+    magnitudes = []
+    for decade in range(magnitude_bits):
+        count = 2 ** (magnitude_bits - 1 - decade)
+        centres = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        magnitudes.append(10.0 ** -decade * (0.1 + 0.9 * centres))
+    magnitudes = torch.cat(magnitudes)
+    magnitudes[magnitudes.argmax()] = 1.0            # the absmax is a level
+    if signed:
+        levels = torch.cat((-magnitudes, torch.zeros(1, dtype=torch.float64), magnitudes))
+    else:
+        lowest = 10.0 ** -magnitude_bits * (0.1 + 0.9 * 0.5)            # the next decade's centre
+        levels = torch.cat((torch.tensor([lowest], dtype=torch.float64), magnitudes))
+    return levels.sort().values
+
+
+def linear_zero_free_map(bits: int) -> torch.Tensor:
+    """``k / 2^b`` for ``k = 1 … 2^b``, float64."""
+    check_bits(bits)
+    count = 2 ** bits
+    return torch.arange(1, count + 1, dtype=torch.float64) / count
+
+
+def quantization_map(bits: int, signed: bool) -> torch.Tensor:
+    """The map the library uses, float64, ascending: dynamic signed for ``m`` (8 and 4 bits);
+    for ``v`` dynamic zero-free unsigned at 8 bits, linear zero-free at 4 bits."""
+    check_bits(bits)
+    if signed:
+        return dynamic_map(bits, signed=True)
+    return dynamic_map(8, signed=False) if bits == 8 else linear_zero_free_map(4)
+
+
+def midpoints(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """Decision boundaries between consecutive levels, float64, padded with ``+inf`` to ``2^b − 1``."""
+    middle = (levels[1:] + levels[:-1]) / 2
+    padding = torch.full((2 ** bits - 1 - middle.numel(),), float("inf"), dtype=torch.float64)
+    return torch.cat((middle, padding))
+
+
+@functools.cache
+def _codebook(bits: int, signed: bool, device: str) -> Codebook:
+    levels = quantization_map(bits, signed)
+    fill_code = int(levels.abs().argmin())
+    boundaries = midpoints(levels, bits)
+    # the spare code of a signed map decodes as the top level: every byte reads inside the table
+    table = torch.cat((levels, levels[-1:].expand(2**bits - levels.numel())))
+    return Codebook(table.to(device=device, dtype=torch.float32),
+                    boundaries.to(device=device, dtype=torch.float32), fill_code)
+
+
+def codebook(bits: int, signed: bool, device: torch.device | str = "cpu") -> Codebook:
+    """The fp32 lookup tables of :func:`quantization_map` on ``device`` (built once per device)."""
+    return _codebook(bits, bool(signed), str(torch.device(device)))

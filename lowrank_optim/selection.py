@@ -1,0 +1,57 @@
+"""Which parameters ``DCTProjAdam(model.parameters())`` projects by default: everything 2-D except
+the vocabulary matrices (token embedding and output head).
+
+GaLore's recipe, whose quality this library is measured against, projects the attention and MLP
+linears and gives embeddings, head and norms full AdamW. Without module names the optimizer sees
+only shapes and their order, so the rule reads the structure of a transformer's parameter list:
+
+* **by name** (``model.named_parameters()``): a name containing one of
+  :data:`EMBEDDING_NAME_PATTERNS`, or a top-level ``output.weight`` (Meta's LLaMA), is a
+  vocabulary matrix;
+* **by shape**, for the *end* parameters, the first and the last 2-D parameter (where embedding
+  and head sit in the parameter lists of LLaMA-family models of every size): an end parameter
+  with a dimension that no *interior* 2-D parameter has (the vocabulary size) is a vocabulary
+  matrix. An end parameter shaped like an interior one is a block weight (a tied-embedding
+  model ends with its last ``down_proj``). An end parameter that is neither cannot be told: it is
+  projected, and a warning names its shape once. Interior parameters are never vocabulary
+  matrices by shape.
+
+LLaMA-7B's ``32000×4096`` embedding (aspect ratio 7.8) and Llama-2-70B's are caught by shape, as
+are a 2-layer tiny model's. With at most two 2-D parameters there is no interior to compare with
+(an optimizer over one weight): then a matrix more than :data:`VOCABULARY_ASPECT_RATIO` times longer
+than wide is a vocabulary matrix, and nothing is warned. A param group with its own ``rank``
+projects anything.
+"""
+from __future__ import annotations
+
+EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
+TOP_LEVEL_HEAD_NAMES = ("output.weight",)
+VOCABULARY_ASPECT_RATIO = 8.0
+
+
+def is_vocabulary_name(name: str | None) -> bool:
+    """Whether a parameter name marks an embedding or output head (module doc)."""
+    return name is not None and (any(p in name for p in EMBEDDING_NAME_PATTERNS) or name in TOP_LEVEL_HEAD_NAMES)
+
+
+def vocabulary_matrices(entries: list[tuple[str | None, tuple[int, int]]]) -> tuple[set[int], list[int]]:
+    """``(vocabulary, undecided)``: positions in ``entries`` (the 2-D parameters, in order, with
+    their names or None) of the vocabulary matrices, and of the end parameters the shape rule
+    could not tell (module doc)."""
+    vocabulary = {i for i, (name, _) in enumerate(entries) if is_vocabulary_name(name)}
+    if len(entries) <= 2:
+        return vocabulary | {i for i, (_, shape) in enumerate(entries)
+                             if max(shape) > VOCABULARY_ASPECT_RATIO * min(shape)}, []
+    ends = [0, len(entries) - 1]
+    interior = [tuple(shape) for i, (_, shape) in enumerate(entries) if i not in ends]
+    interior_dims = {dim for shape in interior for dim in shape}
+    undecided = []
+    for i in ends:
+        if i in vocabulary:
+            continue
+        shape = tuple(entries[i][1])
+        if any(dim not in interior_dims for dim in shape):
+            vocabulary.add(i)
+        elif shape not in interior:
+            undecided.append(i)
+    return vocabulary, undecided
