@@ -220,6 +220,16 @@ class TrainConfig:
     # ---- run ----
     seed: int = _flag(0, "seed of the model init and data order", type=int, valid=Interval.integers(0))
     device: str = _flag("auto", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
+    backward_projection: bool = _flag(
+        False,
+        "project the gradients of projected weights inside the backward pass (no full-size gradients; "
+        "lowrank_optim.backward_projection): dct_adamw or galore_adamw, with the residual off (dct_adamw's "
+        "default here then); under torchrun the optimizer all-reduces the projected gradients itself (no DDP "
+        "wrapper); not with --fsdp",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+    )
     fsdp: bool = _flag(
         False,
         "under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP; "

@@ -40,6 +40,8 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError("--device", "cuda was asked for but torch sees no CUDA device; expected auto or cpu here")
     if config.fsdp:
         check_fsdp_supported(config.optimizer, parameterization)
+    if config.backward_projection:
+        _check_backward_projection(config, parameterization)
     for flag in ("save_dir", "cache_dir"):
         path = getattr(config, flag)
         if path is not None and Path(path).exists() and not Path(path).is_dir():
@@ -70,3 +72,18 @@ def _check_resume(config: TrainConfig) -> None:
             "torch.load(weights_only=True) refuses",
         )
     check_checkpoint(resolve_checkpoint(config.continue_from), sharded=config.fsdp)
+
+
+BACKWARD_PROJECTION_OPTIMIZERS = ("dct_adamw", "galore_adamw")
+
+
+def _check_backward_projection(config: TrainConfig, parameterization: str) -> None:
+    """``--backward_projection`` projects gradients of the library's projected optimizers, on dense
+    weights, without FSDP2 (which reduce-scatters full gradients itself)."""
+    if config.optimizer not in BACKWARD_PROJECTION_OPTIMIZERS or parameterization != "dense":
+        raise UsageError("--backward_projection", f"needs the optimizer {' or '.join(BACKWARD_PROJECTION_OPTIMIZERS)} "
+                         f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "
+                         f"{parameterization!r}")
+    if config.fsdp:
+        raise UsageError("--backward_projection", "cannot be combined with --fsdp (FSDP2 reduce-scatters full "
+                         "gradients); under torchrun the optimizer all-reduces the projected gradients itself")

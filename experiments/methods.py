@@ -173,6 +173,12 @@ def optimizer_kwargs(config: TrainConfig) -> dict:
     for keyword, field in recipe_for(config.optimizer).keyword_fields:
         if getattr(config, field) is not None:
             kwargs[keyword] = getattr(config, field)
+    if config.backward_projection:
+        kwargs["backward_projection"] = True
+        if config.optimizer == "dct_adamw":
+            kwargs["residual"] = "none"          # the scaled residual needs the full gradient the mode frees
+        if torch.distributed.is_initialized():
+            kwargs["process_group"] = torch.distributed.group.WORLD
     return {**kwargs, **config.optimizer_kwargs}
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+import lowrank_optim
 from experiments.args import parse_config
 from experiments.checkpoint import (
     MODEL_FILE,
@@ -117,13 +118,18 @@ def train_step(
         # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last micro-batch only.
         if config.fsdp:
             model.set_requires_gradient_sync(last)
-        sync = contextlib.nullcontext() if last or config.fsdp or not context.enabled else model.no_sync()
-        with sync:
+        ddp = isinstance(model, DistributedDataParallel)
+        with contextlib.nullcontext() if last or not ddp else model.no_sync():
             loss = next_token_loss(model(ids), ids, pad_id)
             (loss / config.gradient_accumulation).backward()
         total += loss.detach()
     if config.grad_clipping > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+        # By the norm of what the optimizer uses (projected gradients under --backward_projection);
+        # FSDP2's sharded gradients go through torch's DTensor-aware clip.
+        if config.fsdp:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+        else:
+            lowrank_optim.clip_grad_norm_(optimizer, config.grad_clipping)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / config.gradient_accumulation
@@ -186,7 +192,9 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     run = Run(config, context, data, model, model, optimizer, scheduler, progress)
     if config.continue_from:
         restore_run(run, resolve_checkpoint(config.continue_from))
-    if context.enabled and not config.fsdp:  # DDP broadcasts rank 0's (possibly restored) weights
+    # DDP broadcasts rank 0's (possibly restored) weights; under --backward_projection the optimizer
+    # all-reduces the projected gradients itself and broadcast the weights when it was built.
+    if context.enabled and not config.fsdp and not config.backward_projection:
         device_ids = [context.device] if context.device.type == "cuda" else None
         run.wrapped = DistributedDataParallel(model, device_ids=device_ids)
     return run

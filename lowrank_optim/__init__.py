@@ -1,4 +1,5 @@
 """lowrank-optim: memory-efficient optimizers for LLM pretraining."""
+from .clipping import clip_grad_norm_
 from .dct_adam import DCTAdamW, DCTProjAdam
 from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .param_groups import lowrank_param_groups
@@ -9,7 +10,7 @@ from .state_bytes import optimizer_state_bytes
 
 __all__ = [
     "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "GaLoreAdamW8bit", "lowrank_param_groups", "available_optimizers",
-    "create_optimizer", "register_optimizer", "optimizer_state_bytes",
+    "create_optimizer", "register_optimizer", "optimizer_state_bytes", "clip_grad_norm_",
     "SLTrainLinear", "convert_to_sltrain", "merge_sltrain",
     "SSTAdamW", "SSTLinear", "convert_to_sst", "merge_sst", "sst_layers",
 ]

@@ -47,6 +47,7 @@ from typing import ClassVar
 
 import torch
 
+from . import backward_projection as backward
 from .adam_form import AdamForm
 from .finite import all_finite, finite_flags
 from .geometry import compressed_size, projected_shape, resolve_side
@@ -126,19 +127,32 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, skip_nonfinite: bool = False, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, backward_projection: bool = False, process_group=None):
         check_torch_keywords(foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
                              differentiable=differentiable)
         check_bool("skip_nonfinite", skip_nonfinite)
+        check_bool("backward_projection", backward_projection)
+        if process_group is not None and not backward_projection:
+            raise ValueError(f"Invalid process_group: {process_group!r} (only with backward_projection=True, where "
+                             "the optimizer all-reduces the projected gradients; otherwise wrap the model in DDP)")
         defaults = dict(defaults, foreach=foreach, maximize=maximize, capturable=capturable,
                         differentiable=differentiable, fused=fused)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.backward_projection = backward_projection
+        self.communicated_bytes = 0         # sent into all-reduces by this rank at the last step
+        self._process_group = process_group
         self._rank_given: list[bool] = []
         self._plans: dict[torch.Tensor, _Plan] = {}
+        self._refresh_offsets: dict[torch.Tensor, int] = {}
+        self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._synchronized = False
+        self._hooks: list = []
         super().__init__(params, defaults)
         self._plan_all(warn=True)
+        if backward_projection:
+            self._start_backward_projection()
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -229,6 +243,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
                                              (group_index, index) in vocabulary)
                 plans[param] = self._resolve_plan(group, param, key, rank)
         self._plans = plans
+        projected = [(group, param) for group in self.param_groups for param in group["params"]
+                     if plans[param].rank is not None]
+        self._refresh_offsets = {param: backward.stagger_offset(j, len(projected), group["update_proj_gap"])
+                                 for j, (group, param) in enumerate(projected)}
         if not warn:
             return
         for i in undecided:
@@ -272,11 +290,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
+        try:
+            self._step_groups()
+        finally:
+            self._low_rank_grads, self._synchronized = {}, False
+
+    def _step_groups(self) -> None:
+        self._synchronize()
         work = [self._init_group(group) for group in self.param_groups]
         self.refresh_stats = {}
         if self.skip_nonfinite:
             # the gradients as autograd left them (DTensors under FSDP2: their check spans the shards)
-            grads = [p.grad for (params, _), _ in work for p in params] + [i.param.grad for _, p in work for i in p]
+            grads = [p.grad for (params, _), _ in work for p in params] + [
+                i.param.grad if i.param.grad is not None else i.low_rank_grad for _, p in work for i in p]
             if not all_finite(grads):
                 self.skipped_steps += 1
                 warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
@@ -298,27 +324,34 @@ class ProjectedAdamW(torch.optim.Optimizer):
         gradients validated (and negated under ``maximize``)."""
         params, grads, projected = [], [], []
         projector = None
+        sign = -1.0 if group["maximize"] else 1.0
         for param in group["params"]:
-            if param.grad is None:
+            accumulated = self._low_rank_grads.get(param)
+            if param.grad is None and accumulated is None:
                 continue
             plan = self._plan(param)
+            projector = projector or PROJECTORS[self._projector_name(group)](group)
+            if param.grad is None:            # projected in the backward pass (lowrank_optim.backward_projection)
+                projected.append(_Projected(group, param, plan, param, None, projector, refresh=False,
+                                            low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated))
+                continue
             check_dense_real_grad(param.grad, _label(plan.key, param))
-            grad = local(param.grad)
-            if group["maximize"]:
-                grad = -grad
+            grad = -local(param.grad) if sign < 0 else local(param.grad)
             if plan.rank is None:
                 params.append(param)
                 grads.append(grad)
                 continue
-            projector = projector or PROJECTORS[self._projector_name(group)](group)
             projected.append(_Projected(group, param, plan, local(param), grad, projector,
                                         refresh=self._needs_refresh(param, group)))
         return (params, grads), projected
 
     def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
+        """Whether ``param``'s subspace is recomputed at its next step: at its first, then every
+        ``update_proj_gap`` steps (staggered by weight under ``backward_projection``)."""
         state = self.state.get(param, {})
         has_subspace = any(key.startswith(_SUBSPACE_PREFIX) for key in state)
-        return not has_subspace or state["step"] % group["update_proj_gap"] == 0
+        offset = self._refresh_offsets.get(param, 0) if self.backward_projection else 0
+        return not has_subspace or (state["step"] + offset) % group["update_proj_gap"] == 0
 
     def _compute_refreshes(self, refreshing: list[_Projected]) -> None:
         if not refreshing:
@@ -428,6 +461,72 @@ class ProjectedAdamW(torch.optim.Optimizer):
             state[_SUBSPACE_PREFIX + key] = tensor
         return source_slots
 
+    # ---------------------------------------------------------------------- backward projection
+    def _start_backward_projection(self) -> None:
+        """Check the groups, hook every projected parameter, broadcast the parameters of a
+        process group (module :mod:`lowrank_optim.backward_projection`)."""
+        projected = [(group, param) for group in self.param_groups for param in group["params"]
+                     if self._plans[param].rank is not None]
+        for group, param in projected:
+            label = _label(self._plans[param].key, param)
+            if group["residual"] == "scaled":
+                raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
+                                 "backward_projection=True frees in the backward pass; pass residual='none'")
+            if self._plans[param].sharding is not None:
+                raise ValueError(f"{label}: backward_projection=True with FSDP2-sharded parameters is not supported "
+                                 "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
+                                 "process_group=...")
+        self._hooks = backward.register([param for _, param in projected], self._project_in_backward)
+        if self._process_group is not None:
+            backward.broadcast_parameters([p for group in self.param_groups for p in group["params"]],
+                                          self._process_group)
+
+    @torch.no_grad()
+    def _project_in_backward(self, param: torch.Tensor) -> None:
+        """The post-accumulate-grad hook: ``A ← A + proj(G)`` and free ``G``, unless the parameter
+        refreshes at the coming step (then its full gradient accumulates as usual)."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        if self._needs_refresh(param, group):
+            return
+        plan = self._plan(param)
+        projector = PROJECTORS[self._projector_name(group)](group)
+        low_rank = projector.project(param.grad, _stored_subspace(self.state[param]), plan.side, plan.backend)
+        accumulated = self._low_rank_grads.get(param)
+        self._low_rank_grads[param] = low_rank if accumulated is None else accumulated.add_(low_rank)
+        param.grad = None
+
+    def _gradient_tensors(self) -> list[torch.Tensor]:
+        """What the next step uses, in parameter order: each projected weight's accumulator, or
+        the gradient of every other parameter that has one."""
+        tensors = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                accumulated = self._low_rank_grads.get(param)
+                if accumulated is not None:
+                    tensors.append(accumulated)
+                elif param.grad is not None:
+                    tensors.append(local(param.grad))
+        return tensors
+
+    def _synchronize(self) -> None:
+        """Average the step's gradients over the process group, once per step."""
+        if self._process_group is None or self._synchronized:
+            return
+        self.communicated_bytes = backward.synchronize(self._gradient_tensors(), self._process_group)
+        self._synchronized = True
+
+    def gradients_in_use(self) -> list[torch.Tensor]:
+        """The gradients the next :meth:`step` will use (averaged over the process group first
+        under ``backward_projection`` with one): projected accumulators, full gradients otherwise.
+        :func:`lowrank_optim.clip_grad_norm_` clips these in place."""
+        self._synchronize()
+        return self._gradient_tensors()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and the projected accumulators are dropped too."""
+        super().zero_grad(set_to_none)
+        self._low_rank_grads, self._synchronized = {}, False
+
     # ---------------------------------------------------------------------------------- summary
     def projection_summary(self) -> ProjectionSummary:
         """One row per parameter: name (or position), shape, projected or not, rank, side and the
@@ -476,7 +575,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that steps."""
         state = super().__getstate__()
         state.update(skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps,
-                     _rank_given=list(self._rank_given))
+                     _rank_given=list(self._rank_given), backward_projection=self.backward_projection)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -484,8 +583,18 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_rank_given", [False] * len(self.param_groups))
+        self.__dict__.setdefault("backward_projection", False)
+        self.__dict__.setdefault("communicated_bytes", 0)
+        self.__dict__.setdefault("_process_group", None)    # a copy does not share the original's group
+        self.__dict__.setdefault("_low_rank_grads", {})
+        self.__dict__.setdefault("_synchronized", False)
         self.refresh_stats = {}
         self._plans = {}             # resolved again (load_state_dict calls this with the new groups)
+        self._refresh_offsets = {}
+        self._plan_all(warn=False)
+        if self.backward_projection and not self.__dict__.get("_hooks"):
+            self._hooks = []
+            self._start_backward_projection()         # an unpickled copy hooks its own parameters
         for group in self.param_groups:          # groups saved before these keys existed ran as:
             for key, value in {**KEYS_ADDED_LATER, **self.keys_added_later}.items():
                 group.setdefault(key, value)

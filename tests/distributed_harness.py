@@ -72,3 +72,19 @@ def regression_loss(model: nn.Module, step: int, part: slice = slice(None)) -> t
 def half(rank: int, rows: int = 8) -> slice:
     size = rows // WORLD_SIZE
     return slice(rank * size, (rank + 1) * size)
+
+
+def assert_identical(a, b, path="") -> None:
+    """``a`` and ``b`` (nested dicts, lists, tensors, numbers) are equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}[{index}]")
+    else:
+        assert a == b, path

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from distributed_harness import half, run_and_collect
+from distributed_harness import assert_identical, half, run_and_collect
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from toy import batch, make_model, max_rel_diff, projected_groups
@@ -131,19 +131,4 @@ def test_low_bit_setups_really_hold_quantized_moments(ddp_results, name):
 @pytest.mark.parametrize("name", SETUPS)
 def test_every_rank_holds_the_same_state(ddp_results, name):
     first, second = ddp_results[name]
-    _assert_identical(first, second)
-
-
-def _assert_identical(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_identical(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for index, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{path}[{index}]")
-    else:
-        assert a == b, path
+    assert_identical(first, second)

@@ -82,6 +82,7 @@ def losses(save_dir: Path, key: str) -> dict[int, float]:
 
 RUN_CASES = [(name, {"optimizer": name}) for name in sorted(set(available_methods()) | set(EXPECTED_OPTIMIZERS))]
 RUN_CASES.append(("sltrain", {"optimizer": "adamw", "parameterization": "sltrain"}))
+RUN_CASES += [(f"{name}_backward_projection", {"optimizer": name, "backward_projection": True}) for name in PROJECTED]
 
 
 @pytest.mark.parametrize(("case", "overrides"), RUN_CASES, ids=[case for case, _ in RUN_CASES])
@@ -97,7 +98,7 @@ def test_few_step_run(case, overrides, tmp_path, cache_dir):
     assert math.isfinite(result.final_val_loss) and result.optimizer_state_bytes > 0
     records = read_metrics(tmp_path / "run" / METRICS_FILE)
     assert {"lr", "throughput/tokens_per_s", "memory/peak_bytes", "optimizer/state_bytes"} <= set(records[0])
-    if case in PROJECTED:
+    if overrides["optimizer"] in PROJECTED:
         refreshes = [r for r in records if "proj/captured" in r]
         assert refreshes, "projected optimizers log their projection health at refresh steps"
         assert all(0.0 <= r["proj/captured"] <= 1.0 + 1e-6 for r in refreshes)
@@ -110,6 +111,8 @@ RESUME_CASES = [
     ("dct_adamw", {"optimizer": "dct_adamw", "moments": "transport"}),
     ("sst_adamw", {"optimizer": "sst_adamw"}),
     ("sltrain", {"optimizer": "adamw", "parameterization": "sltrain"}),
+    ("dct_adamw_backward_projection", {"optimizer": "dct_adamw", "backward_projection": True}),
+    ("galore_adamw_backward_projection", {"optimizer": "galore_adamw", "backward_projection": True}),
 ]
 
 
@@ -257,12 +260,17 @@ def test_wandb_offline_run_files_appear_in_the_run_dir(tmp_path, cache_dir):
     assert "final val loss" in completed.stdout
 
 
-def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, cache_dir):
+@pytest.mark.parametrize("mode", [[], ["--optimizer", "dct_adamw", "--backward_projection"]],
+                         ids=["ddp", "backward_projection"])
+def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, cache_dir, mode):
+    """Plain DDP, and --backward_projection, where the optimizer all-reduces the projected
+    gradients itself (no DDP wrapper): accumulation 2 on each of 2 ranks equals 1 process."""
     common = [
         "--model_config",
         "llama_micro",
         "--optimizer",
         "adamw",
+        *mode,
         "--max_length",
         "32",
         "--batch_size",

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from lowrank_optim.integrations.transformers import (  # noqa: E402
     TRAINER_FACTORIES,
+    ClipInOptimizerCallback,
     DCTProjAdamFactory,
     GaLoreAdamWFactory,
     add_lowrank_optim_callback,
@@ -213,3 +214,25 @@ def test_callback_logs_every_group_lr_and_the_refresh_statistics(tmp_path):
     assert history[0]["lowrank/overlap_mean"] == 0          # first refresh: no previous subspace
     assert history[1]["lowrank/overlap_mean"] > 0
     assert "learning_rate/group_0" not in trainer.state.log_history[-1]    # the final summary log is left alone
+
+
+def test_backward_projection_clips_through_the_callback(tmp_path):
+    """Trainer's own clipping would see no projected gradient: refused; the callback clips by the
+    norm of what the optimizer uses and logs it."""
+    kwargs = {"lr": 1e-2, "rank": RANK, "update_proj_gap": 3, "residual": "none", "backward_projection": True}
+
+    def trainer(max_grad_norm, callbacks):
+        return transformers.Trainer(model=tiny_llama(), train_dataset=TokenSequences(), callbacks=callbacks,
+                                    args=training_args(tmp_path, max_grad_norm=max_grad_norm,
+                                                       gradient_accumulation_steps=2),
+                                    optimizer_cls_and_kwargs=trainer_optimizer("dct_adamw", **kwargs))
+
+    with pytest.raises(RuntimeError, match=r"lowrank_optim\.clip_grad_norm_"):
+        trainer(1.0, None).train()
+    clipped = trainer(0.0, [ClipInOptimizerCallback(0.5)])
+    with pytest.warns(RuntimeWarning, match=r"logged gradient norm leaves them out"):   # Trainer's grad_norm
+        clipped.train()
+    norms = [entry["grad_norm/optimizer"] for entry in clipped.state.log_history if "grad_norm/optimizer" in entry]
+    assert len(norms) == 6 and all(math.isfinite(norm) and norm > 0 for norm in norms)
+    with pytest.raises(ValueError, match=r"Invalid max_grad_norm: 1.0"):
+        trainer(1.0, [ClipInOptimizerCallback(0.5)]).train()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..clipping import clip_grad_norm_
 from ..validation import check_bool
 
 LR_KEY = "learning_rate/group_{index}"
@@ -82,6 +83,33 @@ class LowRankOptimCallback(TrainerCallback):
                 logs[f"lowrank/{stat}/{name}"] = value
         logs.update({MEAN_KEY.format(stat=stat): sum(row) / len(row) for stat, row in by_stat.items()})
         return logs
+
+
+class ClipInOptimizerCallback(TrainerCallback):
+    """Gradient clipping by :func:`lowrank_optim.clip_grad_norm_` (the norm of what the optimizer
+    uses) right before each optimizer step: the way to clip under ``backward_projection=True``,
+    where Trainer's own clipping (``torch.nn.utils.clip_grad_norm_``) sees no projected gradient
+    and is refused. Use it with ``TrainingArguments(max_grad_norm=0)``; the norm before clipping
+    is logged as ``grad_norm/optimizer`` at the next log."""
+
+    def __init__(self, max_norm: float) -> None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+            raise ValueError(f"Invalid max_norm: {max_norm!r} (expected a number > 0)")
+        self.max_norm = float(max_norm)
+        self._norm: torch.Tensor | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if args.max_grad_norm:
+            raise ValueError(f"Invalid max_grad_norm: {args.max_grad_norm!r} (ClipInOptimizerCallback clips; pass "
+                             "TrainingArguments(max_grad_norm=0) so that Trainer does not clip first)")
+        self._norm = clip_grad_norm_(unwrap_optimizer(optimizer), self.max_norm)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self._norm is None or "learning_rate" not in logs:
+            return
+        logs["grad_norm/optimizer"] = float(self._norm)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["grad_norm/optimizer"] = logs["grad_norm/optimizer"]   # a copy, taken before
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

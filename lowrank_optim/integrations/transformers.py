@@ -17,7 +17,12 @@ Importing this module imports ``transformers``; ``lowrank_optim`` itself never d
 """
 
 from .pretrained import from_pretrained_converted, merged_state_dict, save_pretrained_merged
-from .trainer_callback import LowRankOptimCallback, add_lowrank_optim_callback, unwrap_optimizer
+from .trainer_callback import (
+    ClipInOptimizerCallback,
+    LowRankOptimCallback,
+    add_lowrank_optim_callback,
+    unwrap_optimizer,
+)
 from .trainer_factories import (
     TRAINER_FACTORIES,
     AdamWFactory,
@@ -32,6 +37,7 @@ from .trainer_factories import (
 
 __all__ = [
     "TRAINER_FACTORIES",
+    "ClipInOptimizerCallback",
     "AdamWFactory",
     "DCTProjAdamFactory",
     "GaLoreAdamW8bitFactory",
