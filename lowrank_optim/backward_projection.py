@@ -62,14 +62,27 @@ def stagger_offset(position: int, count: int, gap: int) -> int:
     return position * gap // max(count, 1)
 
 
-def register(params: list[torch.Tensor], hook) -> list:
-    """Register ``hook(param)`` after each parameter's gradient accumulation; the handles."""
+def register(params: list[torch.Tensor], hook, labels: list[str]) -> list:
+    """Register ``hook(param)`` after each parameter's gradient accumulation; the handles. A
+    parameter already projected by another optimizer is refused (both would free its gradient)."""
+    for param, label in zip(params, labels):
+        if _is_projected_in_backward(param):
+            raise ValueError(f"{label}: its gradient is already projected in the backward pass by another optimizer; "
+                             "call that optimizer's stop_backward_projection() first")
     guard_torch_clipping()
     handles = []
     for param in params:
         _PROJECTED_IN_BACKWARD[id(param)] = weakref.ref(param)
         handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
+
+
+def unregister(params: list[torch.Tensor], handles: list) -> None:
+    """Remove the hooks of :func:`register`."""
+    for handle in handles:
+        handle.remove()
+    for param in params:
+        _PROJECTED_IN_BACKWARD.pop(id(param), None)
 
 
 def synchronize(tensors: list[torch.Tensor], group) -> int:

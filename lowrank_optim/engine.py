@@ -47,8 +47,8 @@ from typing import ClassVar
 
 import torch
 
-from . import backward_projection as backward
 from .adam_form import AdamForm
+from .backward_projection import broadcast_parameters, register, stagger_offset, synchronize, unregister
 from .finite import all_finite, finite_flags
 from .geometry import compressed_size, projected_shape, resolve_side
 from .kernels.backend import check_backend, resolve_backend
@@ -245,7 +245,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self._plans = plans
         projected = [(group, param) for group in self.param_groups for param in group["params"]
                      if plans[param].rank is not None]
-        self._refresh_offsets = {param: backward.stagger_offset(j, len(projected), group["update_proj_gap"])
+        self._refresh_offsets = {param: stagger_offset(j, len(projected), group["update_proj_gap"])
                                  for j, (group, param) in enumerate(projected)}
         if not warn:
             return
@@ -476,10 +476,18 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{label}: backward_projection=True with FSDP2-sharded parameters is not supported "
                                  "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
                                  "process_group=...")
-        self._hooks = backward.register([param for _, param in projected], self._project_in_backward)
+        self._hooks = register([param for _, param in projected], self._project_in_backward,
+                                        [_label(self._plans[param].key, param) for _, param in projected])
         if self._process_group is not None:
-            backward.broadcast_parameters([p for group in self.param_groups for p in group["params"]],
+            broadcast_parameters([p for group in self.param_groups for p in group["params"]],
                                           self._process_group)
+
+    def stop_backward_projection(self) -> None:
+        """Remove the backward hooks: the parameters get full gradients again and this optimizer
+        steps them as without ``backward_projection`` (another optimizer may then take them over)."""
+        projected = [p for group in self.param_groups for p in group["params"] if self._plan(p).rank is not None]
+        unregister(projected, self._hooks)
+        self._hooks, self.backward_projection, self._process_group = [], False, None
 
     @torch.no_grad()
     def _project_in_backward(self, param: torch.Tensor) -> None:
@@ -512,7 +520,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """Average the step's gradients over the process group, once per step."""
         if self._process_group is None or self._synchronized:
             return
-        self.communicated_bytes = backward.synchronize(self._gradient_tensors(), self._process_group)
+        self.communicated_bytes = synchronize(self._gradient_tensors(), self._process_group)
         self._synchronized = True
 
     def gradients_in_use(self) -> list[torch.Tensor]:
@@ -591,13 +599,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.refresh_stats = {}
         self._plans = {}             # resolved again (load_state_dict calls this with the new groups)
         self._refresh_offsets = {}
+        for group in self.param_groups:          # groups saved before these keys existed ran as:
+            for key, value in {**KEYS_ADDED_LATER, **self.keys_added_later}.items():
+                group.setdefault(key, value)
         self._plan_all(warn=False)
         if self.backward_projection and not self.__dict__.get("_hooks"):
             self._hooks = []
             self._start_backward_projection()         # an unpickled copy hooks its own parameters
-        for group in self.param_groups:          # groups saved before these keys existed ran as:
-            for key, value in {**KEYS_ADDED_LATER, **self.keys_added_later}.items():
-                group.setdefault(key, value)
 
 
 def _label(key: str, param: torch.Tensor) -> str:

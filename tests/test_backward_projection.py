@@ -228,3 +228,16 @@ def test_twin_models_do_not_share_hooks():
     _dct(model, backward_projection=True)
     _loss(other, batch(0)).backward()
     assert other.up.weight.grad is not None
+
+
+def test_a_second_optimizer_on_hooked_parameters_is_refused_until_the_first_stops():
+    model = make_model()
+    first = _dct(model, backward_projection=True)
+    refused = r"up\.weight.*already projected in the backward pass.*stop_backward_projection"
+    with pytest.raises(ValueError, match=refused):
+        _dct(model, backward_projection=True)
+    first.stop_backward_projection()
+    _loss(model, batch(0)).backward()
+    assert model.up.weight.grad is not None                       # full gradients again
+    model.zero_grad()
+    _dct(model, backward_projection=True)
