@@ -7,6 +7,11 @@ Refresh steps (a new subspace every step: ``update_proj_gap=1``) and ordinary st
 fixed) are timed separately, each as the median of ``--repeats`` steps after three warm-up steps, with
 a device synchronisation around every step; the candidates' steps are interleaved round by round.
 Ratios are taken within this run only.
+
+Low-bit rows: DCTProjAdam and GaLoreAdamW with ``moment_bits`` 8 and 4 next to their float rows, and
+the library's plain AdamW path with 8-/4-bit moments (``DCTProjAdam(rank=None, moment_bits=b)``);
+``GaLoreAdamW(projector="randomized_svd")`` refresh next to the full-SVD one; ``--torchao`` adds
+torchao's ``AdamW8bit``/``AdamW4bit`` (off by default: their compiled step needs seconds to build).
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 from lowrank_optim import DCTProjAdam, GaLoreAdamW, optimizer_state_bytes
 
 
-def _candidates(rank: int):
+def _candidates(rank: int, torchao: bool = False):
     """(label, kind, factory) with kind 'refresh' or 'ordinary'; factory(param) -> optimizer."""
+    warnings.filterwarnings("ignore", message=".*no parameter is projected.*")  # the plain-path rows: intended
 
     def galore_torch(gap):
         from galore_torch import GaLoreAdamW as PeerGaLore
@@ -38,19 +44,55 @@ def _candidates(rank: int):
         ("torch.optim.AdamW (default)", "ordinary", lambda p: torch.optim.AdamW([p])),
         ("torch.optim.AdamW (foreach)", "ordinary", lambda p: torch.optim.AdamW([p], foreach=True)),
         ("torch.optim.AdamW (fused)", "ordinary", lambda p: torch.optim.AdamW([p], fused=True)),
+        # The library's plain AdamW path (DCTProjAdam projecting nothing) with low-bit moments.
+        *((f"AdamW, {bits}-bit moments (library plain path)", "ordinary",
+           lambda p, b=bits: DCTProjAdam([p], rank=None, moment_bits=b)) for bits in (8, 4)),
     ]
+    if torchao:  # opt-in: torchao's step is torch.compile'd (seconds of compilation before timing)
+        try:
+            import torchao.optim
+
+            rows += [(f"torchao.optim.AdamW{bits}bit", "ordinary",
+                      lambda p, b=bits: getattr(torchao.optim, f"AdamW{b}bit")([p])) for bits in (8, 4)]
+        except ImportError:
+            print("torchao not installed: low-bit peer baseline skipped", file=sys.stderr)
     for kind, gap in (("refresh", 1), ("ordinary", 10**9)):
         rows += [
             ("DCTProjAdam", kind, lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g)),
+            *((f"DCTProjAdam, moment_bits={bits}", kind,
+               lambda p, g=gap, b=bits: DCTProjAdam([p], rank=rank, update_proj_gap=g, moment_bits=b)) for bits in (8, 4)),
             ("DCTProjAdam, residual=none", kind,
              lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g, residual="none")),
             ("GaLoreAdamW", kind, lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}])),
+            *((f"GaLoreAdamW, moment_bits={bits}", kind,
+               lambda p, g=gap, b=bits: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}], moment_bits=b))
+              for bits in (8, 4)),
         ]
+        if kind == "refresh":  # randomized SVD refresh next to the full-SVD one (another issue)
+            rows.append(("GaLoreAdamW, projector=randomized_svd", kind,
+                         lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
+                                                      projector="randomized_svd")))
         try:
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
             print("galore_torch not installed: peer baseline skipped", file=sys.stderr)
     return rows
+
+
+def _state_bytes(optimizer) -> int:
+    """``optimizer_state_bytes``; for torchao's tensor-subclass state (which it cannot count: "invalid
+    python storage"), the bytes of the subclasses' inner tensors (experiments/bench/lowbit_compare.py)."""
+    try:
+        return optimizer_state_bytes(optimizer)
+    except RuntimeError:
+        from experiments.bench.lowbit_compare import _flatten
+        from lowrank_optim.state_bytes import _tensors
+
+        storages = {}
+        for tensor in _tensors(optimizer.state, set()):
+            for inner in _flatten(tensor):
+                storages[inner.untyped_storage().data_ptr(), inner.device] = inner.untyped_storage().nbytes()
+        return sum(storages.values())
 
 
 def _interleaved_medians(optimizers: list, device: str, repeats: int) -> list[float]:
@@ -83,13 +125,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--torchao", action="store_true",
+                        help="also time torchao.optim.AdamW8bit / AdamW4bit (compiled; peer baselines)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=args.device).manual_seed(0)
-    candidates = _candidates(args.rank)
+    candidates = _candidates(args.rank, args.torchao)
     optimizers = []
     for _, _, factory in candidates:
         param = torch.nn.Parameter(torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator))
@@ -98,7 +142,7 @@ def main(argv=None) -> None:
     seconds = _interleaved_medians(optimizers, args.device, args.repeats)
     rows = [
         dict(optimizer=label, step=kind, ms=s * 1e3,
-             state_bytes=None if label == "galore_torch.GaLoreAdamW" else optimizer_state_bytes(optimizer))
+             state_bytes=None if label == "galore_torch.GaLoreAdamW" else _state_bytes(optimizer))
         for (label, kind, _), optimizer, s in zip(candidates, optimizers, seconds)
     ]
 

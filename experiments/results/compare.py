@@ -58,6 +58,27 @@ METHODS: dict[str, Method] = {
         for score in ("l2", "l1")
         for moments in ("keep", "reset", "transport")
     },
+    # Low-bit moments (``moment_bits``: projected and plain parameters alike), each at the lr of its
+    # 32-bit counterpart. ``adamw_lib*``: the library's plain AdamW path (DCTProjAdam projecting
+    # nothing, torch form); ``torchao_*``: torchao's AdamW8bit / AdamW4bit (peer baselines).
+    **{
+        f"{key}_{bits}bit": Method(
+            f"{label}, {bits}-bit moments", 3e-2, {"optimizer": optimizer, "optimizer_kwargs": {"moment_bits": bits}}
+        )
+        for key, label, optimizer in (("dct", "DCTProjAdam (defaults)", "dct_adamw"),
+                                      ("galore", "GaLoreAdamW", "galore_adamw"))
+        for bits in (8, 4)
+    },
+    "adamw_lib": Method("AdamW (library plain path, 32-bit)", 1e-3, {"optimizer": "lowrank_plain_adamw"}),
+    **{
+        f"adamw_lib_{bits}bit": Method(
+            f"AdamW (library plain path), {bits}-bit moments", 1e-3,
+            {"optimizer": "lowrank_plain_adamw", "optimizer_kwargs": {"moment_bits": bits}},
+        )
+        for bits in (8, 4)
+    },
+    "torchao_adamw8bit": Method("torchao AdamW8bit (peer)", 1e-3, {"optimizer": "torchao_adamw8bit"}),
+    "torchao_adamw4bit": Method("torchao AdamW4bit (peer)", 1e-3, {"optimizer": "torchao_adamw4bit"}),
     "sst": Method("SST", 3e-3, {"optimizer": "sst_adamw"}),
     "sltrain": Method("SLTrain", 3e-3, {"optimizer": "adamw", "parameterization": "sltrain"}),
 }

@@ -1,0 +1,347 @@
+"""Optimizer-state bytes of LLaMA-60M … 7B per method, computed on the meta device (nothing allocated).
+
+    python -m experiments.bench.state_memory                         # markdown tables on stdout
+    python -m experiments.bench.state_memory --out experiments/results/lowbit_cpu/state_memory.md
+
+Models: the GaLore configs in ``experiments/configs/`` (vocab 32000, untied head), built as Hugging
+Face ``LlamaForCausalLM`` (``--impl hf``, default) or the repo's own ``experiments.model.Llama``
+(``--impl native``) on the meta device, with fp32 and/or bf16 parameters (``--dtypes``). Projected
+methods use GaLore's recipe: ``lowrank_param_groups(model, target_modules=("attn", "mlp"), rank=r)``
+with r = 128/256/256/512/1024 for 60M/130M/350M/1B/7B (attention and MLP linears; embeddings,
+norms and the head stay in plain AdamW, whose moments follow ``moment_bits`` too).
+
+Each method's bytes are counted twice, and the two counts must agree (the script fails otherwise):
+
+* ``library``: ``optimizer.projection_summary().state_bytes`` of the optimizer built over the meta
+  model (what its first step allocates);
+* ``analytic``: this file's own count from the documented scheme (``lowrank_optim.quantization``):
+  a float moment is ``numel × itemsize`` (the parameter's dtype); a quantized one (``numel ≥ 4096``)
+  is, per slot of ``L`` values, ``⌈L·bits/8⌉`` code bytes plus ``⌈L/B⌉`` fp32 scales (B = 256 at 8
+  bits, 128 at 4; slots: the ``r`` columns of a right-projected ``m×r`` moment, the ``r`` rows of a
+  left ``r×n`` one, one slot for a plain parameter); GaLore's ``P`` is ``r × min(m, n)`` values in
+  the parameter's dtype; the DCT keeps ``r`` int64 indices plus a 4-byte residual scalar.
+
+Not optimizer state and not counted: the DCT basis matrices the DCT projector caches per distinct
+size (listed in a note), SVD work buffers, gradients, weights.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from experiments.model_factory import read_model_config
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, lowrank_param_groups
+
+# (label, config, GaLore recipe rank)
+MODELS: dict[str, tuple[str, int]] = {
+    "60M": ("llama_60m", 128),
+    "130M": ("llama_130m", 256),
+    "350M": ("llama_350m", 256),
+    "1B": ("llama_1b", 512),
+    "7B": ("llama_7b", 1024),
+}
+TARGET_MODULES = ("attn", "mlp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BLOCK_SIZES = {8: 256, 4: 128}
+MIN_QUANTIZED_NUMEL = 4096
+GIB, GB = 2**30, 10**9
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A row of the table: which optimizer, projected or not, at which moment bits."""
+
+    label: str
+    family: str           # "plain" (AdamW on every parameter), "galore" or "dct"
+    bits: int | None
+    galore_8bit_class: bool = False  # GaLoreAdamW8bit (galore_torch's 8-bit constructor defaults)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "adamw": MethodSpec("AdamW, float moments (2 × itemsize B/param)", "plain", None),
+    "adamw_8bit": MethodSpec("AdamW, 8-bit moments (library plain path)", "plain", 8),
+    "adamw_4bit": MethodSpec("AdamW, 4-bit moments (library plain path)", "plain", 4),
+    "galore": MethodSpec("GaLoreAdamW, float moments", "galore", None),
+    "galore_8bit": MethodSpec("GaLoreAdamW, moment_bits=8", "galore", 8),
+    "galore_adamw8bit": MethodSpec("GaLoreAdamW8bit", "galore", 8, galore_8bit_class=True),
+    "galore_4bit": MethodSpec("GaLoreAdamW, moment_bits=4", "galore", 4),
+    "dct": MethodSpec("DCTProjAdam, float moments", "dct", None),
+    "dct_8bit": MethodSpec("DCTProjAdam, moment_bits=8", "dct", 8),
+    "dct_4bit": MethodSpec("DCTProjAdam, moment_bits=4", "dct", 4),
+}
+
+# Anchors from the papers (as printed; not computed here). GaLore Table 2, bf16, optimizer states only.
+ANCHOR_STATES_GB = {
+    "full-rank AdamW": {"60M": 0.23, "130M": 0.51, "350M": 1.37, "1B": 5.20},
+    "GaLore": {"60M": 0.13, "130M": 0.28, "350M": 0.54, "1B": 1.78},
+}
+
+
+# ------------------------------------------------------------------------------------------ models
+def meta_model(config: str, dtype: torch.dtype, impl: str = "hf", values: dict | None = None) -> nn.Module:
+    """The LLaMA of ``config`` (a name in experiments/configs or a path; or ``values``) on the meta device."""
+    values = dict(values if values is not None else read_model_config(config))
+    with torch.device("meta"):
+        return build_model(values, impl).to(dtype)
+
+
+def build_model(values: dict, impl: str) -> nn.Module:
+    """A LLaMA of the JSON-config ``values``: HF ``LlamaForCausalLM`` or the repo's ``Llama``."""
+    if impl == "hf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**values))
+    if impl == "native":
+        from experiments.model import Llama, LlamaConfig
+
+        return Llama(LlamaConfig.from_dict(values))
+    raise ValueError(f"unknown impl {impl!r}; expected hf or native")
+
+
+def projected_weights(model: nn.Module, rank: int) -> list[tuple[str, nn.Parameter]]:
+    """The weights GaLore's recipe projects: ``lowrank_param_groups``' first group."""
+    return list(lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank)[0]["params"])
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+def build_optimizer(model: nn.Module, key: str, rank: int) -> torch.optim.Optimizer:
+    """The optimizer of method ``key`` over ``model`` (meta or real), as the tables count it."""
+    spec = METHODS[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no parameter is projected" for the plain path: intended
+        if spec.family == "plain":
+            # DCTProjAdam projecting nothing is the library's plain AdamW (torch form).
+            return DCTProjAdam(model.named_parameters(), rank=None, moment_bits=spec.bits)
+        groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank)
+        if spec.galore_8bit_class:
+            return GaLoreAdamW8bit(groups)
+        cls = GaLoreAdamW if spec.family == "galore" else DCTProjAdam
+        return cls(groups, moment_bits=spec.bits)
+
+
+# ------------------------------------------------------------------------------------------ counting
+def moment_bytes(shape: tuple[int, ...], layout: str, bits: int | None, float_itemsize: int) -> int:
+    """Bytes of one moment of ``shape`` (this file's own count of the documented scheme)."""
+    numel = math.prod(shape)
+    if bits is None or numel < MIN_QUANTIZED_NUMEL:
+        return numel * float_itemsize
+    if layout == "columns":
+        slots, length = shape[1], shape[0]
+    elif layout == "rows":
+        slots, length = shape[0], shape[1]
+    else:
+        slots, length = 1, numel
+    return slots * (math.ceil(length * bits / 8) + math.ceil(length / BLOCK_SIZES[bits]) * 4)
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """One method on one model: the analytic parts and the library's total."""
+
+    projected_moments: int
+    projection: int
+    plain_moments: int
+    library: int
+    parameters: int
+
+    @property
+    def total(self) -> int:
+        return self.projected_moments + self.projection + self.plain_moments
+
+
+def analytic_state_bytes(model: nn.Module, key: str, rank: int) -> tuple[int, int, int]:
+    """(moments of projected weights, projection state, moments of plain parameters), counted here."""
+    spec = METHODS[key]
+    projected = {} if spec.family == "plain" else {id(p): p for _, p in projected_weights(model, rank)}
+    moments_projected = projection = moments_plain = 0
+    for param in model.parameters():
+        itemsize = param.element_size()
+        if id(param) not in projected:
+            moments_plain += 2 * moment_bytes(tuple(param.shape), "flat", spec.bits, itemsize)
+            continue
+        m, n = param.shape
+        side = "right" if m >= n else "left"
+        shape, layout = ((m, rank), "columns") if side == "right" else ((rank, n), "rows")
+        moments_projected += 2 * moment_bytes(shape, layout, spec.bits, itemsize)
+        projection += rank * min(m, n) * itemsize if spec.family == "galore" else rank * 8 + 4
+    return moments_projected, projection, moments_plain
+
+
+def state_bytes(model: nn.Module, key: str, rank: int, *, check: bool = True) -> StateBytes:
+    """Method ``key``'s optimizer-state bytes on ``model``: analytic parts and the library's count
+    (``projection_summary``; before a step: what the first step allocates). With ``check``, raise
+    if they differ, or if the projected parameters are not exactly the recipe's."""
+    optimizer = build_optimizer(model, key, rank)
+    summary = optimizer.projection_summary()
+    parts = analytic_state_bytes(model, key, rank)
+    result = StateBytes(*parts, library=summary.state_bytes, parameters=sum(p.numel() for p in model.parameters()))
+    if check:
+        expected = set() if METHODS[key].family == "plain" else {name for name, _ in projected_weights(model, rank)}
+        got = {row.name for row in summary if row.projected}
+        if got != expected:
+            raise AssertionError(f"{key}: projected {sorted(got ^ expected)[:4]} … differ from the recipe's")
+        if result.total != result.library:
+            raise AssertionError(f"{key}: analytic {result.total:,} B != library projection_summary {result.library:,} B")
+    return result
+
+
+def dct_basis_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> dict[int, int]:
+    """Distinct DCT sizes of the projected weights → bytes of the DCT matrices the projector caches
+    outside the optimizer state: ``C`` in the gradient dtype plus a float64 host copy per size
+    (lowrank_optim.projectors.dct_basis), not counting the Triton path's column-major copy."""
+    sizes = sorted({min(p.shape) for _, p in projected_weights(model, rank)})
+    return {size: size * size * (torch.empty((), dtype=dtype).element_size() + 8) for size in sizes}
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _gib(value: int) -> str:
+    return f"{value / GIB:.3f}"
+
+
+def measure(models: list[str], dtypes: list[str], impl: str, keys: list[str]) -> dict:
+    """{(dtype, model): {"params": N, "projected": N_proj, "methods": {key: StateBytes}, "dct_basis": {...}}}."""
+    results = {}
+    for dtype_name in dtypes:
+        for label in models:
+            config, rank = MODELS[label]
+            model = meta_model(config, DTYPES[dtype_name], impl)
+            results[dtype_name, label] = {
+                "params": sum(p.numel() for p in model.parameters()),
+                "projected": sum(p.numel() for _, p in projected_weights(model, rank)),
+                "layers": len(projected_weights(model, rank)),
+                "rank": rank,
+                "methods": {key: state_bytes(model, key, rank) for key in keys},
+                "dct_basis": dct_basis_bytes(model, rank, DTYPES[dtype_name]),
+            }
+    return results
+
+
+def render(results: dict, models: list[str], dtypes: list[str], keys: list[str], impl: str, command: str) -> str:
+    lines = [
+        "# Optimizer-state memory, LLaMA 60M–7B (computed here, meta device)",
+        "",
+        f"Command: `{command}`. Models: `experiments/configs/llama_*.json` as "
+        f"{'Hugging Face LlamaForCausalLM' if impl == 'hf' else 'experiments.model.Llama'} (vocab 32000, "
+        "untied head). Projected methods: `lowrank_param_groups(model, target_modules=(\"attn\", \"mlp\"), rank=r)`, "
+        "GaLore's ranks. Bytes are `projection_summary().state_bytes` (what the first step allocates), "
+        "equal to this script's own analytic count for every cell (checked). GiB = 2^30 bytes; "
+        "B/param = state bytes / all parameters.",
+        "",
+        "| model | parameters | projected weights (attn+mlp) | of which projected | rank |",
+        "|---|---|---|---|---|",
+    ]
+    first = dtypes[0]
+    for label in models:
+        row = results[first, label]
+        lines.append(f"| {label} | {row['params']:,} | {row['layers']} | {row['projected'] / row['params']:.1%} "
+                     f"| {row['rank']} |")
+    for dtype_name in dtypes:
+        lines += ["", f"## {dtype_name} parameters (float moments in {dtype_name}; quantized moments: uint8 codes + "
+                  f"fp32 block scales; GaLore's P in {dtype_name})", "",
+                  "State GiB (bytes/param):", "",
+                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for key in keys:
+            cells = []
+            for label in models:
+                sb = results[dtype_name, label]["methods"][key]
+                cells.append(f"{_gib(sb.total)} ({sb.total / sb.parameters:.2f})")
+            label_text = METHODS[key].label.replace("itemsize", str(DTYPES[dtype_name].itemsize))
+            lines.append(f"| {label_text} | " + " | ".join(cells) + " |")
+        lines += ["", "Ratio to AdamW with float moments in the same dtype:", "",
+                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for key in keys:
+            cells = [f"{results[dtype_name, label]['methods'][key].total / results[dtype_name, label]['methods']['adamw'].total:.3f}"
+                     for label in models] if "adamw" in keys else ["n/a"] * len(models)
+            lines.append(f"| {METHODS[key].label.replace('itemsize', str(DTYPES[dtype_name].itemsize))} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", f"Breakdown ({dtype_name}), GiB: projected weights' moments + projection state (GaLore P / "
+                  "DCT indices) + plain parameters' moments (embeddings, head, norms):", "",
+                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for key in keys:
+            cells = []
+            for label in models:
+                sb = results[dtype_name, label]["methods"][key]
+                cells.append(f"{_gib(sb.projected_moments)} + {_gib(sb.projection)} + {_gib(sb.plain_moments)}")
+            lines.append(f"| {METHODS[key].label.replace('itemsize', str(DTYPES[dtype_name].itemsize))} | "
+                         + " | ".join(cells) + " |")
+        basis = "; ".join(
+            f"{label}: " + ", ".join(f"size {size}: {nbytes / 2**20:.0f} MiB" for size, nbytes in
+                                     results[dtype_name, label]["dct_basis"].items())
+            for label in models)
+        lines += ["", f"Not in the state (DCTProjAdam, {dtype_name}): the cached DCT matrices, one `C` per distinct "
+                  f"size in the gradient dtype plus its float64 host copy, shared by all layers: {basis}."]
+    if "bf16" in dtypes:
+        anchor_models = [label for label in models if label in ANCHOR_STATES_GB["GaLore"]]
+        lines += ["", "## Side by side with the anchors (bf16)", "",
+                  "Paper rows are as printed in GaLore Table 2 (\"GB\", bf16, optimizer states only); "
+                  "computed rows are this script's, in GB = 10^9 B and GiB = 2^30 B.", "",
+                  "| row | source | " + " | ".join(anchor_models) + " |", "|---|---|" + "---|" * len(anchor_models)]
+        for name, key in (("full-rank AdamW", "adamw"), ("GaLore", "galore")):
+            lines.append(f"| {name} states | **anchor**: GaLore Table 2 | "
+                         + " | ".join(f"{ANCHOR_STATES_GB[name][m]:.2f} GB" for m in anchor_models) + " |")
+            if key in keys:
+                lines.append(f"| {METHODS[key].label.replace('itemsize', '2')} | computed here | " + " | ".join(
+                    f"{results['bf16', m]['methods'][key].total / GB:.2f} GB / "
+                    f"{results['bf16', m]['methods'][key].total / GIB:.2f} GiB" for m in anchor_models) + " |")
+            if key == "galore" and key in keys:
+                lines.append("| GaLoreAdamW, float moments, P left out (moments only) | computed here | " + " | ".join(
+                    f"{(results['bf16', m]['methods'][key].total - results['bf16', m]['methods'][key].projection) / GB:.2f}"
+                    f" GB / {(results['bf16', m]['methods'][key].total - results['bf16', m]['methods'][key].projection) / GIB:.2f}"
+                    " GiB" for m in anchor_models) + " |")
+        for key in ("galore_adamw8bit", "dct", "dct_8bit", "dct_4bit"):
+            if key in keys:
+                lines.append(f"| {METHODS[key].label} | computed here | " + " | ".join(
+                    f"{results['bf16', m]['methods'][key].total / GB:.2f} GB / "
+                    f"{results['bf16', m]['methods'][key].total / GIB:.2f} GiB" for m in anchor_models) + " |")
+        if "7B" in models and "galore_adamw8bit" in keys:
+            sb = results["bf16", "7B"]["methods"]["galore_adamw8bit"]
+            lines += ["", "8-bit anchors (MEMORY.md; whole-training memory, not optimizer state alone, so not "
+                      "comparable cell by cell):", "",
+                      "| anchor (paper) | value | computed here (state only, bf16) |", "|---|---|---|",
+                      f"| 8-bit GaLore per-layer, r 1024, 7B: bf16 P (GaLore §5.5 [A]) | 1.88 GB | GaLoreAdamW8bit P: "
+                      f"{sb.projection / GB:.2f} GB |",
+                      f"| 8-bit GaLore per-layer, r 1024, 7B: whole memory (GaLore Table 3) | 22.0 GB | "
+                      f"GaLoreAdamW8bit state: {sb.total / GB:.2f} GB |"]
+            for label, anchor in (("350M", (4.5, 3.5)), ("1B", (16.3, 11.8)), ("7B", (67.4, 29.4))):
+                if label in models and {"adamw", "adamw_8bit"} <= set(keys):
+                    fp32 = results.get(("fp32", label))
+                    saving = "" if fp32 is None else (
+                        f"AdamW fp32 − 8-bit moments: "
+                        f"{(fp32['methods']['adamw'].total - fp32['methods']['adamw_8bit'].total) / GB:.1f} GB; ")
+                    bf16 = results["bf16", label]["methods"]
+                    saving += f"bf16 − 8-bit: {(bf16['adamw'].total - bf16['adamw_8bit'].total) / GB:.1f} GB"
+                    lines.append(f"| SLTrain Fig. 3, {label}: Adam {anchor[0]} GB vs 8-bit Adam {anchor[1]} GB "
+                                 f"(difference {anchor[0] - anchor[1]:.1f} GB [A]) | {anchor[0]} / {anchor[1]} GB | "
+                                 f"state saving {saving} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench.state_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--impl", default="hf", choices=("hf", "native"))
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m experiments.bench.state_memory", *(sys.argv[1:] if argv is None else argv)])
+    results = measure(args.models, args.dtypes, args.impl, args.methods)
+    text = render(results, args.models, args.dtypes, args.methods, args.impl, command)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    print(text)
+
+
+__all__ = ["METHODS", "MODELS", "analytic_state_bytes", "build_optimizer", "meta_model", "state_bytes"]
+
+if __name__ == "__main__":
+    main()
