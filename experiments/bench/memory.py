@@ -78,7 +78,7 @@ from experiments.bench.memory_worker import (
     build_optimizer,
     expected_refreshing,
 )
-from experiments.model_factory import build_model
+from experiments.model_factory import build_model, read_model_config
 from lowrank_optim import DCTProjAdam, lowrank_param_groups
 from lowrank_optim.quantization import layout_for, moment_bits_for, moment_state_bytes
 
@@ -333,7 +333,7 @@ def derive(results: dict, models: list[str], keys: list[str]) -> dict:
                          "stress": stress}
         reference = rows.get(REFERENCE, {}).get("phases", {})
         ref_main = rows.get(REFERENCE, {}).get("main", {})
-        for key, row in rows.items():
+        for row in rows.values():
             ratios = {}
             for name, record in row["phases"].items():
                 ref = reference.get("first" if name == "first" else "ordinary")
@@ -364,6 +364,57 @@ def best_line(derived: dict) -> tuple[str, dict | None]:
             "(ordinary step)"), best
 
 
+def notes(derived: dict) -> list[str]:
+    """Readings of the tables, computed from them."""
+    out = ["## Notes (computed from the tables above)", ""]
+    for model, rows in derived.items():
+        title = MODELS[model].title
+        values = read_model_config(MODELS[model].config)
+        largest_plain = values["vocab_size"] * values["hidden_size"]
+        pairs = [("dct_bp", "dct_8bit_bp"), ("galore_bp", "galore_8bit_bp"), ("dct", "dct_8bit"),
+                 ("galore", "galore_8bit")]
+        for flt, q in pairs:
+            if flt in rows and q in rows and "ordinary" in rows[flt]["phases"] and "ordinary" in rows[q]["phases"]:
+                a, b = rows[flt]["phases"]["ordinary"], rows[q]["phases"]["ordinary"]
+                extra = b["components"]["transients"] - a["components"]["transients"]
+                saved = a["components"]["state"] - b["components"]["state"]
+                out.append(f"- {title}, {OPTIMIZERS[q].label} vs float moments, ordinary step: state "
+                           f"{_mib(saved)} MiB smaller, transients {_mib(extra)} MiB larger "
+                           f"(= {extra / largest_plain:.1f} B per value of the largest plain tensor, the "
+                           f"{values['vocab_size']}×{values['hidden_size']} embedding/head), peak "
+                           f"{(b['peak'] - a['peak']) / MIB:+.0f} MiB: on CPU the 8-bit moment update runs the "
+                           "PyTorch reference path, whose full-size temporaries per tensor "
+                           + ("outweigh" if b["peak"] > a["peak"] else "take back most of") + " the state saved.")
+                break
+        ref = rows.get(REFERENCE)
+        bp = rows.get("dct_8bit_bp")
+        if ref and bp and "ordinary" in bp["phases"] and "ordinary" in ref["phases"]:
+            r, c = ref["phases"]["ordinary"], bp["phases"]["ordinary"]["components"]
+            held = c["weights"] + c["gradients"] + c["state"]
+            held_ref = sum(r["components"][k] for k in ("weights", "gradients", "state"))
+            out.append(f"- {title}: weights + gradients + state of {OPTIMIZERS['dct_8bit_bp'].label} at an ordinary "
+                       f"step = {_mib(held)} MiB = {held / held_ref:.2f}× AdamW(fused)'s {_mib(held_ref)} MiB; "
+                       f"with zero transients and its baseline the peak would be "
+                       f"{(held + bp['main']['baseline']) / r['peak']:.2f}× AdamW(fused)'s peak.")
+        if ref and "ordinary" in ref["phases"] and model == "350M":
+            c = ref["phases"]["ordinary"]["components"]
+            out.append(f"- {title}: AdamW(fused)'s weights + gradients + bf16 moments alone are "
+                       f"{_mib(c['weights'] + c['gradients'] + c['state'])} MiB, above the "
+                       f"{BEFORE_350M[REFERENCE]} MiB "
+                       "measured before this work, so that earlier number cannot have been the peak of a whole "
+                       "step under this accounting (its protocol is not recorded here).")
+        whole = [(OPTIMIZERS[k].label, row) for k, row in rows.items() if OPTIMIZERS[k].backward
+                 and "first" in row["phases"] and "ordinary" in row["phases"]]
+        if whole:
+            label, row = whole[0]
+            out.append(f"- {title}: under backward projection the first step holds every full gradient (no "
+                       f"subspace yet), so each backward-projection row's whole-run peak is its first step "
+                       f"(e.g. {label}: {_mib(row['phases']['first']['peak'])} vs "
+                       f"{_mib(row['phases']['ordinary']['peak'])} MiB at an ordinary step).")
+    out.append("")
+    return out
+
+
 def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
     out = ["# Peak memory of a training step, side by side (CPU)" if meta["device"] == "cpu"
            else "# Peak memory of a training step, side by side (CUDA)", ""]
@@ -372,8 +423,8 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
             f"Peak: {meta['peak_method']}; {meta['threads_note']}; {meta['malloc_note']}. "
             f"Load average at start / end: {meta['load_start']} / {meta['load_end']} (shared machine: "
             "times are indicative only).", "",
-            f"Library state: HEAD {meta['git_head']}, working tree {meta['library_hash']} "
-            "(sha256 of lowrank_optim/ and kernels/ sources at run time; the library had uncommitted changes).",
+            f"Library state: HEAD {meta['git_head']}, sources {meta['library_hash']} (sha256 of lowrank_optim/ "
+            f"and kernels/ at run time; uncommitted changes there: {meta.get('library_dirty', 'not recorded')}).",
             "", "Protocol: one fresh process per row and gap (module doc of `experiments/bench/memory.py`); "
             "random init, one random batch 1×128, `loss.backward(); opt.step(); opt.zero_grad()`. Each phase's "
             "peak is the max of its forward+backward and `opt.step()` peaks, the high-water mark reset before "
@@ -383,10 +434,10 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
     for model, rows in derived.items():
         spec = MODELS[model]
         any_row = max((row["main"] for row in rows.values()), key=lambda r: r.get("projected_weights", -1))
+        share = any_row.get("projected_parameters", 0) / max(any_row.get("parameters", 1), 1)
         out += [f"## {spec.title}: peak MiB (× AdamW(fused))", "",
                 f"{any_row.get('parameters', 0):,} parameters, {any_row.get('projected_weights', 0)} projected "
-                f"weights (attn+mlp, {any_row.get('projected_parameters', 0) / max(any_row.get('parameters', 1), 1):.0%}"
-                f" of the parameters), rank {spec.rank}.", "",
+                f"weights (attn+mlp, {share:.0%} of the parameters), rank {spec.rank}.", "",
                 "| configuration | first step | ordinary step | refresh step | refresh stress (gap 4) | whole run | "
                 "ordinary, above baseline |", "|---|---|---|---|---|---|---|"]
         for key, row in rows.items():
@@ -423,8 +474,10 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
                     continue
                 c = record["components"]
                 base = (row["stress"] if name == "stress" else row["main"])["baseline"]
+                where = f"step {record['step']}" + (
+                    "" if OPTIMIZERS[key].family == "torch" else f", gap {record['gap']}")
                 out.append(
-                    f"| {OPTIMIZERS[key].label} | {PHASE_TITLES[name]} (step {record['step']}, gap {record['gap']}) | "
+                    f"| {OPTIMIZERS[key].label} | {PHASE_TITLES[name]} ({where}) | "
                     f"{record['full_projected_grads']} | {_mib(c['weights'])} | {_mib(c['gradients'])} "
                     f"({_mib(record['grad_bytes'])} + {_mib(record['accumulator_bytes'])}) | {_mib(c['state'])} | "
                     f"{_mib(c['transients'])} | {_mib(base)} | {_mib(record['peak'])} | "
@@ -462,6 +515,7 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
             out += ["", f"Goal: LLaMA-350M bf16 peak ≤ {GOAL_RATIO_350M:.2f}× AdamW(fused). Best ordinary step: "
                     f"{OPTIMIZERS[key].label}, {value:.2f}× ({'met' if value <= GOAL_RATIO_350M else 'not met'}); "
                     f"its whole-run peak (the first step holds every full gradient) {whole or 0:.2f}×.", ""]
+    out += notes(derived)
     if seven_b is not None:
         out += [f"## LLaMA-7B: bytes per parameter of training state (meta device, bf16 weights, rank "
                 f"{seven_b['rank']}, gap {seven_b['gap']})", "",
@@ -522,12 +576,41 @@ def _library_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _library_dirty() -> str:
+    """Whether ``git status`` (read-only) shows changes under lowrank_optim/ or kernels/."""
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim", "kernels"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if status.returncode != 0:
+        return "unknown"
+    return "yes" if status.stdout.strip() else "no"
+
+
 def _git_head() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "n/a"
     except (OSError, subprocess.SubprocessError):
         return "n/a"
+
+
+def rerender(path: Path) -> None:
+    """results.md again from a results.json this script wrote (same tables, no measurement)."""
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    by_config = {spec.config: label for label, spec in MODELS.items()}
+    results = {}
+    for run in payload["runs"]:
+        label = run.get("model_label") or by_config[run["model"]]
+        results[label, run["optimizer"], run["kind"]] = run
+    models = [m for m in MODELS if any(key[0] == m for key in results)]
+    keys = [k for k in OPTIMIZERS if any(key[1] == k for key in results)]
+    derived = derive(results, models, keys)
+    best, _ = best_line(derived)
+    text = render(payload["meta"], derived, payload.get("seven_b"), best)
+    (path.parent / "results.md").write_text(text, encoding="utf-8")
+    print(text, end="")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -550,7 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     parser.add_argument("--skip_7b", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from_json", type=Path, default=None,
+                        help="re-render results.md next to this results.json (no measurement)")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        rerender(args.from_json)
+        return
     if args.threads == 0:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     out_dir = args.out or REPO / "experiments" / "results" / f"memory_{args.device}"
@@ -586,6 +674,7 @@ def main(argv: list[str] | None = None) -> None:
                         "tensors; glibc's default dynamic threshold keeps freed buffers resident and adds "
                         "history-dependent slack)" if args.malloc_mmap_threshold else "glibc malloc defaults"),
         "load_start": load_start, "load_end": _load(), "git_head": _git_head(), "library_hash": _library_hash(),
+        "library_dirty": _library_dirty(),
         "protocol": {"backward_gap": BACKWARD_GAP, "standard_gap": STANDARD_GAP, "stress_gap": STRESS_GAP,
                      "batch": args.batch, "seq": args.seq, "models": {k: asdict(MODELS[k]) for k in args.models}},
     }
@@ -597,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         "configurations": {model: {key: {"label": OPTIMIZERS[key].label, "phases": row["phases"],
                                          "ratios": row["ratios"], "checks": row["checks"]}
                                    for key, row in rows.items()} for model, rows in derived.items()},
-        "runs": [{"model": m, "optimizer": k, "kind": kind, **r} for (m, k, kind), r in sorted(results.items())],
+        "runs": [{**r, "model_label": m, "optimizer": k, "kind": kind} for (m, k, kind), r in sorted(results.items())],
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(text, end="")          # its last line is the best ratio

@@ -314,8 +314,9 @@ def run(args) -> dict:
         "baseline": baseline, "weights": weights, "buffers": buffers,
         "expected_accumulator_bytes": expected_accumulators,
         "state_bytes_summary": (optimizer.projection_summary().state_bytes if projected else None),
-        "warm_up": args.warm_up, "warm_up_seconds": warm_up_seconds, "build_seconds": build_seconds, "steps": steps, "warm_up_peak": warm_up_peak, "build_peak": build_peak,
-        # writing 5 to clear_refs also resets ru_maxrss, so the run's peak is the max of its phases'
+        "warm_up": args.warm_up, "warm_up_seconds": warm_up_seconds, "build_seconds": build_seconds,
+        "steps": steps, "warm_up_peak": warm_up_peak, "build_peak": build_peak,
+        # writing 5 to clear_refs also resets ru_maxrss, so the run's peak is the max of its phases
         "whole_run_peak": max([build_peak, *(record["peak"] for record in steps)]),
     }
 
