@@ -89,6 +89,7 @@ class OptimizerRecipe:
 _GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 RECIPES: dict[str, OptimizerRecipe] = {
     "galore_adamw": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
+    "galore_adamw8bit": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
     # galore_torch keeps a projector object in its state.
     "galore_torch_adamw": OptimizerRecipe(projection_keys=_GALORE_KEYS, resumable=False),
     "dct_adamw": OptimizerRecipe(projection_keys=("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")),

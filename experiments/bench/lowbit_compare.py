@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     results = out / "results.md"
     if results.is_file():
         text = results.read_text(encoding="utf-8").replace(
-            "Command: `python -m experiments.results.compare", "Command: `python -m experiments.bench.lowbit_compare", 1)
+            "Command: `python -m experiments.results.compare",
+            "Command: `python -m experiments.bench.lowbit_compare", 1)
         results.write_text(text, encoding="utf-8")
 
 

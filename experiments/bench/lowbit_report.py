@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         commands))
     table = table.replace("Command: `", "Commands (one process each, run side by side): `").replace("; ", "`; `")
     args.out.mkdir(parents=True, exist_ok=True)
-    text = (f"{args.title}\n\n" if args.title else "") + table + "\n### Low-bit moments vs their 32-bit counterpart\n\n" \
-        + lowbit_table(ordered)
+    text = ((f"{args.title}\n\n" if args.title else "") + table
+            + "\n### Low-bit moments vs their 32-bit counterpart\n\n" + lowbit_table(ordered))
     (args.out / "results.md").write_text(text, encoding="utf-8")
     (args.out / "results.json").write_text(json.dumps(list(ordered.values()), indent=2) + "\n", encoding="utf-8")
     title = f"validation loss, {base.model_config}, {base.num_training_steps} steps"

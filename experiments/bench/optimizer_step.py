@@ -60,12 +60,14 @@ def _candidates(rank: int, torchao: bool = False):
         rows += [
             ("DCTProjAdam", kind, lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g)),
             *((f"DCTProjAdam, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: DCTProjAdam([p], rank=rank, update_proj_gap=g, moment_bits=b)) for bits in (8, 4)),
+               lambda p, g=gap, b=bits: DCTProjAdam([p], rank=rank, update_proj_gap=g, moment_bits=b))
+              for bits in (8, 4)),
             ("DCTProjAdam, residual=none", kind,
              lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g, residual="none")),
             ("GaLoreAdamW", kind, lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}])),
             *((f"GaLoreAdamW, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}], moment_bits=b))
+               lambda p, g=gap, b=bits: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
+                                                    moment_bits=b))
               for bits in (8, 4)),
         ]
         if kind == "refresh":  # randomized SVD refresh next to the full-SVD one (another issue)

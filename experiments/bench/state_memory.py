@@ -188,7 +188,8 @@ def state_bytes(model: nn.Module, key: str, rank: int, *, check: bool = True) ->
         if got != expected:
             raise AssertionError(f"{key}: projected {sorted(got ^ expected)[:4]} … differ from the recipe's")
         if result.total != result.library:
-            raise AssertionError(f"{key}: analytic {result.total:,} B != library projection_summary {result.library:,} B")
+            raise AssertionError(
+                f"{key}: analytic {result.total:,} B != library projection_summary {result.library:,} B")
     return result
 
 
@@ -257,8 +258,10 @@ def render(results: dict, models: list[str], dtypes: list[str], keys: list[str],
         lines += ["", "Ratio to AdamW with float moments in the same dtype:", "",
                   "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         for key in keys:
-            cells = [f"{results[dtype_name, label]['methods'][key].total / results[dtype_name, label]['methods']['adamw'].total:.3f}"
-                     for label in models] if "adamw" in keys else ["n/a"] * len(models)
+            cells = ["n/a"] * len(models)
+            if "adamw" in keys:
+                by_model = [results[dtype_name, label]["methods"] for label in models]
+                cells = [f"{methods[key].total / methods['adamw'].total:.3f}" for methods in by_model]
             lines.append(f"| {METHODS[key].label.replace('itemsize', str(DTYPES[dtype_name].itemsize))} | "
                          + " | ".join(cells) + " |")
         lines += ["", f"Breakdown ({dtype_name}), GiB: projected weights' moments + projection state (GaLore P / "
@@ -291,10 +294,10 @@ def render(results: dict, models: list[str], dtypes: list[str], keys: list[str],
                     f"{results['bf16', m]['methods'][key].total / GB:.2f} GB / "
                     f"{results['bf16', m]['methods'][key].total / GIB:.2f} GiB" for m in anchor_models) + " |")
             if key == "galore" and key in keys:
+                moments_only = [results["bf16", m]["methods"][key].total - results["bf16", m]["methods"][key].projection
+                                for m in anchor_models]
                 lines.append("| GaLoreAdamW, float moments, P left out (moments only) | computed here | " + " | ".join(
-                    f"{(results['bf16', m]['methods'][key].total - results['bf16', m]['methods'][key].projection) / GB:.2f}"
-                    f" GB / {(results['bf16', m]['methods'][key].total - results['bf16', m]['methods'][key].projection) / GIB:.2f}"
-                    " GiB" for m in anchor_models) + " |")
+                    f"{value / GB:.2f} GB / {value / GIB:.2f} GiB" for value in moments_only) + " |")
         for key in ("galore_adamw8bit", "dct", "dct_8bit", "dct_4bit"):
             if key in keys:
                 lines.append(f"| {METHODS[key].label} | computed here | " + " | ".join(
