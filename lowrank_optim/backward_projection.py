@@ -47,14 +47,18 @@ import weakref
 import torch
 import torch.distributed as dist
 
-# Parameters whose gradients are projected in the backward pass, for the guard on torch's clipping:
-# id -> weak reference (a WeakSet would compare tensors with ==).
-_PROJECTED_IN_BACKWARD: dict[int, weakref.ref] = {}
+# Parameters whose gradients are projected (or stepped) in the backward pass, for the guard on
+# torch's clipping: id -> (weak reference, stepped in the hook) (a WeakSet would compare tensors with ==).
+_PROJECTED_IN_BACKWARD: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 def _is_projected_in_backward(param: torch.Tensor) -> bool:
-    ref = _PROJECTED_IN_BACKWARD.get(id(param))
-    return ref is not None and ref() is param
+    entry = _PROJECTED_IN_BACKWARD.get(id(param))
+    return entry is not None and entry[0]() is param
+
+
+def _is_stepped_in_backward(param: torch.Tensor) -> bool:
+    return _is_projected_in_backward(param) and _PROJECTED_IN_BACKWARD[id(param)][1]
 
 
 def stagger_offset(position: int, count: int, gap: int) -> int:
@@ -62,9 +66,10 @@ def stagger_offset(position: int, count: int, gap: int) -> int:
     return position * gap // max(count, 1)
 
 
-def register(params: list[torch.Tensor], hook, labels: list[str]) -> list:
+def register(params: list[torch.Tensor], hook, labels: list[str], steps: bool = False) -> list:
     """Register ``hook(param)`` after each parameter's gradient accumulation; the handles. A
-    parameter already projected by another optimizer is refused (both would free its gradient)."""
+    parameter already projected by another optimizer is refused (both would free its gradient).
+    ``steps``: the hook takes the parameter's optimizer step (``step_in_backward``)."""
     for param, label in zip(params, labels):
         if _is_projected_in_backward(param):
             raise ValueError(f"{label}: its gradient is already projected in the backward pass by another optimizer; "
@@ -72,7 +77,7 @@ def register(params: list[torch.Tensor], hook, labels: list[str]) -> list:
     guard_torch_clipping()
     handles = []
     for param in params:
-        _PROJECTED_IN_BACKWARD[id(param)] = weakref.ref(param)
+        _PROJECTED_IN_BACKWARD[id(param)] = (weakref.ref(param), steps)
         handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
 
@@ -117,6 +122,13 @@ def guard_torch_clipping() -> None:
         parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         if not any(_is_projected_in_backward(p) and p.grad is None for p in parameters):
             return original(parameters, max_norm, *args, **kwargs)
+        stepped = any(_is_stepped_in_backward(p) and p.grad is None for p in parameters)
+        if stepped and not math.isinf(max_norm):
+            raise RuntimeError(
+                "torch.nn.utils.clip_grad_norm_ after a backward pass that already stepped the parameters "
+                "(step_in_backward=True): every update was taken before a global norm existed, so nothing "
+                "can be clipped. Use backward_projection=True without step_in_backward to clip "
+                "(lowrank_optim.clip_grad_norm_), or train without clipping")
         if math.isinf(max_norm):        # a norm for the logs only (Hugging Face Trainer's grad_norm)
             warnings.warn("torch.nn.utils.clip_grad_norm_ measures a norm without the gradients projected in the "
                           "backward pass (backward_projection=True): the logged gradient norm leaves them out; "

@@ -113,7 +113,8 @@ class DCTProjAdam(ProjectedAdamW):
                  moment_bits: int | None = None, bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 backward_projection: bool = False, process_group=None, skip_nonfinite: bool = False):
+                 backward_projection: bool = False, step_in_backward: bool = False, accumulation_steps: int = 1,
+                 process_group=None, skip_nonfinite: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
                         proj_side=proj_side, transform=transform, moments_dtype=moments_dtype,
@@ -121,7 +122,8 @@ class DCTProjAdam(ProjectedAdamW):
                         moment_bits=moment_bits, bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         backward_projection=backward_projection, process_group=process_group)
+                         backward_projection=backward_projection, step_in_backward=step_in_backward,
+                         accumulation_steps=accumulation_steps, process_group=process_group)
 
     def _validate_group(self, group: dict) -> None:
         check_rank(group["rank"])

@@ -42,7 +42,7 @@ finiteness checks reduce over the shards (:mod:`lowrank_optim.sharding`, which a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -114,6 +114,20 @@ class _Projected:
     low_rank_grad: torch.Tensor | None = None     # R, when the refresh produced it
 
 
+@dataclass
+class _Window:
+    """An accumulation window under ``step_in_backward``: backward passes each parameter has seen,
+    the parameters already stepped, the bytes all-reduced."""
+
+    backward_passes: dict = field(default_factory=dict)
+    stepped: set = field(default_factory=set)
+    communicated_bytes: int = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self.backward_passes or self.stepped)
+
+
 class ProjectedAdamW(torch.optim.Optimizer):
     """Base class (module doc). Subclasses set ``adam_form`` (where ε and weight decay sit),
     ``side_key`` (the group key of the side mode) and ``group_only_keys`` (keys a group may carry
@@ -127,11 +141,22 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, skip_nonfinite: bool = False, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backward_projection: bool = False, process_group=None):
+                 fused: bool | None = None, backward_projection: bool = False, step_in_backward: bool = False,
+                 accumulation_steps: int = 1, process_group=None):
         check_torch_keywords(foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
                              differentiable=differentiable)
         check_bool("skip_nonfinite", skip_nonfinite)
         check_bool("backward_projection", backward_projection)
+        check_bool("step_in_backward", step_in_backward)
+        check_positive_int("accumulation_steps", accumulation_steps)
+        if accumulation_steps != 1 and not step_in_backward:
+            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (only with step_in_backward=True, "
+                             "whose hooks must know which backward pass ends a step; otherwise accumulate as "
+                             "usual and call step() once per window)")
+        if step_in_backward and skip_nonfinite:
+            raise ValueError("Invalid skip_nonfinite: True with step_in_backward=True (each parameter is "
+                             "updated in the backward pass, before all gradients are known to be finite)")
+        backward_projection = backward_projection or step_in_backward
         if process_group is not None and not backward_projection:
             raise ValueError(f"Invalid process_group: {process_group!r} (only with backward_projection=True, where "
                              "the optimizer all-reduces the projected gradients; otherwise wrap the model in DDP)")
@@ -141,12 +166,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
         self.backward_projection = backward_projection
+        self.step_in_backward = step_in_backward
+        self.accumulation_steps = accumulation_steps
         self.communicated_bytes = 0         # sent into all-reduces by this rank at the last step
         self._process_group = process_group
         self._rank_given: list[bool] = []
         self._plans: dict[torch.Tensor, _Plan] = {}
         self._refresh_offsets: dict[torch.Tensor, int] = {}
         self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._groups: dict[torch.Tensor, dict] = {}
+        self._window = _Window()
         self._synchronized = False
         self._hooks: list = []
         super().__init__(params, defaults)
@@ -243,6 +272,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                                              (group_index, index) in vocabulary)
                 plans[param] = self._resolve_plan(group, param, key, rank)
         self._plans = plans
+        self._groups = {param: group for group in self.param_groups for param in group["params"]}
         projected = [(group, param) for group in self.param_groups for param in group["params"]
                      if plans[param].rank is not None]
         self._refresh_offsets = {param: stagger_offset(j, len(projected), group["update_proj_gap"])
@@ -290,6 +320,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
+        if self.step_in_backward:
+            self._finish_window()
+            return
         try:
             self._step_groups()
         finally:
@@ -323,44 +356,60 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """``((plain params, their grads), projected items)`` of the parameters with gradients,
         gradients validated (and negated under ``maximize``)."""
         params, grads, projected = [], [], []
-        projector = None
-        sign = -1.0 if group["maximize"] else 1.0
         for param in group["params"]:
-            accumulated = self._low_rank_grads.get(param)
-            if param.grad is None and accumulated is None:
-                continue
-            plan = self._plan(param)
-            projector = projector or PROJECTORS[self._projector_name(group)](group)
-            if param.grad is None:            # projected in the backward pass (lowrank_optim.backward_projection)
-                projected.append(_Projected(group, param, plan, param, None, projector, refresh=False,
-                                            low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated))
-                continue
-            check_dense_real_grad(param.grad, _label(plan.key, param))
-            grad = -local(param.grad) if sign < 0 else local(param.grad)
-            if plan.rank is None:
+            item = self._work_item(group, param)
+            if isinstance(item, _Projected):
+                projected.append(item)
+            elif item is not None:
                 params.append(param)
-                grads.append(grad)
-                continue
-            projected.append(_Projected(group, param, plan, local(param), grad, projector,
-                                        refresh=self._needs_refresh(param, group)))
+                grads.append(item)
         return (params, grads), projected
+
+    def _work_item(self, group: dict, param: torch.Tensor) -> _Projected | torch.Tensor | None:
+        """What stepping ``param`` takes: a :class:`_Projected` item, the gradient of a plain
+        parameter (validated, negated under ``maximize``), or None without a gradient."""
+        accumulated = self._low_rank_grads.get(param)
+        if param.grad is None and accumulated is None:
+            return None
+        plan = self._plan(param)
+        sign = -1.0 if group["maximize"] else 1.0
+        if param.grad is None:            # projected in the backward pass (lowrank_optim.backward_projection)
+            return _Projected(group, param, plan, param, None, self._projector(group), refresh=False,
+                              low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated)
+        check_dense_real_grad(param.grad, _label(plan.key, param))
+        grad = -local(param.grad) if sign < 0 else local(param.grad)
+        if plan.rank is None:
+            return grad
+        return _Projected(group, param, plan, local(param), grad, self._projector(group),
+                          refresh=self._needs_refresh(param, group))
+
+    def _projector(self, group: dict) -> Projector:
+        return PROJECTORS[self._projector_name(group)](group)
 
     def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
         """Whether ``param``'s subspace is recomputed at its next step: at its first, then every
         ``update_proj_gap`` steps (staggered by weight under ``backward_projection``)."""
         state = self.state.get(param, {})
         has_subspace = any(key.startswith(_SUBSPACE_PREFIX) for key in state)
-        offset = self._refresh_offsets.get(param, 0) if self.backward_projection else 0
+        offset = self._refresh_offsets.get(param, 0) if self._staggered else 0
         return not has_subspace or (state["step"] + offset) % group["update_proj_gap"] == 0
 
-    def _compute_refreshes(self, refreshing: list[_Projected]) -> None:
+    @property
+    def _staggered(self) -> bool:
+        """Refreshes are staggered when a refreshing weight's full gradient would outlive its hook:
+        under backward projection, unless each step is one backward pass taken in the hooks."""
+        return self.backward_projection and not (self.step_in_backward and self.accumulation_steps == 1)
+
+    def _compute_refreshes(self, refreshing: list[_Projected],
+                           unchanged: str = "no parameter or state was changed") -> None:
         if not refreshing:
             return
         for item, is_finite in zip(refreshing, finite_flags([item.param.grad for item in refreshing])):
             if not is_finite:
+                advice = "" if self.step_in_backward else " (pass skip_nonfinite=True to skip such steps)"
                 raise FloatingPointError(
-                    f"{_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; no "
-                    "parameter or state was changed (pass skip_nonfinite=True to skip such steps)")
+                    f"{_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; "
+                    f"{unchanged}{advice}")
         for item in refreshing:
             try:
                 item.new_subspace, item.low_rank_grad = item.projector.select_and_project(
@@ -369,7 +418,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None
                 raise RuntimeError(f"{_label(item.plan.key, item.param)}: subspace refresh failed ({error}); "
-                                   "no parameter or state was changed") from error
+                                   f"{unchanged}") from error
 
     def _moments_dtype(self, group: dict, param: torch.Tensor) -> torch.dtype:
         return group["moments_dtype"] or param.dtype
@@ -463,45 +512,117 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------- backward projection
     def _start_backward_projection(self) -> None:
-        """Check the groups, hook every projected parameter, broadcast the parameters of a
-        process group (module :mod:`lowrank_optim.backward_projection`)."""
+        """Check the groups, hook every projected parameter (every parameter under
+        ``step_in_backward``), broadcast the parameters of a process group (module
+        :mod:`lowrank_optim.backward_projection`)."""
         projected = [(group, param) for group in self.param_groups for param in group["params"]
                      if self._plans[param].rank is not None]
+        residual_allowed = self.step_in_backward and self.accumulation_steps == 1
         for group, param in projected:
             label = _label(self._plans[param].key, param)
-            if group["residual"] == "scaled":
+            if group["residual"] == "scaled" and not residual_allowed:
                 raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
-                                 "backward_projection=True frees in the backward pass; pass residual='none'")
+                                 "backward_projection=True frees in the backward pass; pass residual='none' "
+                                 "(or step_in_backward=True with accumulation_steps=1, where the hook has it)")
+        for _, param in projected if not self.step_in_backward else self._group_params():
             if self._plans[param].sharding is not None:
-                raise ValueError(f"{label}: backward_projection=True with FSDP2-sharded parameters is not supported "
-                                 "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
-                                 "process_group=...")
-        self._hooks = register([param for _, param in projected], self._project_in_backward,
-                                        [_label(self._plans[param].key, param) for _, param in projected])
+                raise ValueError(f"{_label(self._plans[param].key, param)}: backward_projection=True with "
+                                 "FSDP2-sharded parameters is not supported (FSDP2 reduce-scatters full gradients "
+                                 "itself); use it with one process or process_group=...")
+        hooked = [param for _, param in (self._group_params() if self.step_in_backward else projected)]
+        hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
+        self._hooks = register(hooked, hook, [_label(self._plans[param].key, param) for param in hooked],
+                               steps=self.step_in_backward)
         if self._process_group is not None:
             broadcast_parameters([p for group in self.param_groups for p in group["params"]],
-                                          self._process_group)
+                                 self._process_group)
+
+    def _group_params(self) -> list[tuple[dict, torch.Tensor]]:
+        return [(group, param) for group in self.param_groups for param in group["params"]]
 
     def stop_backward_projection(self) -> None:
         """Remove the backward hooks: the parameters get full gradients again and this optimizer
         steps them as without ``backward_projection`` (another optimizer may then take them over)."""
-        projected = [p for group in self.param_groups for p in group["params"] if self._plan(p).rank is not None]
-        unregister(projected, self._hooks)
+        if self._window.started:
+            raise RuntimeError("stop_backward_projection() inside an accumulation window; call step() first")
+        hooked = [p for group, p in self._group_params() if self.step_in_backward or self._plan(p).rank is not None]
+        unregister(hooked, self._hooks)
         self._hooks, self.backward_projection, self._process_group = [], False, None
+        self.step_in_backward, self.accumulation_steps = False, 1
 
     @torch.no_grad()
     def _project_in_backward(self, param: torch.Tensor) -> None:
         """The post-accumulate-grad hook: ``A ← A + proj(G)`` and free ``G``, unless the parameter
         refreshes at the coming step (then its full gradient accumulates as usual)."""
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        group = self._groups[param]
         if self._needs_refresh(param, group):
             return
         plan = self._plan(param)
-        projector = PROJECTORS[self._projector_name(group)](group)
-        low_rank = projector.project(param.grad, _stored_subspace(self.state[param]), plan.side, plan.backend)
+        low_rank = self._projector(group).project(param.grad, _stored_subspace(self.state[param]), plan.side,
+                                                  plan.backend)
         accumulated = self._low_rank_grads.get(param)
         self._low_rank_grads[param] = low_rank if accumulated is None else accumulated.add_(low_rank)
         param.grad = None
+
+    @torch.no_grad()
+    def _step_in_backward(self, param: torch.Tensor) -> None:
+        """The hook under ``step_in_backward``: accumulate this micro-batch (projected weights as
+        :meth:`_project_in_backward` does, the others in ``.grad``) and, at the window's last
+        backward pass, take the parameter's whole step and free everything it used."""
+        window, group, plan = self._window, self._groups[param], self._plan(param)
+        count = window.backward_passes.get(param, 0) + 1
+        if count == 1 and param in window.stepped:
+            raise RuntimeError(f"{_label(plan.key, param)}: a backward pass after this parameter took its step "
+                               f"(accumulation_steps={self.accumulation_steps}) and before optimizer.step(); "
+                               f"call step() after every {self.accumulation_steps} backward pass(es)")
+        if not window.started:
+            self.refresh_stats = {}
+        last = count == self.accumulation_steps
+        if plan.rank is not None and (not last or param in self._low_rank_grads):
+            self._project_in_backward(param)     # at a window's only backward pass the step projects G itself
+        window.backward_passes[param] = count
+        if last:
+            self._step_one(group, param)
+
+    def _step_one(self, group: dict, param: torch.Tensor) -> None:
+        """One parameter's whole step from what its window accumulated (averaged over the process
+        group first), then its gradient and accumulator are freed."""
+        window = self._window
+        if self._process_group is not None:
+            tensor = self._low_rank_grads.get(param, param.grad)
+            window.communicated_bytes += synchronize([tensor], self._process_group)
+        item = self._work_item(group, param)
+        window.backward_passes.pop(param, None)
+        window.stepped.add(param)
+        if isinstance(item, _Projected):
+            if item.refresh:
+                self._compute_refreshes([item], unchanged="this parameter and its state are unchanged "
+                                        "(parameters stepped earlier in this backward pass are not)")
+            self._projected_step(item)
+        elif item is not None:
+            generators = [self._rounding(group, param)] if group["bf16_stochastic_round"] else None
+            plain_adamw_step_(self.state, group, [param], [item], form=self.adam_form,
+                              moments_dtype=group["moments_dtype"], foreach=False,
+                              moment_bits=group["moment_bits"], generators=generators,
+                              backends=[self._plans[param].backend])
+        param.grad = None
+        self._low_rank_grads.pop(param, None)
+
+    def _finish_window(self) -> None:
+        """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
+        fewer backward passes than the others (unused in some micro-batches) step now on what they
+        accumulated, and the window closes. A window no parameter completed is an error."""
+        window = self._window
+        pending = [param for param, count in window.backward_passes.items() if count]
+        if pending and not window.stepped:
+            param = pending[0]
+            raise RuntimeError(f"optimizer.step() after {window.backward_passes[param]} of accumulation_steps="
+                               f"{self.accumulation_steps} backward passes (e.g. {_label(self._plan(param).key, param)}"
+                               "); nothing was stepped. Call backward() accumulation_steps times per step")
+        for param in pending:
+            self._step_one(self._groups[param], param)
+        self.communicated_bytes = window.communicated_bytes
+        self._window = _Window()
 
     def _gradient_tensors(self) -> list[torch.Tensor]:
         """What the next step uses, in parameter order: each projected weight's accumulator, or
@@ -534,6 +655,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """``torch.optim.Optimizer.zero_grad``, and the projected accumulators are dropped too."""
         super().zero_grad(set_to_none)
         self._low_rank_grads, self._synchronized = {}, False
+        self._window.backward_passes.clear()        # a partial window is dropped with its gradients
 
     # ---------------------------------------------------------------------------------- summary
     def projection_summary(self) -> ProjectionSummary:
@@ -583,7 +705,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that steps."""
         state = super().__getstate__()
         state.update(skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps,
-                     _rank_given=list(self._rank_given), backward_projection=self.backward_projection)
+                     _rank_given=list(self._rank_given), backward_projection=self.backward_projection,
+                     step_in_backward=self.step_in_backward, accumulation_steps=self.accumulation_steps)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -592,6 +715,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_rank_given", [False] * len(self.param_groups))
         self.__dict__.setdefault("backward_projection", False)
+        self.__dict__.setdefault("step_in_backward", False)
+        self.__dict__.setdefault("accumulation_steps", 1)
+        self._window = _Window()
         self.__dict__.setdefault("communicated_bytes", 0)
         self.__dict__.setdefault("_process_group", None)    # a copy does not share the original's group
         self.__dict__.setdefault("_low_rank_grads", {})

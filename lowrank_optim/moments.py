@@ -23,6 +23,7 @@ import torch
 from .kernels.dispatch import adam_moment_update
 from .kernels.slot_remap import remap_slots
 from .quantization import (
+    default_block_size,
     layout_for,
     moment_bits_for,
     moment_state_bytes,
@@ -143,6 +144,25 @@ class Moments:
                 self.state[f"{prefix}_codes"], self.state[f"{prefix}_scales"], transform, bits=self.bits,
                 signed=signed, shape=self.shape, layout=self.layout)
             self.state[f"{prefix}_codes"], self.state[f"{prefix}_scales"] = codes, scales
+
+    def flat_chunk(self, start: int, stop: int) -> Moments:
+        """The moments of values ``start:stop`` of a ``"flat"`` (plain) moment, as views of the
+        stored tensors, so stepping the chunk updates the state in place. Quantized chunks must
+        start on a block boundary (blocks of a flat moment are consecutive values)."""
+        if self.layout != "flat":
+            raise ValueError(f"flat_chunk needs the 'flat' layout, got {self.layout!r}")
+        if self.bits is None:
+            views = {key: self.unwrap(self.state[key]).view(-1)[start:stop] for key in FLOAT_KEYS}
+            return Moments(views, None, "flat", (stop - start,))
+        block = default_block_size(self.bits)
+        if start % block:
+            raise ValueError(f"a quantized chunk must start on a block of {block} values, got start={start}")
+        per_byte = 8 // self.bits
+        views = {}
+        for prefix in ("exp_avg", "exp_avg_sq"):
+            views[f"{prefix}_codes"] = self.state[f"{prefix}_codes"][start // per_byte: -(-stop // per_byte)]
+            views[f"{prefix}_scales"] = self.state[f"{prefix}_scales"][start // block: -(-stop // block)]
+        return Moments(views, self.bits, "flat", (stop - start,))
 
     def expected_bytes(self, float_dtype: torch.dtype) -> int:
         """Bytes both moments take once created (nothing allocated)."""

@@ -64,13 +64,37 @@ def as_float(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-def single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Moments, step: int, *, lr: float,
-                         beta1: float, beta2: float, eps: float, weight_decay: float, form: AdamForm,
-                         correct_bias: bool = True, backend: str = "torch",
-                         generator: torch.Generator | None = None) -> None:
+def single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Moments, step: int, *,
+                         chunk_values: int | None = None, **hyper) -> None:
     """The step of :func:`foreach_adamw_` on one tensor (``foreach=False``), with float or quantized
     moments; ``generator``: stochastic rounding of a bf16 ``param`` (the new value in fp32, rounded
-    once, unbiased)."""
+    once, unbiased).
+
+    The update is element-wise, so a large tensor is stepped in consecutive chunks of
+    ``chunk_values`` (default :data:`CHUNK_VALUES`) values, views of the parameter, gradient and
+    state: the fp32 temporaries (dequantized moments, ``N``, codes being searched) then take a
+    chunk's size instead of the tensor's, and every value is computed exactly as in one piece
+    (stochastic rounding draws its noise chunk by chunk from the same generator)."""
+    chunk = CHUNK_VALUES if chunk_values is None else chunk_values
+    if param.numel() <= chunk or not (param.is_contiguous() and grad.is_contiguous()):
+        _single_tensor_adamw_(param, grad, moments, step, **hyper)
+        return
+    flat_param, flat_grad = param.view(-1), grad.view(-1)
+    for start in range(0, param.numel(), chunk):
+        stop = min(start + chunk, param.numel())
+        _single_tensor_adamw_(flat_param[start:stop], flat_grad[start:stop], moments.flat_chunk(start, stop), step,
+                              **hyper)
+
+
+# 2**20 values: a multiple of every quantization block (chunks start on block boundaries); its
+# temporaries stay in the tens of MiB while each chunk is large enough to run at full speed.
+CHUNK_VALUES = 1 << 20
+
+
+def _single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Moments, step: int, *, lr: float,
+                          beta1: float, beta2: float, eps: float, weight_decay: float, form: AdamForm,
+                          correct_bias: bool = True, backend: str = "torch",
+                          generator: torch.Generator | None = None) -> None:
     bc1, bc2 = bias_corrections(step, beta1, beta2) if correct_bias else (1.0, 1.0)
     update = moments.step(backend, grad, beta1=beta1, beta2=beta2, eps=form.effective_eps(eps, bc2),
                           bias_correction1=bc1, bias_correction2=bc2)

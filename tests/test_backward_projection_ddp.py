@@ -1,6 +1,7 @@
-"""``backward_projection=True`` with ``process_group``: two gloo processes, half the batch each,
-all-reduce the projected gradients themselves (no DistributedDataParallel wrapper) and match one
-process with the whole batch, in float64, with bitwise-equal state on both ranks after 100 steps."""
+"""``backward_projection=True`` (also with ``step_in_backward``) with ``process_group``: two gloo
+processes, half the batch each, all-reduce the projected gradients themselves (no
+DistributedDataParallel wrapper) and match one process with the whole batch, in float64, with
+bitwise-equal state on both ranks after 100 steps."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,18 @@ def _galore(model, **kwargs):
                        backward_projection=True, **kwargs)
 
 
-SETUPS = {"dct": _dct, "galore": _galore}
+def _dct_in_backward(model, **kwargs):
+    return DCTProjAdam(model.named_parameters(), lr=1e-2, rank=4, update_proj_gap=7, residual="none",
+                       weight_decay=0.1, step_in_backward=True, accumulation_steps=2, **kwargs)
+
+
+def _galore_in_backward(model, **kwargs):
+    return GaLoreAdamW(projected_groups(model, 4, update_proj_gap=7, scale=0.5), lr=1e-2, weight_decay=0.1,
+                       step_in_backward=True, accumulation_steps=2, **kwargs)
+
+
+SETUPS = {"dct": _dct, "galore": _galore, "dct_in_backward": _dct_in_backward,
+          "galore_in_backward": _galore_in_backward}
 
 
 def _loss(model, step, part=slice(None)):
@@ -36,13 +48,16 @@ def _loss(model, step, part=slice(None)):
 
 
 def _train(model, optimizer, part=slice(None)):
-    """STEPS steps, accumulation 2 (the rank's rows split in two), clipping by the library call."""
+    """STEPS steps, accumulation 2 (the rank's rows split in two), clipping by the library call
+    (not under step_in_backward, which steps before a global norm exists: each parameter's
+    window is all-reduced in its hook)."""
     sent = []
     for step in range(STEPS):
         rows = list(range(6))[part]
         for micro in (rows[: len(rows) // 2], rows[len(rows) // 2:]):
             (_loss(model, step, micro) * len(micro) / len(rows)).backward()
-        clip_grad_norm_(optimizer, 1.0)
+        if not optimizer.step_in_backward:
+            clip_grad_norm_(optimizer, 1.0)
         optimizer.step()
         optimizer.zero_grad()
         sent.append(optimizer.communicated_bytes)

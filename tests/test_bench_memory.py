@@ -1,6 +1,7 @@
 """experiments/bench/memory_worker.py (the per-configuration process of experiments.bench.memory):
 on a tiny LLaMA, the JSON it writes has the documented fields, its components add up to the peak,
-and backward projection holds fewer gradient bytes than the standard optimizer at an ordinary step."""
+and backward projection holds fewer gradient bytes than the standard optimizer at an ordinary step;
+stepping in the backward pass holds none."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def _start(tmp_path: Path, config: Path, optimizer: str, gap: int) -> tuple[subp
 def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY), encoding="utf-8")
-    runs = {key: _start(tmp_path, config, key, gap) for key, gap in (("dct_8bit", 2), ("dct_8bit_bp", 200))}
+    runs = {key: _start(tmp_path, config, key, gap)
+            for key, gap in (("dct_8bit", 2), ("dct_8bit_bp", 200), ("dct_8bit_sib", 2))}
     results = {}
     for key, (process, out) in runs.items():
         _, stderr = process.communicate(timeout=120)
@@ -67,3 +69,10 @@ def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_pa
     assert backward[1]["accumulator_bytes"] == results["dct_8bit_bp"]["expected_accumulator_bytes"] > 0
     assert standard[1]["accumulator_bytes"] == 0 and standard[1]["full_projected_grads"] == 14
     assert backward[1]["components"]["gradients"] < standard[1]["components"]["gradients"]
+
+    # step in backward: every parameter stepped in its hook, nothing left after backward, and the
+    # same training step as the standard optimizer (same loss at step 2)
+    in_backward = results["dct_8bit_sib"]["steps"]
+    assert all(s["grad_bytes"] == s["accumulator_bytes"] == s["full_projected_grads"] == 0 for s in in_backward)
+    assert results["dct_8bit_sib"]["expected_accumulator_bytes"] == 0
+    assert in_backward[1]["loss"] == standard[1]["loss"]

@@ -64,6 +64,7 @@ class OptimizerSpec:
     bits: int | None = None     # moment_bits
     backward: bool = False      # backward_projection
     fused: bool = False         # torch AdamW: fused=True (else foreach=True)
+    in_backward: bool = False   # step_in_backward (implies backward projection; one backward pass per step)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -77,6 +78,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "dct_8bit": OptimizerSpec("DCTProjAdam 8-bit (residual scaled)", "dct", 8),
     "dct_bp": OptimizerSpec("DCTProjAdam + backward projection (residual none)", "dct", None, True),
     "dct_8bit_bp": OptimizerSpec("DCTProjAdam 8-bit + backward projection (residual none)", "dct", 8, True),
+    "galore_sib": OptimizerSpec("GaLoreAdamW + step in backward", "galore", None, True, in_backward=True),
+    "galore_8bit_sib": OptimizerSpec("GaLoreAdamW 8-bit + step in backward", "galore", 8, True, in_backward=True),
+    "dct_sib": OptimizerSpec("DCTProjAdam + step in backward (residual scaled)", "dct", None, True, in_backward=True),
+    "dct_8bit_sib": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled)", "dct", 8, True,
+                                  in_backward=True),
 }
 
 
@@ -148,11 +154,12 @@ def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs), []
     groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=gap)
     projected = [param for _, param in groups[0]["params"]]
-    kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward)
+    kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward,
+                  step_in_backward=spec.in_backward)
     if spec.family == "galore":
         return GaLoreAdamW(groups, **kwargs), projected
-    if spec.backward:
-        kwargs["residual"] = "none"          # required with backward projection
+    if spec.backward and not spec.in_backward:
+        kwargs["residual"] = "none"          # required with backward projection (the hooks free G)
     return DCTProjAdam(groups, **kwargs), projected
 
 
@@ -249,7 +256,7 @@ def run(args) -> dict:
     buffers = tensor_bytes(list(model.buffers()))
     build_seconds = time.perf_counter() - started
     expected_accumulators = 0
-    if spec.backward:
+    if spec.backward and not spec.in_backward:       # stepping in the hooks keeps no accumulator
         itemsize = torch.empty((), dtype=dtype).element_size()
         expected_accumulators = sum(math.prod(shape) * itemsize for shape in accumulator_shapes(optimizer))
 
@@ -276,7 +283,8 @@ def run(args) -> dict:
         record["grad_bytes"] = tensor_bytes(full_grads)
         record["accumulator_bytes"] = tensor_bytes(accumulators)
         record["full_projected_grads"] = sum(p.grad is not None and id(p) in projected_ids for p in params)
-        record["expected_refreshing"] = (expected_refreshing(step, len(projected), args.gap, spec.backward)
+        staggered = spec.backward and not spec.in_backward     # step in backward: the standard schedule
+        record["expected_refreshing"] = (expected_refreshing(step, len(projected), args.gap, staggered)
                                          if projected else 0)
         del full_grads, accumulators
         record["resident_after_backward"] = meter.current()
