@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,17 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LLaMA language model returning next-token logits."""
+    """Decoder-only LLaMA language model returning next-token logits.
+
+    ``activation_checkpointing = True`` keeps only each decoder layer's input from the forward
+    pass and recomputes the layer in the backward pass (``torch.utils.checkpoint``, non-reentrant):
+    the activations alive at the start of the backward pass shrink from every layer's to one
+    ``T×d`` tensor per layer, for one more forward pass of compute. Gradients are unchanged."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -175,5 +182,8 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return self.lm_head(self.norm(x))

@@ -18,6 +18,25 @@ when ``(t + o_j) mod T = 0`` (``t`` its step count, ``T`` = ``update_proj_gap``,
 ``o_j = ⌊j·T/W⌋``), so a step holds at most ``⌈W/T⌉`` full projected gradients. The first step,
 which has no subspace yet, holds all of them once.
 
+**Stepping in the backward pass** (``step_in_backward=True``, which implies the mode) goes one
+step further: *every* parameter of the optimizer, projected or plain, is hooked, and at the last
+of ``accumulation_steps`` backward passes of a window its hook takes the parameter's whole step
+(refresh if due, moments, weight update) and frees its gradient and accumulator. Nothing
+gradient-sized survives the backward pass: at most one parameter's full gradient exists at a time
+(plus the accumulators of the other weights inside a window when ``accumulation_steps > 1``).
+:meth:`step` only closes the window (a parameter that missed some micro-batches steps there on
+what it accumulated; a window no parameter completed is an error, as is a backward pass after a
+parameter's step and before :meth:`step`). With ``accumulation_steps=1`` the refresh schedule is
+the standard one and each hook has the step's full gradient, so the trajectory is the standard
+loop's, the scaled residual included; with more, refreshes are staggered as above and the residual
+is refused. What it gives up: clipping by a global norm (every update happens before that norm
+exists: both clipping calls raise), the atomicity of a step (an error in one hook leaves the
+parameters stepped before it stepped) and ``skip_nonfinite``. The learning rate is read from the
+group when the hook runs, so a scheduler stepped after :meth:`step` acts on the next window, as
+in the standard loop. With ``process_group``, each hook averages its parameter's window gradient
+(accumulator, refreshing or plain gradient) with ``torch.distributed.all_reduce`` before stepping;
+the hooks run in the same order on every rank.
+
 **What the mode refuses.** The scaled residual (DCTProjAdam's default) adds ``c·φ∘G`` with the
 step's full ``G``, which the hooks free: ``residual="scaled"`` is an error (pass ``"none"``).
 FSDP2-sharded parameters are refused too (their gradients are reduce-scattered by FSDP itself).
@@ -129,7 +148,11 @@ def guard_torch_clipping() -> None:
                 "(step_in_backward=True): every update was taken before a global norm existed, so nothing "
                 "can be clipped. Use backward_projection=True without step_in_backward to clip "
                 "(lowrank_optim.clip_grad_norm_), or train without clipping")
-        if math.isinf(max_norm):        # a norm for the logs only (Hugging Face Trainer's grad_norm)
+        if math.isinf(max_norm) and stepped:
+            warnings.warn("torch.nn.utils.clip_grad_norm_ measures a norm without the parameters stepped in the "
+                          "backward pass (step_in_backward=True), whose gradients are gone: the logged gradient "
+                          "norm leaves them out", RuntimeWarning, stacklevel=2)
+        elif math.isinf(max_norm):        # a norm for the logs only (Hugging Face Trainer's grad_norm)
             warnings.warn("torch.nn.utils.clip_grad_norm_ measures a norm without the gradients projected in the "
                           "backward pass (backward_projection=True): the logged gradient norm leaves them out; "
                           "lowrank_optim.clip_grad_norm_(optimizer, max_norm) returns the norm the step uses",

@@ -10,7 +10,7 @@ from .rank import check_rank, resolve_rank
 from .registry import register_optimizer
 from .validation import check_choice
 
-PROJ_SIDES = ("auto", "left", "right")
+PROJ_SIDES = ("auto", "reverse_std", "left", "right")
 
 
 class DCTProjAdam(ProjectedAdamW):
@@ -68,7 +68,9 @@ class DCTProjAdam(ProjectedAdamW):
             :mod:`lowrank_optim.residual`; one scalar of state per weight); ``"none"``: the paper's.
         bias_correction (str, default "step"): Adam's per-parameter count, or ``"slot"``: each slot
             counts from when its moments last started at zero.
-        proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"left"``, ``"right"``.
+        proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"reverse_std"``
+            the larger one (moments of ``r·min(m, n)`` values: the DCT stores no ``P``, so its size
+            does not argue for the smaller side); ``"left"``, ``"right"``.
         transform (str, default "auto"): how ``S`` is formed on the PyTorch path: FFT on CPU, GEMM
             on GPU; ``"fft"``; ``"matmul"``.
         moments_dtype (torch.dtype | None, default None): the parameter's dtype, or e.g.
@@ -87,6 +89,15 @@ class DCTProjAdam(ProjectedAdamW):
         maximize (bool, default False): maximize the objective.
         capturable, differentiable (False only), fused (None or False only): torch's keywords;
             a ``True`` the optimizer cannot honour raises ``ValueError``.
+        backward_projection (bool, default False): project each projected weight's gradient inside
+            the backward pass into an ``m×r``/``r×n`` accumulator and free it (exact accumulation;
+            clip with :func:`lowrank_optim.clip_grad_norm_`; :mod:`lowrank_optim.backward_projection`).
+        step_in_backward (bool, default False): backward projection, and every parameter's whole
+            step taken in its hook at the window's last backward pass: no gradient outlives the
+            backward pass; no global-norm clipping (:mod:`lowrank_optim.backward_projection`).
+        accumulation_steps (int, default 1): backward passes per step under ``step_in_backward``.
+        process_group (default None): under backward projection, the group the optimizer
+            all-reduces projected and plain gradients over itself (instead of a DDP wrapper).
         skip_nonfinite (bool, default False): skip a step whose gradients hold inf/nan (counted
             in ``skipped_steps``) instead of raising at a refresh.
 

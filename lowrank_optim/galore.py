@@ -63,6 +63,8 @@ class GaLoreAdamW(ProjectedAdamW):
             False), backend (default "auto"): as in :class:`~lowrank_optim.DCTProjAdam`.
         foreach (bool | None), maximize (bool), capturable / differentiable (False only),
             fused (None or False only): torch's keywords.
+        backward_projection, step_in_backward, accumulation_steps, process_group: as in
+            :class:`~lowrank_optim.DCTProjAdam` (:mod:`lowrank_optim.backward_projection`).
         skip_nonfinite (bool, default False): skip a step with an inf/nan gradient.
 
     Beyond ``galore_torch``: state made of tensors only (``torch.load(weights_only=True)``

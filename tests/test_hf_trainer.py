@@ -236,3 +236,30 @@ def test_backward_projection_clips_through_the_callback(tmp_path):
     assert len(norms) == 6 and all(math.isfinite(norm) and norm > 0 for norm in norms)
     with pytest.raises(ValueError, match=r"Invalid max_grad_norm: 1.0"):
         trainer(1.0, [ClipInOptimizerCallback(0.5)]).train()
+
+
+def test_step_in_backward_runs_inside_the_trainer(tmp_path):
+    """``step_in_backward`` with the Trainer's accumulation passed as ``accumulation_steps``: the
+    Trainer's clipping is refused (nothing is left to clip); without it the run equals backward
+    projection stepped in ``optimizer.step()`` (same staggered schedule, exact accumulation)."""
+    base = {"lr": 1e-2, "rank": RANK, "update_proj_gap": 3, "residual": "none"}
+
+    def trainer(max_grad_norm, **mode):
+        model = tiny_llama()
+        return model, transformers.Trainer(
+            model=model, train_dataset=TokenSequences(),
+            args=training_args(tmp_path, max_grad_norm=max_grad_norm, gradient_accumulation_steps=2),
+            optimizer_cls_and_kwargs=trainer_optimizer("dct_adamw", **base, **mode))
+
+    in_backward = {"step_in_backward": True, "accumulation_steps": 2}
+    with pytest.raises(RuntimeError, match=r"already stepped the parameters"):
+        trainer(1.0, **in_backward)[1].train()
+    hooks_model, hooks = trainer(0.0, **in_backward)
+    with pytest.warns(RuntimeWarning, match=r"stepped in the backward pass"):     # Trainer's grad_norm log
+        hooks.train()
+    deferred_model, deferred = trainer(0.0, backward_projection=True)
+    deferred.train()
+    assert hooks.state.global_step == deferred.state.global_step == 6
+    for a, b in zip(hooks_model.parameters(), deferred_model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(next(hooks_model.parameters()), next(tiny_llama().parameters()))

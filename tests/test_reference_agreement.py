@@ -16,7 +16,7 @@ STEPS = 100
 
 @pytest.mark.parametrize("moments", ["keep", "reset", "transport"])
 @pytest.mark.parametrize("score", ["l1", "l2"])
-@pytest.mark.parametrize("proj_side", ["auto", "left", "right"])
+@pytest.mark.parametrize("proj_side", ["auto", "reverse_std", "left", "right"])
 @pytest.mark.parametrize("bias_correction", ["step", "slot"])
 def test_dct_matches_reference(moments, score, proj_side, bias_correction):
     fast_model = make_model()

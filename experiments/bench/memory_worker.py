@@ -65,6 +65,7 @@ class OptimizerSpec:
     backward: bool = False      # backward_projection
     fused: bool = False         # torch AdamW: fused=True (else foreach=True)
     in_backward: bool = False   # step_in_backward (implies backward projection; one backward pass per step)
+    checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -78,11 +79,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "dct_8bit": OptimizerSpec("DCTProjAdam 8-bit (residual scaled)", "dct", 8),
     "dct_bp": OptimizerSpec("DCTProjAdam + backward projection (residual none)", "dct", None, True),
     "dct_8bit_bp": OptimizerSpec("DCTProjAdam 8-bit + backward projection (residual none)", "dct", 8, True),
+    "adamw_fused_ckpt": OptimizerSpec("torch AdamW (fused) + activation checkpointing", "torch", fused=True,
+                                      checkpointing=True),
     "galore_sib": OptimizerSpec("GaLoreAdamW + step in backward", "galore", None, True, in_backward=True),
     "galore_8bit_sib": OptimizerSpec("GaLoreAdamW 8-bit + step in backward", "galore", 8, True, in_backward=True),
     "dct_sib": OptimizerSpec("DCTProjAdam + step in backward (residual scaled)", "dct", None, True, in_backward=True),
     "dct_8bit_sib": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled)", "dct", 8, True,
                                   in_backward=True),
+    "galore_8bit_sib_ckpt": OptimizerSpec("GaLoreAdamW 8-bit + step in backward + activation checkpointing",
+                                          "galore", 8, True, in_backward=True, checkpointing=True),
+    "dct_8bit_sib_ckpt": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled) + activation "
+                                       "checkpointing", "dct", 8, True, in_backward=True, checkpointing=True),
 }
 
 
@@ -203,6 +210,7 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
 
     model = Llama(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
                               num_attention_heads=2)).to(device=device, dtype=dtype)
+    model.activation_checkpointing = OPTIMIZERS[args.optimizer].checkpointing
     tokens = torch.randint(0, 512, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -241,6 +249,7 @@ def run(args) -> dict:
     finally:
         torch.set_default_dtype(default_dtype)
     model = model.to(device=device, dtype=dtype)
+    model.activation_checkpointing = spec.checkpointing
     if any(t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
         raise AssertionError(f"model not entirely in {dtype}")
     vocab = model.config.vocab_size

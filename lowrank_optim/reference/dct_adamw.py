@@ -44,8 +44,10 @@ class ReferenceDCTAdamW(torch.optim.Optimizer):
         state = self.state[p]
         m_rows, n_cols = p.shape
         side = group["proj_side"]
-        if side == "auto":
+        if side == "auto":                  # the smaller dimension is compressed
             side = "right" if m_rows >= n_cols else "left"
+        elif side == "reverse_std":         # the larger one
+            side = "left" if m_rows >= n_cols else "right"
         size = n_cols if side == "right" else m_rows
         rank = min(group["rank"], size)
         basis = reference_dct_basis(size).to(p.dtype)
