@@ -157,6 +157,17 @@ def test_stochastic_rounding_is_reproducible_and_resumes():
         assert torch.equal(p, q)
 
 
+def test_sst_stochastic_rounding_is_the_same_for_two_optimizers():
+    """The noise is keyed by the parameter's position and the step, not by anything of one
+    optimizer object, so a second optimizer (another process, a resume) draws the same."""
+    model = convert_to_sst(make_model(dtype=torch.bfloat16, **WIDE), rank=4, target_modules=("up", "down"))
+    first, second = model, twin(model)
+    for copy_ in (first, second):
+        train(copy_, SSTAdamW(copy_.parameters(), lr=1e-2, update_interval=2, bf16_stochastic_round=True), 4)
+    for p, q in zip(first.parameters(), second.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("bad", [16, 0, True, "8"])
 def test_moment_bits_is_validated(bad):
     with pytest.raises(ValueError, match=rf"Invalid moment_bits: {bad!r} \(expected None, 8 or 4\)"):

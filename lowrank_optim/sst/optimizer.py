@@ -230,10 +230,16 @@ class SSTAdamW(Optimizer):
         """This step's stochastic-rounding generator for a bf16 ``p`` (None otherwise)."""
         if p.dtype != torch.bfloat16:
             return None
-        return rounding_generator(f"{id(group)}:{self._param_index(p)}", self._sst_step, p.device)
+        return rounding_generator(f"param{self._param_position(p)}", self._sst_step, p.device)
 
-    def _param_index(self, p: torch.Tensor) -> int:
-        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+    def _param_position(self, p: torch.Tensor) -> int:
+        """``p``'s position over all param groups (the same in every process and after a resume),
+        from a map rebuilt only when a parameter is new to it."""
+        positions = self.__dict__.get("_positions")
+        if positions is None or id(p) not in positions:
+            positions = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            self._positions = positions
+        return positions[id(p)]
 
     def _resample(self, group: dict, layers: list[SSTLayerEntry], resample_number: int) -> None:
         for entry in layers:
