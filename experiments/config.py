@@ -208,7 +208,8 @@ class TrainConfig:
     moments: str | None = _flag(
         None, "moments at a refresh (default: the optimizer's)", choices=("keep", "reset", "transport")
     )
-    proj_side: str | None = _flag(None, "DCT side (default: the optimizer's)", choices=("auto", "left", "right"))
+    proj_side: str | None = _flag(None, "DCT side (default: the optimizer's)",
+                                  choices=("auto", "reverse_std", "left", "right"))
     target_modules: list[str] = _flag(["attn", "mlp"], "name fragments of the projected linears", nargs="+")
     # ---- parameterization (model transform) ----
     parameterization: str = _flag("auto", "dense, sst, sltrain, or auto (what the optimizer needs)")
@@ -226,6 +227,26 @@ class TrainConfig:
         "lowrank_optim.backward_projection): dct_adamw or galore_adamw, with the residual off (dct_adamw's "
         "default here then); under torchrun the optimizer all-reduces the projected gradients itself (no DDP "
         "wrapper); not with --fsdp",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+    )
+    step_in_backward: bool = _flag(
+        False,
+        "take each parameter's whole optimizer step inside the backward pass, at the last micro-batch of a "
+        "step (lowrank_optim step_in_backward=True): no gradient or accumulator outlives the backward pass; "
+        "implies --backward_projection (dct_adamw keeps its residual at gradient accumulation 1); needs "
+        "--grad_clipping 0 (clipping needs the global norm before any update); not with --fsdp",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+    )
+    activation_checkpointing: bool = _flag(
+        False,
+        "recompute each decoder layer in the backward pass (torch.utils.checkpoint, non-reentrant) instead of "
+        "keeping its activations: the activations alive at the start of the backward pass drop from every "
+        "layer's to one T x d tensor (the layer's input) per sequence and layer, for one extra forward pass; the "
+        "same gradients; native model (also under SST / SLTrain) or --model_impl hf",
         type=parse_bool,
         nargs="?",
         const=True,

@@ -4,7 +4,8 @@
 a value out of range or not among its choices (:func:`experiments.config.check_values`), a name no
 table knows (optimizer, dataset, parameterization, model config), a model config file that is
 unreadable or (native model) whose ``max_position_embeddings`` is shorter than ``--max_length``, a
-device that is not there, what ``--fsdp`` cannot train, and a ``--continue_from`` that is no
+device that is not there, what ``--fsdp``, ``--backward_projection`` and ``--step_in_backward``
+cannot train (clipping included for the last), and a ``--continue_from`` that is no
 complete checkpoint of the right kind of a resumable optimizer. What needs the world size (batch
 divisibility, warmup against the derived steps) is checked by :func:`experiments.config.resolve`;
 what needs the data or the model (corpus size, the library's own hyperparameter checks, checkpoint
@@ -40,7 +41,9 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError("--device", "cuda was asked for but torch sees no CUDA device; expected auto or cpu here")
     if config.fsdp:
         check_fsdp_supported(config.optimizer, parameterization)
-    if config.backward_projection:
+    if config.step_in_backward:
+        _check_step_in_backward(config, parameterization)
+    elif config.backward_projection:
         _check_backward_projection(config, parameterization)
     for flag in ("save_dir", "cache_dir"):
         path = getattr(config, flag)
@@ -77,13 +80,26 @@ def _check_resume(config: TrainConfig) -> None:
 BACKWARD_PROJECTION_OPTIMIZERS = ("dct_adamw", "galore_adamw")
 
 
-def _check_backward_projection(config: TrainConfig, parameterization: str) -> None:
-    """``--backward_projection`` projects gradients of the library's projected optimizers, on dense
-    weights, without FSDP2 (which reduce-scatters full gradients itself)."""
+def _check_backward_projection(config: TrainConfig, parameterization: str, flag: str = "--backward_projection") -> None:
+    """``--backward_projection`` (or ``flag``, a mode that implies it) projects gradients of the
+    library's projected optimizers, on dense weights, without FSDP2 (which reduce-scatters full
+    gradients itself)."""
     if config.optimizer not in BACKWARD_PROJECTION_OPTIMIZERS or parameterization != "dense":
-        raise UsageError("--backward_projection", f"needs the optimizer {' or '.join(BACKWARD_PROJECTION_OPTIMIZERS)} "
+        raise UsageError(flag, f"needs the optimizer {' or '.join(BACKWARD_PROJECTION_OPTIMIZERS)} "
                          f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "
                          f"{parameterization!r}")
     if config.fsdp:
-        raise UsageError("--backward_projection", "cannot be combined with --fsdp (FSDP2 reduce-scatters full "
+        raise UsageError(flag, "cannot be combined with --fsdp (FSDP2 reduce-scatters full "
                          "gradients); under torchrun the optimizer all-reduces the projected gradients itself")
+
+
+def _check_step_in_backward(config: TrainConfig, parameterization: str) -> None:
+    """``--step_in_backward`` implies backward projection (same optimizers, parameterization, no
+    FSDP2) and updates every parameter inside the backward pass, before a global gradient norm
+    exists: no clipping."""
+    _check_backward_projection(config, parameterization, flag="--step_in_backward")
+    if config.grad_clipping > 0:
+        raise UsageError("--step_in_backward", f"cannot be combined with --grad_clipping {config.grad_clipping:g} "
+                         "(clipping is on by default): clipping needs the global gradient norm before any update, "
+                         "but this mode updates each parameter inside the backward pass; pass --grad_clipping 0 to "
+                         "train without clipping, or use --backward_projection alone to clip")

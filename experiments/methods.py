@@ -174,10 +174,18 @@ def optimizer_kwargs(config: TrainConfig) -> dict:
     for keyword, field in recipe_for(config.optimizer).keyword_fields:
         if getattr(config, field) is not None:
             kwargs[keyword] = getattr(config, field)
-    if config.backward_projection:
+    if config.step_in_backward:
+        if config.gradient_accumulation is None:
+            raise RuntimeError("--step_in_backward needs the resolved config (experiments.config.resolve): its "
+                               "hooks must know the gradient accumulation, which is not derived yet")
+        kwargs["step_in_backward"] = True       # implies backward_projection in the library
+        kwargs["accumulation_steps"] = config.gradient_accumulation
+    if config.backward_projection or config.step_in_backward:
         kwargs["backward_projection"] = True
-        if config.optimizer == "dct_adamw":
-            kwargs["residual"] = "none"          # the scaled residual needs the full gradient the mode frees
+        # The scaled residual needs each step's full gradient, which the mode frees in the backward
+        # pass; under --step_in_backward with one backward pass per step the hook still has it.
+        if config.optimizer == "dct_adamw" and not (config.step_in_backward and config.gradient_accumulation == 1):
+            kwargs["residual"] = "none"
         if torch.distributed.is_initialized():
             kwargs["process_group"] = torch.distributed.group.WORLD
     return {**kwargs, **config.optimizer_kwargs}

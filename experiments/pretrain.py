@@ -61,7 +61,9 @@ from experiments.log_window import LogWindow
 from experiments.logging_utils import RunLogger, perplexity, projection_health, read_metrics
 from experiments.memory import optimizer_state_bytes, parameter_counts, peak_memory_bytes
 from experiments.methods import apply_parameterization, build_optimizer, resolved_parameterization
+from experiments.model import Llama
 from experiments.model_factory import build_model
+from experiments.model_hf import HFLlama
 from experiments.plotting import plot_run
 from experiments.schedulers import build_scheduler
 
@@ -110,7 +112,11 @@ def train_step(
     context: DistributedContext,
 ) -> torch.Tensor:
     """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss, a
-    detached 0-d tensor on the device (nothing here waits for the device)."""
+    detached 0-d tensor on the device (nothing here waits for the device).
+
+    Under ``--step_in_backward`` the last micro-batch's backward pass takes every parameter's step
+    and frees its gradient; ``optimizer.step()`` then only closes the window. Nothing here reads a
+    gradient, and ``--grad_clipping`` is 0 in that mode (``config_checks`` refuses anything else)."""
     total = torch.zeros((), device=context.device)
     for micro_step in range(config.gradient_accumulation):
         ids = to_device(loader.next_batch(), context.device)
@@ -148,6 +154,33 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def enable_activation_checkpointing(model: nn.Module, config: TrainConfig) -> None:
+    """``--activation_checkpointing``: recompute each decoder layer in the backward pass.
+
+    The native :class:`~experiments.model.Llama` (also under SST / SLTrain, which replace its
+    linears in place) checkpoints its layers when ``activation_checkpointing`` is set; Hugging
+    Face's model through ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
+    before transformers 5), non-reentrant as the native one. Under
+    FSDP2 the attribute, set before sharding, changes only the forward. A model that is neither (a
+    parameterization that wrapped it) is refused: the flag could not reach its layers."""
+    if isinstance(model, Llama):
+        model.activation_checkpointing = True
+    elif isinstance(model, HFLlama):
+        # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+        enable = getattr(model.hf, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise UsageError(
+            "--activation_checkpointing",
+            f"cannot reach the decoder layers of the model that parameterization "
+            f"{resolved_parameterization(config)!r} built ({type(model).__name__}, not the LLaMA of "
+            f"--model_impl {config.model_impl}); train without --activation_checkpointing",
+        )
+
+
 @dataclass
 class Run:
     """Everything a training run holds; ``model`` is unwrapped, ``wrapped`` is what trains (DDP or
@@ -181,6 +214,8 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     )
     model = build_model(config.model_config, config.model_impl, data.tokenizer.vocab_size).to(context.device)
     model = apply_parameterization(model, config).to(dtype=DTYPES[config.dtype])
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model, config)
     if config.fsdp:
         model = shard_model(model, context)
     optimizer = build_optimizer(model, config)
@@ -192,9 +227,10 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     run = Run(config, context, data, model, model, optimizer, scheduler, progress)
     if config.continue_from:
         restore_run(run, resolve_checkpoint(config.continue_from))
-    # DDP broadcasts rank 0's (possibly restored) weights; under --backward_projection the optimizer
-    # all-reduces the projected gradients itself and broadcast the weights when it was built.
-    if context.enabled and not config.fsdp and not config.backward_projection:
+    # DDP broadcasts rank 0's (possibly restored) weights; under --backward_projection (and
+    # --step_in_backward, which implies it) the optimizer all-reduces the projected gradients itself
+    # and broadcast the weights when it was built.
+    if context.enabled and not config.fsdp and not (config.backward_projection or config.step_in_backward):
         device_ids = [context.device] if context.device.type == "cuda" else None
         run.wrapped = DistributedDataParallel(model, device_ids=device_ids)
     return run

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
 
+from experiments import methods
 from experiments.errors import UsageError
 from experiments.methods import available_methods
 from experiments.pretrain import main
@@ -90,6 +92,24 @@ FLAG_MISTAKES = [
     (["--fsdp", "--optimizer", "sst_adamw"], "error: --fsdp: trains the optimizers adamw, dct_adamw, galore_adamw "
      "with the dense parameterization; got optimizer 'sst_adamw', parameterization 'sst' (use DDP for those)"),
     (["--optimizer_kwargs", '{"betas": [0.9]}'], "error: --optimizer_kwargs: betas: expected 2 values, got 1: [0.9]"),
+    (["--backward_projection"], "error: --backward_projection: needs the optimizer dct_adamw or galore_adamw on the "
+     "dense parameterization; got optimizer 'adamw', parameterization 'dense'"),
+    (["--step_in_backward", "--grad_clipping", "0"], "error: --step_in_backward: needs the optimizer dct_adamw or "
+     "galore_adamw on the dense parameterization; got optimizer 'adamw', parameterization 'dense'"),
+    (["--step_in_backward", "--grad_clipping", "0", "--optimizer", "dct_adamw", "--parameterization", "sltrain"],
+     "error: --step_in_backward: needs the optimizer dct_adamw or galore_adamw on the dense parameterization; got "
+     "optimizer 'dct_adamw', parameterization 'sltrain'"),
+    (["--step_in_backward", "--grad_clipping", "0", "--optimizer", "dct_adamw", "--fsdp"], "error: "
+     "--step_in_backward: cannot be combined with --fsdp (FSDP2 reduce-scatters full gradients); under torchrun the "
+     "optimizer all-reduces the projected gradients itself"),
+    (["--step_in_backward", "--optimizer", "dct_adamw"], "error: --step_in_backward: cannot be combined with "
+     "--grad_clipping 1 (clipping is on by default): clipping needs the global gradient norm before any update, but "
+     "this mode updates each parameter inside the backward pass; pass --grad_clipping 0 to train without clipping, "
+     "or use --backward_projection alone to clip"),
+    (["--step_in_backward", "--backward_projection", "--optimizer", "galore_adamw", "--grad_clipping", "0.5"],
+     "error: --step_in_backward: cannot be combined with --grad_clipping 0.5 (clipping is on by default): clipping "
+     "needs the global gradient norm before any update, but this mode updates each parameter inside the backward "
+     "pass; pass --grad_clipping 0 to train without clipping, or use --backward_projection alone to clip"),
     (["--tokenizer", "bpe:abc"], "error: --tokenizer: expected bpe or bpe:<vocabulary size> such as bpe:4096, "
      "got 'bpe:abc'"),
 ]  # fmt: skip
@@ -129,12 +149,43 @@ BUILD_MISTAKES = [
     (["--optimizer", "dct_adamw", "--optimizer_kwargs", '{"residual": "big"}'], r"error: --optimizer_kwargs: "
      r"Invalid residual: 'big' \(expected one of"),
     (["--tokenizer", "bpe:100"], r"error: --tokenizer: expected a BPE vocabulary size of at least 258, got 100"),
+    # accumulation 2: the residual the user asks for needs the full gradient the mode frees (the library's ValueError)
+    (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--total_batch_size", "8",
+      "--optimizer_kwargs", '{"residual": "scaled"}'], r"error: --optimizer_kwargs: parameter layers\.0\.attn\.q_proj"
+     r"\.weight \(shape \(32, 32\)\): residual='scaled' needs each step's full gradient, which "
+     r"backward_projection=True frees in the backward pass; pass residual='none' \(or step_in_backward=True with "
+     r"accumulation_steps=1"),
+    (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--optimizer_kwargs",
+      '{"skip_nonfinite": true}'], r"error: --optimizer_kwargs: Invalid skip_nonfinite: True with step_in_backward"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("flags", "pattern"), BUILD_MISTAKES, ids=[" ".join(flags) for flags, _ in BUILD_MISTAKES])
 def test_a_mistake_found_while_building_is_one_line(flags, pattern, workdir, capsys):
     assert re.fullmatch(pattern + r".*", refusal([*tiny_flags(workdir), *flags], capsys))
+
+
+class _Wrapped(nn.Module):
+    """A parameterization that wraps the model instead of changing it in place."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+
+def test_activation_checkpointing_that_cannot_reach_the_layers_is_refused(workdir, capsys, monkeypatch):
+    """SST and SLTrain replace linears in place (the Llama keeps its flag); a parameterization that
+    wrapped the model would hide it, and the flag is refused rather than silently ignored."""
+    monkeypatch.setitem(methods.PARAMETERIZATIONS, "sltrain", lambda model, config: _Wrapped(model))
+    flags = [*tiny_flags(workdir, "wrapped"), "--parameterization", "sltrain", "--activation_checkpointing"]
+    assert refusal(flags, capsys) == (
+        "error: --activation_checkpointing: cannot reach the decoder layers of the model that parameterization "
+        "'sltrain' built (_Wrapped, not the LLaMA of --model_impl native); train without --activation_checkpointing"
+    )
+    assert not (workdir / "wrapped").exists()
 
 
 def _write(path: Path, text: str) -> Path:

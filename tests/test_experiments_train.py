@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+import experiments.model  # noqa: E402
 from experiments.args import parse_config  # noqa: E402
 from experiments.checkpoint import (  # noqa: E402
     CONFIG_FILE,
@@ -29,10 +31,11 @@ from experiments.checkpoint import (  # noqa: E402
     list_checkpoints,
     load_checkpoint,
 )
-from experiments.config import TrainConfig  # noqa: E402
+from experiments.config import TrainConfig, resolve  # noqa: E402
+from experiments.distributed import setup_distributed  # noqa: E402
 from experiments.logging_utils import METRICS_FILE, read_metrics  # noqa: E402
 from experiments.methods import available_methods  # noqa: E402
-from experiments.pretrain import LOSS_PLOT, train  # noqa: E402
+from experiments.pretrain import LOSS_PLOT, build_run, train, train_step  # noqa: E402
 
 # The library's optimizers this suite expects; each is skipped while it is not registered.
 EXPECTED_OPTIMIZERS = ("adamw", "galore_adamw", "dct_adamw", "sst_adamw", "galore_torch_adamw")
@@ -83,6 +86,9 @@ def losses(save_dir: Path, key: str) -> dict[int, float]:
 RUN_CASES = [(name, {"optimizer": name}) for name in sorted(set(available_methods()) | set(EXPECTED_OPTIMIZERS))]
 RUN_CASES.append(("sltrain", {"optimizer": "adamw", "parameterization": "sltrain"}))
 RUN_CASES += [(f"{name}_backward_projection", {"optimizer": name, "backward_projection": True}) for name in PROJECTED]
+# --step_in_backward needs clipping off (it is on by default); accumulation 2 (batch 4 of 8).
+STEP_IN_BACKWARD = {"step_in_backward": True, "grad_clipping": 0.0}
+RUN_CASES += [(f"{name}_step_in_backward", {"optimizer": name, **STEP_IN_BACKWARD}) for name in PROJECTED]
 
 
 @pytest.mark.parametrize(("case", "overrides"), RUN_CASES, ids=[case for case, _ in RUN_CASES])
@@ -113,6 +119,11 @@ RESUME_CASES = [
     ("sltrain", {"optimizer": "adamw", "parameterization": "sltrain"}),
     ("dct_adamw_backward_projection", {"optimizer": "dct_adamw", "backward_projection": True}),
     ("galore_adamw_backward_projection", {"optimizer": "galore_adamw", "backward_projection": True}),
+    ("dct_adamw_step_in_backward", {"optimizer": "dct_adamw", **STEP_IN_BACKWARD}),
+    ("galore_adamw_step_in_backward", {"optimizer": "galore_adamw", **STEP_IN_BACKWARD}),
+    # accumulation 1: dct_adamw keeps its scaled residual (its residual_norm state is resumed too)
+    ("dct_adamw_step_in_backward_accumulation_1", {"optimizer": "dct_adamw", "total_batch_size": 4,
+                                                   **STEP_IN_BACKWARD}),
 ]
 
 
@@ -260,11 +271,19 @@ def test_wandb_offline_run_files_appear_in_the_run_dir(tmp_path, cache_dir):
     assert "final val loss" in completed.stdout
 
 
-@pytest.mark.parametrize("mode", [[], ["--optimizer", "dct_adamw", "--backward_projection"]],
-                         ids=["ddp", "backward_projection"])
+TORCHRUN_MODES = {
+    "ddp": [],
+    "backward_projection": ["--optimizer", "dct_adamw", "--backward_projection"],
+    "step_in_backward": ["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0"],
+}
+
+
+@pytest.mark.parametrize("mode", list(TORCHRUN_MODES.values()), ids=list(TORCHRUN_MODES))
 def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, cache_dir, mode):
-    """Plain DDP, and --backward_projection, where the optimizer all-reduces the projected
-    gradients itself (no DDP wrapper): accumulation 2 on each of 2 ranks equals 1 process."""
+    """Plain DDP, and --backward_projection / --step_in_backward, where the optimizer all-reduces the
+    projected gradients itself (no DDP wrapper; under --step_in_backward each parameter's hook
+    all-reduces its window's gradient): accumulation 2 on each of 2 ranks equals 1 process
+    (accumulation 4)."""
     common = [
         "--model_config",
         "llama_micro",
@@ -317,3 +336,160 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path, ca
         ddp, single = losses(ddp_dir, key), losses(single_dir, key)
         assert ddp.keys() == single.keys()
         assert all(math.isclose(ddp[s], single[s], rel_tol=1e-5) for s in ddp)  # reduction order differs
+
+
+# ---- --step_in_backward: the same trajectory as the modes it replaces ----
+
+
+def _final_weights(save_dir: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    return torch.load(Path(save_dir) / f"model_{step}" / MODEL_FILE, weights_only=True)
+
+
+def _assert_same_run(run: Path, reference: Path, tolerance: float) -> None:
+    """Train and validation losses and final weights of ``run`` equal ``reference``'s: bitwise when
+    ``tolerance`` is 0, else within ``tolerance`` (relative for losses, absolute for weights)."""
+    for key in ("train/loss", "val/loss"):
+        got, expected = losses(run, key), losses(reference, key)
+        assert got.keys() == expected.keys()
+        if tolerance == 0:
+            assert got == expected
+        else:
+            assert all(math.isclose(got[s], expected[s], rel_tol=tolerance) for s in got), (got, expected)
+    weights, expected = _final_weights(run), _final_weights(reference)
+    if tolerance == 0:
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    else:
+        assert max((weights[k] - expected[k]).abs().max().item() for k in expected) <= tolerance
+
+
+def _six_steps(save_dir: Path, cache_dir: Path, **overrides) -> Path:
+    """dct_adamw, refreshes every 2 steps, no clipping, every loss logged, weights saved at step 6."""
+    values = dict(optimizer="dct_adamw", grad_clipping=0.0, log_every=1, save_every=6, **overrides)
+    train(micro_config(save_dir, cache_dir, **values))
+    return save_dir
+
+
+def test_step_in_backward_with_accumulation_follows_backward_projection(tmp_path, cache_dir):
+    """Accumulation 2 (batch 4 of 8), float32 (the script's default dtype): --step_in_backward
+    equals --backward_projection, which it implies (residual off, the same staggered refreshes,
+    the same projected accumulators), bitwise when the reference steps its plain parameters one
+    by one (``foreach: false``) as the hooks do. With torch's default multi-tensor (foreach)
+    AdamW for the plain parameters (norms, embedding, head) the reference rounds some of their
+    updates differently by an ulp, which then reaches every weight through the gradients: 1e-6
+    covers that (measured: 1.2e-7 on the weights after 6 steps)."""
+    in_backward = _six_steps(tmp_path / "in_backward", cache_dir, step_in_backward=True)
+    assert TrainConfig.load_json(in_backward / "config.json").gradient_accumulation == 2
+    per_parameter = _six_steps(tmp_path / "per_parameter", cache_dir, backward_projection=True,
+                               optimizer_kwargs={"foreach": False})
+    _assert_same_run(in_backward, per_parameter, tolerance=0)
+    default = _six_steps(tmp_path / "default", cache_dir, backward_projection=True)
+    _assert_same_run(in_backward, default, tolerance=1e-6)
+    both_flags = _six_steps(tmp_path / "both_flags", cache_dir, step_in_backward=True, backward_projection=True)
+    _assert_same_run(both_flags, in_backward, tolerance=0)
+
+
+def test_step_in_backward_without_accumulation_follows_the_plain_run(tmp_path, cache_dir):
+    """Accumulation 1 (batch 4 of 4): dct_adamw keeps its default scaled residual (the hook has the
+    step's full gradient) and the unstaggered refreshes, so the run is the ordinary one without
+    any backward flag: bitwise against plain AdamW stepped per parameter, within 1e-6 against the
+    default foreach path (the same ulp-level rounding as in the test above)."""
+    in_backward = _six_steps(tmp_path / "in_backward", cache_dir, total_batch_size=4, step_in_backward=True)
+    assert TrainConfig.load_json(in_backward / "config.json").gradient_accumulation == 1
+    per_parameter = _six_steps(tmp_path / "per_parameter", cache_dir, total_batch_size=4,
+                               optimizer_kwargs={"foreach": False})
+    _assert_same_run(in_backward, per_parameter, tolerance=0)
+    default = _six_steps(tmp_path / "default", cache_dir, total_batch_size=4)
+    _assert_same_run(in_backward, default, tolerance=1e-6)
+
+
+@pytest.mark.parametrize("total_batch_size, residual", [(8, "none"), (4, "scaled")], ids=["accumulation_2",
+                                                                                          "accumulation_1"])
+def test_step_in_backward_builds_the_mode_and_leaves_no_gradient(total_batch_size, residual, tmp_path, cache_dir):
+    """The run's optimizer steps in the backward pass with the script's accumulation (residual off
+    only when accumulating), the model is not wrapped, and after a train step no gradient and no
+    projected accumulator is left."""
+    config = resolve(micro_config(tmp_path / "run", cache_dir, optimizer="dct_adamw", total_batch_size=total_batch_size,
+                                  **STEP_IN_BACKWARD), world_size=1)
+    context = setup_distributed("cpu")
+    run = build_run(config, context)
+    optimizer = run.optimizer
+    assert (optimizer.step_in_backward, optimizer.backward_projection) == (True, True)
+    assert optimizer.accumulation_steps == config.gradient_accumulation == total_batch_size // 4
+    assert {group["residual"] for group in optimizer.param_groups} == {residual}
+    assert run.wrapped is run.model
+    before = [p.detach().clone() for p in run.model.parameters()]
+    for _ in range(2):
+        train_step(run.wrapped, run.data.train, optimizer, config, run.data.tokenizer.pad_id, context)
+        assert all(p.grad is None for p in run.model.parameters())
+        assert not optimizer._low_rank_grads
+    assert all(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
+
+
+# ---- --activation_checkpointing: the same run, less activation memory ----
+
+CHECKPOINTING_CASES = [
+    ("adamw", {"optimizer": "adamw"}),
+    ("dct_adamw", {"optimizer": "dct_adamw"}),
+    ("sst_adamw", {"optimizer": "sst_adamw"}),
+    ("sltrain", {"optimizer": "adamw", "parameterization": "sltrain"}),
+    ("dct_adamw_step_in_backward", {"optimizer": "dct_adamw", **STEP_IN_BACKWARD}),
+]
+
+
+@pytest.mark.parametrize(("case", "overrides"), CHECKPOINTING_CASES, ids=[case for case, _ in CHECKPOINTING_CASES])
+def test_activation_checkpointing_reproduces_the_run_bitwise(case, overrides, tmp_path, cache_dir, monkeypatch):
+    """Six float32 steps (accumulation 2, clipping on unless --step_in_backward, which needs it off)
+    with --activation_checkpointing equal the run without it bitwise: train and validation losses
+    and the final weights. The non-reentrant checkpoint recomputes each decoder layer with the same
+    inputs and weights (the CPU kernels are deterministic, and no layer draws random numbers), so
+    the backward pass sees the same saved tensors and runs the same operations in the same order.
+    Under --step_in_backward each parameter's hook still fires once its gradient is complete, and a
+    layer is recomputed before any of its own parameters is stepped. SST and SLTrain check that
+    their autograd Functions recompute inside the checkpoint."""
+    require_registered(overrides["optimizer"])
+    values = dict(log_every=1, save_every=6, **overrides)
+    reference, checkpointed = tmp_path / "reference", tmp_path / "checkpointed"
+    train(micro_config(reference, cache_dir, **values))
+    calls = []
+
+    def counted_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return torch_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(experiments.model, "checkpoint", counted_checkpoint)
+    train(micro_config(checkpointed, cache_dir, activation_checkpointing=True, **values))
+    # every micro-batch of the 6 steps ran its 2 layers under the non-reentrant checkpoint
+    assert len(calls) == 6 * 2 * 2 and set(calls) == {False}
+    assert TrainConfig.load_json(checkpointed / "config.json").activation_checkpointing is True
+    assert TrainConfig.load_json(reference / "config.json").activation_checkpointing is False
+    _assert_same_run(checkpointed, reference, tolerance=0)
+
+
+@pytest.mark.parametrize("parameterization", ["dense", "sltrain"])
+def test_activation_checkpointing_sets_the_native_llama_attribute(parameterization, tmp_path, cache_dir):
+    """The flag reaches the native Llama, also under a parameterization that replaces its linears
+    in place; without the flag it stays off."""
+    context = setup_distributed("cpu")
+    for flag in (False, True):
+        config = resolve(micro_config(tmp_path / "run", cache_dir, parameterization=parameterization,
+                                      activation_checkpointing=flag), world_size=1)
+        assert build_run(config, context).model.activation_checkpointing is flag
+
+
+def test_activation_checkpointing_turns_on_hugging_face_gradient_checkpointing(tmp_path, cache_dir):
+    """--model_impl hf: the flag turns on HF's activation (gradient) checkpointing, non-reentrant, and a train step
+    then gives the loss and weights of the run without it (bitwise, as for the native model)."""
+    pytest.importorskip("transformers")
+    context = setup_distributed("cpu")
+    runs = {}
+    for flag in (False, True):
+        config = resolve(micro_config(tmp_path / "run", cache_dir, model_impl="hf", activation_checkpointing=flag),
+                         world_size=1)
+        run = build_run(config, context)
+        hf = run.model.hf  # transformers 5 renamed is_gradient_checkpointing (a deprecated alias now)
+        assert getattr(hf, "is_activation_checkpointing", None) is flag or hf.is_gradient_checkpointing is flag
+        assert hf.model.layers[0].training  # HF checkpoints only in training mode
+        loss = train_step(run.wrapped, run.data.train, run.optimizer, config, run.data.tokenizer.pad_id, context)
+        runs[flag] = (loss, [p.detach().clone() for p in run.model.parameters()])
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
