@@ -69,8 +69,9 @@ class DCTProjAdam(ProjectedAdamW):
         bias_correction (str, default "step"): Adam's per-parameter count, or ``"slot"``: each slot
             counts from when its moments last started at zero.
         proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"reverse_std"``
-            the larger one (moments of ``r·min(m, n)`` values: the DCT stores no ``P``, so its size
-            does not argue for the smaller side); ``"left"``, ``"right"``.
+            the larger one (moments of ``r·min(m, n)`` values, 0.28 instead of 0.56 B/param at 7B
+            with 8-bit moments; measured: −0.8% validation loss on llama_tiny, +9.8% on the 3.3M
+            llama_small, so not the default); ``"left"``, ``"right"``.
         transform (str, default "auto"): how ``S`` is formed on the PyTorch path: FFT on CPU, GEMM
             on GPU; ``"fft"``; ``"matmul"``.
         moments_dtype (torch.dtype | None, default None): the parameter's dtype, or e.g.
