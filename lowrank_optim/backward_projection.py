@@ -62,9 +62,14 @@ import functools
 import math
 import warnings
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .projectors import stored_subspace
+from .sharding import local
+from .validation import param_label
 
 # Parameters whose gradients are projected (or stepped) in the backward pass, for the guard on
 # torch's clipping: id -> (weak reference, stepped in the hook) (a WeakSet would compare tensors with ==).
@@ -168,3 +173,162 @@ def guard_torch_clipping() -> None:
     guarded._lowrank_optim_guard = True
     clip_module.clip_grad_norm_ = guarded
     torch.nn.utils.clip_grad_norm_ = guarded
+
+
+@dataclass
+class Window:
+    """An accumulation window under ``step_in_backward``: backward passes each parameter has seen,
+    the parameters already stepped, the bytes all-reduced."""
+
+    backward_passes: dict = field(default_factory=dict)
+    stepped: set = field(default_factory=set)
+    communicated_bytes: int = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self.backward_passes or self.stepped)
+
+
+class BackwardProjection:
+    """The optimizer side of the mode, mixed into :class:`lowrank_optim.engine.ProjectedAdamW`:
+    hooks, accumulators, the accumulation window of ``step_in_backward`` and the all-reduces. It
+    uses the engine's per-parameter steps (``_work_item``, ``_step_parameter``, ``_projector``,
+    ``_needs_refresh``, ``_plan``)."""
+
+    def _start_backward_projection(self) -> None:
+        """Check the groups, hook every projected parameter (every parameter under
+        ``step_in_backward``), broadcast the parameters of a process group (module
+        :mod:`lowrank_optim.backward_projection`)."""
+        projected = [(group, param) for group in self.param_groups for param in group["params"]
+                     if self._plans[param].rank is not None]
+        residual_allowed = self.step_in_backward and self.accumulation_steps == 1
+        for group, param in projected:
+            label = param_label(self._plans[param].key, param)
+            if group["residual"] == "scaled" and not residual_allowed:
+                raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
+                                 "backward_projection=True frees in the backward pass; pass residual='none' "
+                                 "(or step_in_backward=True with accumulation_steps=1, where the hook has it)")
+        for _, param in projected if not self.step_in_backward else self._group_params():
+            if self._plans[param].sharding is not None:
+                raise ValueError(f"{param_label(self._plans[param].key, param)}: backward_projection=True with "
+                                 "FSDP2-sharded parameters is not supported (FSDP2 reduce-scatters full gradients "
+                                 "itself); use it with one process or process_group=...")
+        hooked = [param for _, param in (self._group_params() if self.step_in_backward else projected)]
+        hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
+        self._hooks = register(hooked, hook, [param_label(self._plans[param].key, param) for param in hooked],
+                               steps=self.step_in_backward)
+        if self._process_group is not None:
+            broadcast_parameters([p for group in self.param_groups for p in group["params"]],
+                                 self._process_group)
+
+    def _group_params(self) -> list[tuple[dict, torch.Tensor]]:
+        return [(group, param) for group in self.param_groups for param in group["params"]]
+
+    def stop_backward_projection(self) -> None:
+        """Remove the backward hooks: the parameters get full gradients again and this optimizer
+        steps them as without ``backward_projection`` (another optimizer may then take them over)."""
+        if self._window.started:
+            raise RuntimeError("stop_backward_projection() inside an accumulation window; call step() first")
+        hooked = [p for group, p in self._group_params() if self.step_in_backward or self._plan(p).rank is not None]
+        unregister(hooked, self._hooks)
+        self._hooks, self.backward_projection, self._process_group = [], False, None
+        self.step_in_backward, self.accumulation_steps = False, 1
+
+    @torch.no_grad()
+    def _project_in_backward(self, param: torch.Tensor) -> None:
+        """The post-accumulate-grad hook: ``A ← A + proj(G)`` and free ``G``, unless the parameter
+        refreshes at the coming step (then its full gradient accumulates as usual)."""
+        group = self._groups[param]
+        if self._needs_refresh(param, group):
+            return
+        plan = self._plan(param)
+        low_rank = self._projector(group).project(param.grad, stored_subspace(self.state[param]), plan.side,
+                                                  plan.backend)
+        accumulated = self._low_rank_grads.get(param)
+        self._low_rank_grads[param] = low_rank if accumulated is None else accumulated.add_(low_rank)
+        param.grad = None
+
+    @torch.no_grad()
+    def _step_in_backward(self, param: torch.Tensor) -> None:
+        """The hook under ``step_in_backward``: accumulate this micro-batch (projected weights as
+        :meth:`_project_in_backward` does, the others in ``.grad``) and, at the window's last
+        backward pass, take the parameter's whole step and free everything it used."""
+        window, group, plan = self._window, self._groups[param], self._plan(param)
+        count = window.backward_passes.get(param, 0) + 1
+        if count == 1 and param in window.stepped:
+            raise RuntimeError(f"{param_label(plan.key, param)}: a backward pass after this parameter took its step "
+                               f"(accumulation_steps={self.accumulation_steps}) and before optimizer.step(); "
+                               f"call step() after every {self.accumulation_steps} backward pass(es)")
+        if not window.started:
+            self.refresh_stats = {}
+        last = count == self.accumulation_steps
+        if plan.rank is not None and (not last or param in self._low_rank_grads):
+            self._project_in_backward(param)     # at a window's only backward pass the step projects G itself
+        window.backward_passes[param] = count
+        if last:
+            self._step_one(group, param)
+
+    def _step_one(self, group: dict, param: torch.Tensor) -> None:
+        """One parameter's whole step from what its window accumulated (averaged over the process
+        group first), then its gradient and accumulator are freed."""
+        window = self._window
+        if self._process_group is not None:
+            tensor = self._low_rank_grads.get(param, param.grad)
+            window.communicated_bytes += synchronize([tensor], self._process_group)
+        item = self._work_item(group, param)
+        window.backward_passes.pop(param, None)
+        window.stepped.add(param)
+        if item is not None:
+            self._step_parameter(group, param, item)
+        param.grad = None
+        self._low_rank_grads.pop(param, None)
+
+    def _finish_window(self) -> None:
+        """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
+        fewer backward passes than the others (unused in some micro-batches) step now on what they
+        accumulated, and the window closes. A window no parameter completed is an error."""
+        window = self._window
+        pending = [param for param, count in window.backward_passes.items() if count]
+        if pending and not window.stepped:
+            param = pending[0]
+            label = param_label(self._plan(param).key, param)
+            raise RuntimeError(f"optimizer.step() after {window.backward_passes[param]} of accumulation_steps="
+                               f"{self.accumulation_steps} backward passes (e.g. {label}); nothing was stepped. "
+                               "Call backward() accumulation_steps times per step")
+        for param in pending:
+            self._step_one(self._groups[param], param)
+        self.communicated_bytes = window.communicated_bytes
+        self._window = Window()
+
+    def _gradient_tensors(self) -> list[torch.Tensor]:
+        """What the next step uses, in parameter order: each projected weight's accumulator, or
+        the gradient of every other parameter that has one."""
+        tensors = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                accumulated = self._low_rank_grads.get(param)
+                if accumulated is not None:
+                    tensors.append(accumulated)
+                elif param.grad is not None:
+                    tensors.append(local(param.grad))
+        return tensors
+
+    def _synchronize(self) -> None:
+        """Average the step's gradients over the process group, once per step."""
+        if self._process_group is None or self._synchronized:
+            return
+        self.communicated_bytes = synchronize(self._gradient_tensors(), self._process_group)
+        self._synchronized = True
+
+    def gradients_in_use(self) -> list[torch.Tensor]:
+        """The gradients the next :meth:`step` will use (averaged over the process group first
+        under ``backward_projection`` with one): projected accumulators, full gradients otherwise.
+        :func:`lowrank_optim.clip_grad_norm_` clips these in place."""
+        self._synchronize()
+        return self._gradient_tensors()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and the projected accumulators are dropped too."""
+        super().zero_grad(set_to_none)
+        self._low_rank_grads, self._synchronized = {}, False
+        self._window.backward_passes.clear()        # a partial window is dropped with its gradients

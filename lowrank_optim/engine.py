@@ -42,20 +42,20 @@ finiteness checks reduce over the shards (:mod:`lowrank_optim.sharding`, which a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .adam_form import AdamForm
-from .backward_projection import broadcast_parameters, register, stagger_offset, synchronize, unregister
+from .backward_projection import BackwardProjection, Window, stagger_offset
 from .finite import all_finite, finite_flags
 from .geometry import compressed_size, projected_shape, resolve_side
 from .kernels.backend import check_backend, resolve_backend
 from .moments import Moments
 from .plain_adamw import as_float, plain_adamw_step_
 from .projected_adamw import projected_adamw_
-from .projectors import PROJECTORS, Projector, Subspace
+from .projectors import PROJECTORS, SUBSPACE_PREFIX, Projector, Subspace, stored_subspace
 from .quantization import check_moment_bits
 from .residual import RESIDUALS
 from .rounding import rounding_generator
@@ -74,12 +74,12 @@ from .validation import (
     check_positive_int,
     check_positive_real,
     check_torch_keywords,
+    param_label,
 )
 
 MOMENT_POLICIES = ("keep", "reset", "transport")
 BIAS_CORRECTIONS = ("step", "slot")
 TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused")
-_SUBSPACE_PREFIX = "proj_"
 _LEGACY_GROUP_KEYS = ("projection", "targets")     # group keys of checkpoints written before v0.2
 # Keys added after the first release, with the behaviour of the versions that did not have them.
 KEYS_ADDED_LATER = {"backend": "auto", "bias_correction": "step", "residual": "none", "moment_bits": None,
@@ -114,21 +114,7 @@ class _Projected:
     low_rank_grad: torch.Tensor | None = None     # R, when the refresh produced it
 
 
-@dataclass
-class _Window:
-    """An accumulation window under ``step_in_backward``: backward passes each parameter has seen,
-    the parameters already stepped, the bytes all-reduced."""
-
-    backward_passes: dict = field(default_factory=dict)
-    stepped: set = field(default_factory=set)
-    communicated_bytes: int = 0
-
-    @property
-    def started(self) -> bool:
-        return bool(self.backward_passes or self.stepped)
-
-
-class ProjectedAdamW(torch.optim.Optimizer):
+class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
     """Base class (module doc). Subclasses set ``adam_form`` (where ε and weight decay sit),
     ``side_key`` (the group key of the side mode) and ``group_only_keys`` (keys a group may carry
     that are not constructor defaults), and implement :meth:`_validate_group`,
@@ -175,7 +161,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self._refresh_offsets: dict[torch.Tensor, int] = {}
         self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._groups: dict[torch.Tensor, dict] = {}
-        self._window = _Window()
+        self._window = Window()
         self._synchronized = False
         self._hooks: list = []
         super().__init__(params, defaults)
@@ -198,7 +184,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             for index, param in enumerate(group["params"]):
                 if param.is_complex():
                     key = self._key(len(self.param_groups) - 1, group, index)
-                    raise ValueError(f"{_label(key, param)}: complex parameters are not supported")
+                    raise ValueError(f"{param_label(key, param)}: complex parameters are not supported")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -284,14 +270,14 @@ class ProjectedAdamW(torch.optim.Optimizer):
             param = self.param_groups[group_index]["params"][index]
             if self._plans[param].rank is not None:
                 warnings.warn(f"{type(self).__name__}: cannot tell from its shape whether the 2-D "
-                              f"{_label(self._plans[param].key, param)} is an embedding or output head; it is "
+                              f"{param_label(self._plans[param].key, param)} is an embedding or output head; it is "
                               "projected. Pass model.named_parameters(), or put it in a param group with "
                               "rank=None to keep it in full AdamW", UserWarning, stacklevel=4)
         if plans and all(plan.rank is None for plan in plans.values()):
             warnings.warn(f"{type(self).__name__}: {self._nothing_projected_warning()}", UserWarning, stacklevel=4)
 
     def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None) -> _Plan:
-        label = _label(key, param)
+        label = param_label(key, param)
         sharding = Sharding.of(param, label)
         if sharding is not None and group["moment_bits"] is not None:
             raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
@@ -376,7 +362,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if param.grad is None:            # projected in the backward pass (lowrank_optim.backward_projection)
             return _Projected(group, param, plan, param, None, self._projector(group), refresh=False,
                               low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated)
-        check_dense_real_grad(param.grad, _label(plan.key, param))
+        check_dense_real_grad(param.grad, param_label(plan.key, param))
         grad = -local(param.grad) if sign < 0 else local(param.grad)
         if plan.rank is None:
             return grad
@@ -386,11 +372,24 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _projector(self, group: dict) -> Projector:
         return PROJECTORS[self._projector_name(group)](group)
 
+    def _step_parameter(self, group: dict, param: torch.Tensor, item: _Projected | torch.Tensor) -> None:
+        """One parameter's step from its :meth:`_work_item`, alone (``step_in_backward``'s hooks)."""
+        if isinstance(item, _Projected):
+            if item.refresh:
+                self._compute_refreshes([item], unchanged="this parameter and its state are unchanged "
+                                        "(parameters stepped earlier in this backward pass are not)")
+            self._projected_step(item)
+            return
+        generators = [self._rounding(group, param)] if group["bf16_stochastic_round"] else None
+        plain_adamw_step_(self.state, group, [param], [item], form=self.adam_form,
+                          moments_dtype=group["moments_dtype"], foreach=False, moment_bits=group["moment_bits"],
+                          generators=generators, backends=[self._plans[param].backend])
+
     def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
         """Whether ``param``'s subspace is recomputed at its next step: at its first, then every
         ``update_proj_gap`` steps (staggered by weight under ``backward_projection``)."""
         state = self.state.get(param, {})
-        has_subspace = any(key.startswith(_SUBSPACE_PREFIX) for key in state)
+        has_subspace = any(key.startswith(SUBSPACE_PREFIX) for key in state)
         offset = self._refresh_offsets.get(param, 0) if self._staggered else 0
         return not has_subspace or (state["step"] + offset) % group["update_proj_gap"] == 0
 
@@ -408,7 +407,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             if not is_finite:
                 advice = "" if self.step_in_backward else " (pass skip_nonfinite=True to skip such steps)"
                 raise FloatingPointError(
-                    f"{_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; "
+                    f"{param_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; "
                     f"{unchanged}{advice}")
         for item in refreshing:
             try:
@@ -417,7 +416,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None
-                raise RuntimeError(f"{_label(item.plan.key, item.param)}: subspace refresh failed ({error}); "
+                raise RuntimeError(f"{param_label(item.plan.key, item.param)}: subspace refresh failed ({error}); "
                                    f"{unchanged}") from error
 
     def _moments_dtype(self, group: dict, param: torch.Tensor) -> torch.dtype:
@@ -433,7 +432,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
             state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64, device=item.weight.device)
         source_slots = self._install_subspace(item, state, moments) if item.new_subspace is not None else None
-        subspace = _stored_subspace(state)
+        subspace = stored_subspace(state)
         state["step"] += 1
 
         low_rank_grad = item.low_rank_grad
@@ -487,7 +486,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _install_subspace(self, item: _Projected, state: dict, moments: Moments) -> torch.Tensor | None:
         """Store the new subspace and move the moments by the group's policy; returns the source
         slots of a transport deferred to the moment update (a slot gather), else None."""
-        old, new, plan = _stored_subspace(state), item.new_subspace, item.plan
+        old, new, plan = stored_subspace(state), item.new_subspace, item.plan
         source_slots = None
         if old and item.group["moments"] == "reset":
             moments.zero_()
@@ -504,158 +503,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
         size = compressed_size(item.param.shape, plan.side)
         self.refresh_stats[plan.key] = {
             "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
-        for key in [k for k in state if k.startswith(_SUBSPACE_PREFIX)]:
+        for key in [k for k in state if k.startswith(SUBSPACE_PREFIX)]:
             del state[key]
         for key, tensor in new.items():
-            state[_SUBSPACE_PREFIX + key] = tensor
+            state[SUBSPACE_PREFIX + key] = tensor
         return source_slots
-
-    # ---------------------------------------------------------------------- backward projection
-    def _start_backward_projection(self) -> None:
-        """Check the groups, hook every projected parameter (every parameter under
-        ``step_in_backward``), broadcast the parameters of a process group (module
-        :mod:`lowrank_optim.backward_projection`)."""
-        projected = [(group, param) for group in self.param_groups for param in group["params"]
-                     if self._plans[param].rank is not None]
-        residual_allowed = self.step_in_backward and self.accumulation_steps == 1
-        for group, param in projected:
-            label = _label(self._plans[param].key, param)
-            if group["residual"] == "scaled" and not residual_allowed:
-                raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
-                                 "backward_projection=True frees in the backward pass; pass residual='none' "
-                                 "(or step_in_backward=True with accumulation_steps=1, where the hook has it)")
-        for _, param in projected if not self.step_in_backward else self._group_params():
-            if self._plans[param].sharding is not None:
-                raise ValueError(f"{_label(self._plans[param].key, param)}: backward_projection=True with "
-                                 "FSDP2-sharded parameters is not supported (FSDP2 reduce-scatters full gradients "
-                                 "itself); use it with one process or process_group=...")
-        hooked = [param for _, param in (self._group_params() if self.step_in_backward else projected)]
-        hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
-        self._hooks = register(hooked, hook, [_label(self._plans[param].key, param) for param in hooked],
-                               steps=self.step_in_backward)
-        if self._process_group is not None:
-            broadcast_parameters([p for group in self.param_groups for p in group["params"]],
-                                 self._process_group)
-
-    def _group_params(self) -> list[tuple[dict, torch.Tensor]]:
-        return [(group, param) for group in self.param_groups for param in group["params"]]
-
-    def stop_backward_projection(self) -> None:
-        """Remove the backward hooks: the parameters get full gradients again and this optimizer
-        steps them as without ``backward_projection`` (another optimizer may then take them over)."""
-        if self._window.started:
-            raise RuntimeError("stop_backward_projection() inside an accumulation window; call step() first")
-        hooked = [p for group, p in self._group_params() if self.step_in_backward or self._plan(p).rank is not None]
-        unregister(hooked, self._hooks)
-        self._hooks, self.backward_projection, self._process_group = [], False, None
-        self.step_in_backward, self.accumulation_steps = False, 1
-
-    @torch.no_grad()
-    def _project_in_backward(self, param: torch.Tensor) -> None:
-        """The post-accumulate-grad hook: ``A ← A + proj(G)`` and free ``G``, unless the parameter
-        refreshes at the coming step (then its full gradient accumulates as usual)."""
-        group = self._groups[param]
-        if self._needs_refresh(param, group):
-            return
-        plan = self._plan(param)
-        low_rank = self._projector(group).project(param.grad, _stored_subspace(self.state[param]), plan.side,
-                                                  plan.backend)
-        accumulated = self._low_rank_grads.get(param)
-        self._low_rank_grads[param] = low_rank if accumulated is None else accumulated.add_(low_rank)
-        param.grad = None
-
-    @torch.no_grad()
-    def _step_in_backward(self, param: torch.Tensor) -> None:
-        """The hook under ``step_in_backward``: accumulate this micro-batch (projected weights as
-        :meth:`_project_in_backward` does, the others in ``.grad``) and, at the window's last
-        backward pass, take the parameter's whole step and free everything it used."""
-        window, group, plan = self._window, self._groups[param], self._plan(param)
-        count = window.backward_passes.get(param, 0) + 1
-        if count == 1 and param in window.stepped:
-            raise RuntimeError(f"{_label(plan.key, param)}: a backward pass after this parameter took its step "
-                               f"(accumulation_steps={self.accumulation_steps}) and before optimizer.step(); "
-                               f"call step() after every {self.accumulation_steps} backward pass(es)")
-        if not window.started:
-            self.refresh_stats = {}
-        last = count == self.accumulation_steps
-        if plan.rank is not None and (not last or param in self._low_rank_grads):
-            self._project_in_backward(param)     # at a window's only backward pass the step projects G itself
-        window.backward_passes[param] = count
-        if last:
-            self._step_one(group, param)
-
-    def _step_one(self, group: dict, param: torch.Tensor) -> None:
-        """One parameter's whole step from what its window accumulated (averaged over the process
-        group first), then its gradient and accumulator are freed."""
-        window = self._window
-        if self._process_group is not None:
-            tensor = self._low_rank_grads.get(param, param.grad)
-            window.communicated_bytes += synchronize([tensor], self._process_group)
-        item = self._work_item(group, param)
-        window.backward_passes.pop(param, None)
-        window.stepped.add(param)
-        if isinstance(item, _Projected):
-            if item.refresh:
-                self._compute_refreshes([item], unchanged="this parameter and its state are unchanged "
-                                        "(parameters stepped earlier in this backward pass are not)")
-            self._projected_step(item)
-        elif item is not None:
-            generators = [self._rounding(group, param)] if group["bf16_stochastic_round"] else None
-            plain_adamw_step_(self.state, group, [param], [item], form=self.adam_form,
-                              moments_dtype=group["moments_dtype"], foreach=False,
-                              moment_bits=group["moment_bits"], generators=generators,
-                              backends=[self._plans[param].backend])
-        param.grad = None
-        self._low_rank_grads.pop(param, None)
-
-    def _finish_window(self) -> None:
-        """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
-        fewer backward passes than the others (unused in some micro-batches) step now on what they
-        accumulated, and the window closes. A window no parameter completed is an error."""
-        window = self._window
-        pending = [param for param, count in window.backward_passes.items() if count]
-        if pending and not window.stepped:
-            param = pending[0]
-            raise RuntimeError(f"optimizer.step() after {window.backward_passes[param]} of accumulation_steps="
-                               f"{self.accumulation_steps} backward passes (e.g. {_label(self._plan(param).key, param)}"
-                               "); nothing was stepped. Call backward() accumulation_steps times per step")
-        for param in pending:
-            self._step_one(self._groups[param], param)
-        self.communicated_bytes = window.communicated_bytes
-        self._window = _Window()
-
-    def _gradient_tensors(self) -> list[torch.Tensor]:
-        """What the next step uses, in parameter order: each projected weight's accumulator, or
-        the gradient of every other parameter that has one."""
-        tensors = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                accumulated = self._low_rank_grads.get(param)
-                if accumulated is not None:
-                    tensors.append(accumulated)
-                elif param.grad is not None:
-                    tensors.append(local(param.grad))
-        return tensors
-
-    def _synchronize(self) -> None:
-        """Average the step's gradients over the process group, once per step."""
-        if self._process_group is None or self._synchronized:
-            return
-        self.communicated_bytes = synchronize(self._gradient_tensors(), self._process_group)
-        self._synchronized = True
-
-    def gradients_in_use(self) -> list[torch.Tensor]:
-        """The gradients the next :meth:`step` will use (averaged over the process group first
-        under ``backward_projection`` with one): projected accumulators, full gradients otherwise.
-        :func:`lowrank_optim.clip_grad_norm_` clips these in place."""
-        self._synchronize()
-        return self._gradient_tensors()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``, and the projected accumulators are dropped too."""
-        super().zero_grad(set_to_none)
-        self._low_rank_grads, self._synchronized = {}, False
-        self._window.backward_passes.clear()        # a partial window is dropped with its gradients
 
     # ---------------------------------------------------------------------------------- summary
     def projection_summary(self) -> ProjectionSummary:
@@ -717,7 +569,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("backward_projection", False)
         self.__dict__.setdefault("step_in_backward", False)
         self.__dict__.setdefault("accumulation_steps", 1)
-        self._window = _Window()
+        self._window = Window()
         self.__dict__.setdefault("communicated_bytes", 0)
         self.__dict__.setdefault("_process_group", None)    # a copy does not share the original's group
         self.__dict__.setdefault("_low_rank_grads", {})
@@ -732,15 +584,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if self.backward_projection and not self.__dict__.get("_hooks"):
             self._hooks = []
             self._start_backward_projection()         # an unpickled copy hooks its own parameters
-
-
-def _label(key: str, param: torch.Tensor) -> str:
-    return f"parameter {key} (shape {tuple(param.shape)})"
-
-
-def _stored_subspace(state: dict) -> Subspace:
-    return {key[len(_SUBSPACE_PREFIX):]: value for key, value in state.items()
-            if key.startswith(_SUBSPACE_PREFIX)}
 
 
 def _captured_fraction(low_rank_grad: torch.Tensor, grad: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:

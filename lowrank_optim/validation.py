@@ -116,3 +116,8 @@ def check_torch_keywords(*, foreach, fused, maximize, capturable, differentiable
     if differentiable is not False:
         raise ValueError(f"Invalid differentiable: {differentiable!r} (the step is not differentiable: it runs "
                          "under no_grad; pass differentiable=False)")
+
+
+def param_label(key: str, param: torch.Tensor) -> str:
+    """How errors name a parameter: ``parameter <name or position> (shape (m, n))``."""
+    return f"parameter {key} (shape {tuple(param.shape)})"

@@ -1,6 +1,6 @@
 """Subspace projectors by name. A new projector: one file with a :class:`Projector` subclass, plus
 one line here."""
-from .base import Projector, Subspace
+from .base import SUBSPACE_PREFIX, Projector, Subspace, stored_subspace
 from .dct import DCTProjector
 from .randomized_svd import RandomizedSVDProjector
 from .svd import SVDProjector
@@ -17,5 +17,5 @@ def projectors_of(family: str) -> tuple[str, ...]:
     return tuple(name for name, projector in PROJECTORS.items() if projector.family == family)
 
 
-__all__ = ["PROJECTORS", "Projector", "Subspace", "projectors_of", "DCTProjector", "SVDProjector",
-           "RandomizedSVDProjector"]
+__all__ = ["PROJECTORS", "SUBSPACE_PREFIX", "Projector", "Subspace", "stored_subspace", "projectors_of",
+           "DCTProjector", "SVDProjector", "RandomizedSVDProjector"]

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from ..sharding import Sharding
 
 Subspace = dict[str, torch.Tensor]
+SUBSPACE_PREFIX = "proj_"        # a parameter's state stores its subspace's tensors under these keys
+
+
+def stored_subspace(state: dict) -> Subspace:
+    """The subspace a parameter's optimizer state holds (empty before its first refresh)."""
+    return {key[len(SUBSPACE_PREFIX):]: value for key, value in state.items() if key.startswith(SUBSPACE_PREFIX)}
 
 class Projector(ABC):
     """Chooses a subspace from a gradient and maps between full and projected spaces.
