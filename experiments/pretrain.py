@@ -373,7 +373,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
         metrics = {
             "train/loss": summary.loss,
             "train/perplexity": perplexity(summary.loss),
-            "lr": lr,
+            "lr": float(lr),           # a 0-d tensor for optimizers that keep one (torchao)
             "tokens_seen": progress.tokens_seen,
             "throughput/tokens_per_s": summary.tokens_per_second,
             "memory/peak_bytes": peak_memory_bytes(context.device),

@@ -3,15 +3,22 @@ script and the benchmarks, so that every optimizer (peers included) is measured 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .sharding import local
 
 
 def _tensors(value, seen: set[int]):
     """Every tensor reachable from ``value`` through containers and plain objects' attributes
-    (this rank's shard of a DTensor). Objects are followed because peers keep tensors in them
-    (``galore_torch``'s projector holds its projection matrix)."""
-    if isinstance(value, torch.Tensor):
+    (this rank's shard of a DTensor; the inner tensors of a wrapper subclass). Objects are followed
+    because peers keep tensors in them (``galore_torch``'s projector holds its projection matrix)."""
+    subclass = isinstance(value, torch.Tensor) and is_traceable_wrapper_subclass(value)
+    if subclass and not isinstance(value, DTensor):
+        names, _ = value.__tensor_flatten__()      # torchao's OptimState8bit: no storage of its own
+        for name in names:
+            yield from _tensors(getattr(value, name), seen)
+    elif isinstance(value, torch.Tensor):
         yield local(value)
     elif isinstance(value, dict):
         for item in value.values():
