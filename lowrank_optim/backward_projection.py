@@ -199,38 +199,36 @@ class BackwardProjection:
         """Check the groups, hook every projected parameter (every parameter under
         ``step_in_backward``), broadcast the parameters of a process group (module
         :mod:`lowrank_optim.backward_projection`)."""
-        projected = [(group, param) for group in self.param_groups for param in group["params"]
-                     if self._plans[param].rank is not None]
         residual_allowed = self.step_in_backward and self.accumulation_steps == 1
-        for group, param in projected:
+        hooked = self._hooked_params()
+        for param in hooked:
             label = param_label(self._plans[param].key, param)
-            if group["residual"] == "scaled" and not residual_allowed:
+            if self._plans[param].rank is not None and self._groups[param]["residual"] == "scaled" \
+                    and not residual_allowed:
                 raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
                                  "backward_projection=True frees in the backward pass; pass residual='none' "
                                  "(or step_in_backward=True with accumulation_steps=1, where the hook has it)")
-        for _, param in projected if not self.step_in_backward else self._group_params():
             if self._plans[param].sharding is not None:
-                raise ValueError(f"{param_label(self._plans[param].key, param)}: backward_projection=True with "
-                                 "FSDP2-sharded parameters is not supported (FSDP2 reduce-scatters full gradients "
-                                 "itself); use it with one process or process_group=...")
-        hooked = [param for _, param in (self._group_params() if self.step_in_backward else projected)]
+                raise ValueError(f"{label}: backward_projection=True with FSDP2-sharded parameters is not supported "
+                                 "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
+                                 "process_group=...")
         hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
         self._hooks = register(hooked, hook, [param_label(self._plans[param].key, param) for param in hooked],
                                steps=self.step_in_backward)
         if self._process_group is not None:
-            broadcast_parameters([p for group in self.param_groups for p in group["params"]],
-                                 self._process_group)
+            broadcast_parameters(list(self._groups), self._process_group)
 
-    def _group_params(self) -> list[tuple[dict, torch.Tensor]]:
-        return [(group, param) for group in self.param_groups for param in group["params"]]
+    def _hooked_params(self) -> list[torch.Tensor]:
+        """The parameters the mode hooks, in parameter order: the projected ones, or every one
+        under ``step_in_backward``."""
+        return [param for param in self._groups if self.step_in_backward or self._plan(param).rank is not None]
 
     def stop_backward_projection(self) -> None:
         """Remove the backward hooks: the parameters get full gradients again and this optimizer
         steps them as without ``backward_projection`` (another optimizer may then take them over)."""
         if self._window.started:
             raise RuntimeError("stop_backward_projection() inside an accumulation window; call step() first")
-        hooked = [p for group, p in self._group_params() if self.step_in_backward or self._plan(p).rank is not None]
-        unregister(hooked, self._hooks)
+        unregister(self._hooked_params(), self._hooks)
         self._hooks, self.backward_projection, self._process_group = [], False, None
         self.step_in_backward, self.accumulation_steps = False, 1
 
@@ -288,7 +286,7 @@ class BackwardProjection:
         fewer backward passes than the others (unused in some micro-batches) step now on what they
         accumulated, and the window closes. A window no parameter completed is an error."""
         window = self._window
-        pending = [param for param, count in window.backward_passes.items() if count]
+        pending = list(window.backward_passes)        # stepped parameters leave it
         if pending and not window.stepped:
             param = pending[0]
             label = param_label(self._plan(param).key, param)

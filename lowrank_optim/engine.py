@@ -174,6 +174,9 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         """Validate and add a group; a rejected group leaves the optimizer as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if self.__dict__.get("_hooks") and self.step_in_backward:
+            raise ValueError("add_param_group after construction with step_in_backward=True: the new parameters "
+                             "would have no hook and never step; build the optimizer with every param group")
         check_group_keys(param_group, set(self.defaults) | set(self.group_only_keys), type(self).__name__)
         rank_given = "rank" in param_group
         super().add_param_group(param_group)
@@ -330,11 +333,7 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
 
         self._compute_refreshes([item for _, projected in work for item in projected if item.refresh])
         for group, ((params, grads), projected) in zip(self.param_groups, work):
-            generators = [self._rounding(group, param) for param in params] if group["bf16_stochastic_round"] else None
-            plain_adamw_step_(self.state, group, params, grads, form=self.adam_form,
-                              moments_dtype=group["moments_dtype"], foreach=group["foreach"] is not False,
-                              moment_bits=group["moment_bits"], generators=generators,
-                              backends=[self._plans[param].backend for param in params])
+            self._plain_step(group, params, grads, foreach=group["foreach"] is not False)
             for item in projected:
                 self._projected_step(item)
 
@@ -380,10 +379,14 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
                                         "(parameters stepped earlier in this backward pass are not)")
             self._projected_step(item)
             return
-        generators = [self._rounding(group, param)] if group["bf16_stochastic_round"] else None
-        plain_adamw_step_(self.state, group, [param], [item], form=self.adam_form,
-                          moments_dtype=group["moments_dtype"], foreach=False, moment_bits=group["moment_bits"],
-                          generators=generators, backends=[self._plans[param].backend])
+        self._plain_step(group, [param], [item], foreach=False)     # one tensor, in chunks: small temporaries
+
+    def _plain_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], foreach: bool) -> None:
+        """AdamW on plain parameters of ``group`` (:func:`~lowrank_optim.plain_adamw.plain_adamw_step_`)."""
+        generators = [self._rounding(group, param) for param in params] if group["bf16_stochastic_round"] else None
+        plain_adamw_step_(self.state, group, params, grads, form=self.adam_form, moments_dtype=group["moments_dtype"],
+                          foreach=foreach, moment_bits=group["moment_bits"], generators=generators,
+                          backends=[self._plans[param].backend for param in params])
 
     def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
         """Whether ``param``'s subspace is recomputed at its next step: at its first, then every

@@ -223,3 +223,12 @@ def test_maximize_in_the_hooks():
         optimizer.step()
         optimizer.zero_grad()
     assert max_rel_diff(maximized, minimized) < 1e-12
+
+
+def test_a_param_group_added_later_is_refused_not_left_unstepped():
+    model = make_model()
+    optimizer = _dct(model, step_in_backward=True)
+    extra = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"add_param_group after construction with step_in_backward=True"):
+        optimizer.add_param_group({"params": [extra]})
+    assert len(optimizer.param_groups) == 1
