@@ -146,7 +146,7 @@ def plan_runs(models: list[str], keys: list[str], stress: list[str]) -> list[Run
             spec = OPTIMIZERS[key]
             if spec.family == "torch":
                 runs.append(Run(model, key, "main", BACKWARD_GAP, 2))
-            elif spec.backward and not spec.in_backward:
+            elif spec.deferred:
                 runs.append(Run(model, key, "main", BACKWARD_GAP, backward_steps))
                 if key in stress:
                     runs.append(Run(model, key, "stress", STRESS_GAP, 2))
@@ -192,7 +192,7 @@ def select_phases(key: str, main: dict, stress: dict | None) -> dict:
     steps = main["steps"]
     phases["first"], phases["ordinary"] = steps[0], steps[1]
     if spec.family != "torch":
-        if spec.backward and not spec.in_backward:
+        if spec.deferred:
             candidates = [s for s in steps[1:] if s["expected_refreshing"] > 0]
             if candidates:
                 phases["refresh"] = max(candidates, key=lambda s: (s["expected_refreshing"], s["peak"]))
@@ -233,8 +233,7 @@ def check(key: str, main: dict, stress: dict | None, phases: dict) -> list[str]:
                                 f"{result['expected_accumulator_bytes']} B (projection_summary shapes)")
             if s["peak"] < s["resident_before"]:
                 problems.append(f"step {s['step']}: peak below the memory held before it")
-    if spec.backward and not spec.in_backward and "ordinary" in phases and \
-            phases["ordinary"]["expected_refreshing"] != 0:
+    if spec.deferred and "ordinary" in phases and phases["ordinary"]["expected_refreshing"] != 0:
         problems.append("the ordinary step refreshes weights under the staggered schedule")
     return problems
 
@@ -317,12 +316,8 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = BACKWAR
     add("DCTProjAdam 8-bit, step in backward (residual scaled)", projected("dct_8bit_sib"), "hook",
         "accumulation 1; projection = the cached fp32 DCT basis (one per compressed size)")
 
-    def larger_side(model):
-        groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=gap)
-        projected = [param for _, param in groups[0]["params"]]      # before the optimizer unzips the names
-        return DCTProjAdam(groups, moment_bits=8, step_in_backward=True, proj_side="reverse_std"), projected
-
-    add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std'", larger_side, "hook",
+    add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std'",
+        lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std"), "hook",
         "as above, the larger side compressed: moments of r·min(m, n) values; bases of 4096 and 11008")
     for row in rows:
         row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
@@ -423,8 +418,8 @@ def notes(derived: dict) -> list[str]:
                        f"{BEFORE_350M[REFERENCE]} MiB "
                        "measured before this work, so that earlier number cannot have been the peak of a whole "
                        "step under this accounting (its protocol is not recorded here).")
-        whole = [(OPTIMIZERS[k].label, row) for k, row in rows.items() if OPTIMIZERS[k].backward
-                 and not OPTIMIZERS[k].in_backward and "first" in row["phases"] and "ordinary" in row["phases"]]
+        whole = [(OPTIMIZERS[k].label, row) for k, row in rows.items() if OPTIMIZERS[k].deferred
+                 and "first" in row["phases"] and "ordinary" in row["phases"]]
         if whole:
             label, row = whole[0]
             out.append(f"- {title}: under backward projection the first step holds every full gradient (no "

@@ -67,6 +67,11 @@ class OptimizerSpec:
     in_backward: bool = False   # step_in_backward (implies backward projection; one backward pass per step)
     checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
 
+    @property
+    def deferred(self) -> bool:
+        """Backward projection stepped in ``opt.step()``: accumulators and staggered refreshes."""
+        return self.backward and not self.in_backward
+
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw_foreach": OptimizerSpec("torch AdamW (foreach)", "torch"),
@@ -153,8 +158,9 @@ class Meter:
 
 
 # ------------------------------------------------------------------------------------------ setup
-def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int):
-    """The optimizer ``key`` over ``model``, and the parameters it projects (empty for torch AdamW)."""
+def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int, **overrides):
+    """The optimizer ``key`` over ``model`` (``overrides``: more constructor keywords of a projected
+    one), and the parameters it projects (empty for torch AdamW)."""
     spec = OPTIMIZERS[key]
     if spec.family == "torch":
         kwargs = {"fused": True} if spec.fused else {"foreach": True}
@@ -162,10 +168,10 @@ def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int):
     groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=gap)
     projected = [param for _, param in groups[0]["params"]]
     kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward,
-                  step_in_backward=spec.in_backward)
+                  step_in_backward=spec.in_backward, **overrides)
     if spec.family == "galore":
         return GaLoreAdamW(groups, **kwargs), projected
-    if spec.backward and not spec.in_backward:
+    if spec.deferred:
         kwargs["residual"] = "none"          # required with backward projection (the hooks free G)
     return DCTProjAdam(groups, **kwargs), projected
 
@@ -265,7 +271,7 @@ def run(args) -> dict:
     buffers = tensor_bytes(list(model.buffers()))
     build_seconds = time.perf_counter() - started
     expected_accumulators = 0
-    if spec.backward and not spec.in_backward:       # stepping in the hooks keeps no accumulator
+    if spec.deferred:       # stepping in the hooks keeps no accumulator
         itemsize = torch.empty((), dtype=dtype).element_size()
         expected_accumulators = sum(math.prod(shape) * itemsize for shape in accumulator_shapes(optimizer))
 
@@ -292,8 +298,7 @@ def run(args) -> dict:
         record["grad_bytes"] = tensor_bytes(full_grads)
         record["accumulator_bytes"] = tensor_bytes(accumulators)
         record["full_projected_grads"] = sum(p.grad is not None and id(p) in projected_ids for p in params)
-        staggered = spec.backward and not spec.in_backward     # step in backward: the standard schedule
-        record["expected_refreshing"] = (expected_refreshing(step, len(projected), args.gap, staggered)
+        record["expected_refreshing"] = (expected_refreshing(step, len(projected), args.gap, spec.deferred)
                                          if projected else 0)
         del full_grads, accumulators
         record["resident_after_backward"] = meter.current()
