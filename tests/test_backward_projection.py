@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from toy import batch, make_model, max_rel_diff, projected_groups, twin
+from toy import batch, make_model, max_rel_diff, next_token_loss, projected_groups, train_in_micro_batches, twin
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW, clip_grad_norm_
 
@@ -26,32 +26,14 @@ def _galore(model, **kwargs):
 BUILDS = {"dct": _dct, "galore": _galore}
 
 
-def _loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-def _run(model, optimizer, steps, accumulation, clip=None):
-    """``steps`` optimizer steps, each over ``accumulation`` micro-batches of one fixed batch of 12
-    sequences (so every accumulation splits the same tokens)."""
-    for step in range(steps):
-        tokens = batch(step, size=(12, 10))
-        for part in tokens.chunk(accumulation):
-            (_loss(model, part) * part.shape[0] / tokens.shape[0]).backward()
-        if clip is not None:
-            clip_grad_norm_(optimizer, clip)
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_accumulation_equals_one_step_on_the_whole_batch(name, dtype, tolerance):
     """10 steps across staggered refreshes (gap 3): accumulation 3 and 2 against one micro-batch."""
     whole, split_three, split_two = (make_model(dtype=dtype) for _ in range(3))
-    _run(whole, BUILDS[name](whole, backward_projection=True), 10, 1)
+    train_in_micro_batches(whole, BUILDS[name](whole, backward_projection=True), 10, 1)
     for model, k in ((split_three, 3), (split_two, 2)):
-        _run(model, BUILDS[name](model, backward_projection=True), 10, k)
+        train_in_micro_batches(model, BUILDS[name](model, backward_projection=True), 10, k)
         assert max_rel_diff(model, whole) < tolerance
 
 
@@ -68,8 +50,8 @@ def test_one_projected_weight_follows_the_standard_loop_exactly(name):
         return cls(groups, lr=3e-3, update_proj_gap=GAP, **extra, **kwargs)
 
     standard, mode = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
-    _run(standard, build(standard), 8, 2)
-    _run(mode, build(mode, backward_projection=True), 8, 2)
+    train_in_micro_batches(standard, build(standard), 8, 2)
+    train_in_micro_batches(mode, build(mode, backward_projection=True), 8, 2)
     assert max_rel_diff(mode, standard) < 1e-12
 
 
@@ -80,7 +62,7 @@ def test_full_gradients_are_freed_and_refreshes_are_staggered(name):
     projected = {"up.weight", "down.weight"}
     full_per_step = []
     for step in range(7):
-        _loss(model, batch(step)).backward()
+        next_token_loss(model, batch(step)).backward()
         names = {n for n, p in model.named_parameters() if p.grad is not None}
         full_per_step.append(len(projected & names))
         assert names >= {n for n, _ in model.named_parameters()} - projected      # plain gradients stay
@@ -98,7 +80,7 @@ def test_one_clock_whatever_the_accumulation(name):
     _run_with_scheduler = 5
     for step in range(_run_with_scheduler):
         for part in batch(step, size=(12, 10)).chunk(4):
-            _loss(model, part).backward()
+            next_token_loss(model, part).backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -112,8 +94,8 @@ def test_clipping_uses_the_projected_gradients(name):
     the norm it returns is theirs, computed with no second backward."""
     model = make_model()
     optimizer = BUILDS[name](model, backward_projection=True)
-    _run(model, optimizer, 2, 1)                                  # past the first step: subspaces exist
-    _loss(model, batch(5)).backward()
+    train_in_micro_batches(model, optimizer, 2, 1)  # past the first step: subspaces exist
+    next_token_loss(model, batch(5)).backward()
     used = [t.clone() for t in optimizer.gradients_in_use()]
     assert len(used) == len(list(model.parameters()))
     expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in used]))
@@ -128,22 +110,22 @@ def test_clipping_uses_the_projected_gradients(name):
 def test_torch_clipping_in_the_mode_is_an_error_not_a_silent_zero():
     model = make_model()
     optimizer = _dct(model, backward_projection=True)
-    _run(model, optimizer, 2, 1)
-    _loss(model, batch(5)).backward()
+    train_in_micro_batches(model, optimizer, 2, 1)
+    next_token_loss(model, batch(5)).backward()
     with pytest.raises(RuntimeError, match=r"clip_grad_norm_ sees no gradient .* lowrank_optim\.clip_grad_norm_"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     with pytest.warns(RuntimeWarning, match=r"measures a norm without the gradients projected"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     other = make_model()                                          # parameters outside the mode: untouched
-    _loss(other, batch(0)).backward()
+    next_token_loss(other, batch(0)).backward()
     assert torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0) > 0
 
 
 def test_outside_the_mode_the_library_clip_is_torchs():
     model, reference = make_model(), make_model()
     optimizer = _dct(model)
-    _loss(model, batch(0)).backward()
-    _loss(reference, batch(0)).backward()
+    next_token_loss(model, batch(0)).backward()
+    next_token_loss(reference, batch(0)).backward()
     torch.testing.assert_close(clip_grad_norm_(optimizer, 0.5), torch.nn.utils.clip_grad_norm_(
         reference.parameters(), 0.5))
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -153,8 +135,8 @@ def test_outside_the_mode_the_library_clip_is_torchs():
 def test_zero_grad_drops_the_accumulated_projections():
     model = make_model()
     optimizer = _dct(model, backward_projection=True)
-    _run(model, optimizer, 2, 1)
-    _loss(model, batch(3)).backward()
+    train_in_micro_batches(model, optimizer, 2, 1)
+    next_token_loss(model, batch(3)).backward()
     assert optimizer.gradients_in_use() and optimizer._low_rank_grads
     optimizer.zero_grad()
     assert optimizer._low_rank_grads == {}
@@ -166,11 +148,11 @@ def test_zero_grad_drops_the_accumulated_projections():
 def test_resume_and_copies_keep_the_mode(tmp_path):
     model = make_model()
     optimizer = _dct(model, backward_projection=True)
-    _run(model, optimizer, 4, 2)
+    train_in_micro_batches(model, optimizer, 4, 2)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
     copied_model, copied = pickle.loads(pickle.dumps((model, optimizer)))
     deep_model, deep = copy.deepcopy((model, optimizer))
-    _run(model, optimizer, 5, 2)
+    train_in_micro_batches(model, optimizer, 5, 2)
 
     restored_model = make_model(seed=9)
     restored = _dct(restored_model, backward_projection=True)
@@ -178,9 +160,9 @@ def test_resume_and_copies_keep_the_mode(tmp_path):
     restored_model.load_state_dict(checkpoint["model"])
     restored.load_state_dict(checkpoint["optimizer"])
     for other_model, other in ((restored_model, restored), (copied_model, copied), (deep_model, deep)):
-        _run(other_model, other, 5, 2)
+        train_in_micro_batches(other_model, other, 5, 2)
         assert max_rel_diff(other_model, model) == 0.0
-        _loss(other_model, batch(0)).backward()                   # the copy's own parameters are hooked:
+        next_token_loss(other_model, batch(0)).backward()                   # the copy's own parameters are hooked:
         freed = {other_model.up.weight.grad is None, other_model.down.weight.grad is None}
         assert freed == {True, False}                              # one projected, one refreshing (step 10)
         other.zero_grad()
@@ -200,10 +182,10 @@ def test_maximize_in_the_mode():
     up, down = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
     ascend, descend = _dct(up, backward_projection=True, maximize=True), _dct(down, backward_projection=True)
     for step in range(5):
-        (-_loss(up, batch(step))).backward()
+        (-next_token_loss(up, batch(step))).backward()
         ascend.step()
         ascend.zero_grad()
-        _loss(down, batch(step)).backward()
+        next_token_loss(down, batch(step)).backward()
         descend.step()
         descend.zero_grad()
     assert max_rel_diff(up, down) == 0.0
@@ -226,7 +208,7 @@ def test_twin_models_do_not_share_hooks():
     model = make_model()
     other = twin(model)
     _dct(model, backward_projection=True)
-    _loss(other, batch(0)).backward()
+    next_token_loss(other, batch(0)).backward()
     assert other.up.weight.grad is not None
 
 
@@ -237,7 +219,7 @@ def test_a_second_optimizer_on_hooked_parameters_is_refused_until_the_first_stop
     with pytest.raises(ValueError, match=refused):
         _dct(model, backward_projection=True)
     first.stop_backward_projection()
-    _loss(model, batch(0)).backward()
+    next_token_loss(model, batch(0)).backward()
     assert model.up.weight.grad is not None                       # full gradients again
     model.zero_grad()
     _dct(model, backward_projection=True)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from toy import batch, make_model, max_rel_diff, projected_groups
+from toy import batch, make_model, max_rel_diff, next_token_loss, projected_groups, train_in_micro_batches
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW, clip_grad_norm_
 
@@ -31,25 +31,6 @@ def _galore(model, **kwargs):
 BUILDS = {"dct": _dct, "galore": _galore}
 
 
-def _loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-def _run(model, optimizer, steps, accumulation, scheduler=None, after_backward=None):
-    """``steps`` optimizer steps over ``accumulation`` micro-batches of one fixed batch of 12."""
-    for step in range(steps):
-        tokens = batch(step, size=(12, 10))
-        for part in tokens.chunk(accumulation):
-            (_loss(model, part) * part.shape[0] / tokens.shape[0]).backward()
-            if after_backward is not None:
-                after_backward(model, optimizer)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad()
-
-
 def _decay(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1 + t))
 
@@ -60,9 +41,9 @@ def test_one_backward_per_step_follows_the_standard_loop(name):
     trajectory is the standard loop's: 10 steps, refreshes every 3, a scheduler, float64."""
     standard, in_backward = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
     reference = BUILDS[name](standard)
-    _run(standard, reference, 10, 1, _decay(reference))
+    train_in_micro_batches(standard, reference, 10, 1, _decay(reference))
     optimizer = BUILDS[name](in_backward, step_in_backward=True)
-    _run(in_backward, optimizer, 10, 1, _decay(optimizer))
+    train_in_micro_batches(in_backward, optimizer, 10, 1, _decay(optimizer))
     assert max_rel_diff(in_backward, standard) < 1e-12
     assert optimizer.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
     assert all(optimizer.state[p]["step"] == 10 for p in in_backward.parameters())
@@ -74,9 +55,9 @@ def test_accumulation_equals_the_backward_projection_mode(build, dtype, toleranc
     """Accumulation 3 in the hooks ≡ backward projection with accumulation 3 stepped in step()
     (exact accumulation, staggered refreshes) ≡ one backward on the whole batch in that mode."""
     hooks, deferred, whole = (make_model(dtype=dtype) for _ in range(3))
-    _run(hooks, build(hooks, step_in_backward=True, accumulation_steps=3), 10, 3)
-    _run(deferred, build(deferred, backward_projection=True), 10, 3)
-    _run(whole, build(whole, backward_projection=True), 10, 1)
+    train_in_micro_batches(hooks, build(hooks, step_in_backward=True, accumulation_steps=3), 10, 3)
+    train_in_micro_batches(deferred, build(deferred, backward_projection=True), 10, 3)
+    train_in_micro_batches(whole, build(whole, backward_projection=True), 10, 1)
     assert max_rel_diff(hooks, deferred) < tolerance
     assert max_rel_diff(hooks, whole) < tolerance
 
@@ -93,7 +74,7 @@ def test_nothing_is_left_after_backward(name):
         seen.append((sum(p.grad is not None for p in model.parameters()), len(optimizer._low_rank_grads)))
 
     before = [p.detach().clone() for p in model.parameters()]
-    _run(model, optimizer, 4, 1, after_backward=check)
+    train_in_micro_batches(model, optimizer, 4, 1, after_backward=check)
     assert seen == [(0, 0)] * 4
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
@@ -101,9 +82,9 @@ def test_nothing_is_left_after_backward(name):
 def test_inside_a_window_projected_weights_keep_only_accumulators():
     model = make_model()
     optimizer = _dct_no_residual(model, step_in_backward=True, accumulation_steps=2)
-    _run(model, optimizer, 1, 2)             # step 1 created the subspaces
+    train_in_micro_batches(model, optimizer, 1, 2)  # step 1 created the subspaces
     tokens = batch(1, size=(12, 10))
-    _loss(model, tokens[:6]).backward()
+    next_token_loss(model, tokens[:6]).backward()
     projected = [p for p in model.parameters() if optimizer._plan(p).rank is not None]
     assert projected and all(p.grad is None for p in projected)
     assert all(p.grad is not None for p in model.parameters() if optimizer._plan(p).rank is None)
@@ -112,15 +93,15 @@ def test_inside_a_window_projected_weights_keep_only_accumulators():
 
 def test_8bit_moments_follow_the_standard_loop():
     standard, in_backward = make_model(), make_model()
-    _run(standard, _dct(standard, moment_bits=8), 6, 1)
-    _run(in_backward, _dct(in_backward, moment_bits=8, step_in_backward=True), 6, 1)
+    train_in_micro_batches(standard, _dct(standard, moment_bits=8), 6, 1)
+    train_in_micro_batches(in_backward, _dct(in_backward, moment_bits=8, step_in_backward=True), 6, 1)
     assert max_rel_diff(in_backward, standard) < 1e-6
 
 
 def test_step_before_the_window_ends_is_an_error_and_changes_nothing():
     model = make_model()
     optimizer = _dct_no_residual(model, step_in_backward=True, accumulation_steps=3)
-    _loss(model, batch(0, size=(4, 10))).backward()
+    next_token_loss(model, batch(0, size=(4, 10))).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match=r"after 1 of accumulation_steps=3 backward passes"):
         optimizer.step()
@@ -131,9 +112,9 @@ def test_step_before_the_window_ends_is_an_error_and_changes_nothing():
 def test_a_backward_pass_after_the_step_without_step_is_an_error():
     model = make_model()
     _dct(model, step_in_backward=True)
-    _loss(model, batch(0)).backward()
+    next_token_loss(model, batch(0)).backward()
     with pytest.raises(RuntimeError, match=r"before optimizer.step\(\)"):
-        _loss(model, batch(1)).backward()
+        next_token_loss(model, batch(1)).backward()
 
 
 def test_a_parameter_unused_in_a_micro_batch_steps_on_what_it_accumulated():
@@ -165,7 +146,7 @@ def test_a_parameter_unused_in_a_micro_batch_steps_on_what_it_accumulated():
 def test_clipping_is_refused_by_both_calls():
     model = make_model()
     optimizer = _dct(model, step_in_backward=True)
-    _loss(model, batch(0)).backward()
+    next_token_loss(model, batch(0)).backward()
     with pytest.raises(RuntimeError, match=r"step_in_backward=True"):
         clip_grad_norm_(optimizer, 1.0)
     with pytest.raises(RuntimeError, match=r"already stepped the parameters"):
@@ -190,36 +171,36 @@ def test_copies_resume_and_stop(tmp_path):
     stop_backward_projection() returns to ordinary steps."""
     model = make_model(dtype=torch.float64)
     optimizer = _dct(model, step_in_backward=True)
-    _run(model, optimizer, 3, 1)
+    train_in_micro_batches(model, optimizer, 3, 1)
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
-    _run(model, optimizer, 4, 1)
+    train_in_micro_batches(model, optimizer, 4, 1)
 
     resumed = make_model(dtype=torch.float64)
     resumed.load_state_dict(saved[0])
     again = _dct(resumed, step_in_backward=True)
     again.load_state_dict(saved[1])
-    _run(resumed, again, 4, 1)
+    train_in_micro_batches(resumed, again, 4, 1)
     assert max_rel_diff(resumed, model) == 0.0
 
     clone_model, clone = pickle.loads(pickle.dumps((model, optimizer)))
     assert clone.step_in_backward and clone.accumulation_steps == 1
-    _run(clone_model, clone, 2, 1)
-    _run(model, optimizer, 2, 1)
+    train_in_micro_batches(clone_model, clone, 2, 1)
+    train_in_micro_batches(model, optimizer, 2, 1)
     assert max_rel_diff(clone_model, model) == 0.0
 
     optimizer.stop_backward_projection()
     assert not optimizer.step_in_backward
-    _loss(model, batch(0)).backward()
+    next_token_loss(model, batch(0)).backward()
     assert all(p.grad is not None for p in model.parameters())
     optimizer.step()
 
 
 def test_maximize_in_the_hooks():
     minimized, maximized = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
-    _run(minimized, _dct(minimized, step_in_backward=True), 4, 1)
+    train_in_micro_batches(minimized, _dct(minimized, step_in_backward=True), 4, 1)
     optimizer = _dct(maximized, step_in_backward=True, maximize=True)
     for step in range(4):
-        (-_loss(maximized, batch(step, size=(12, 10)))).backward()
+        (-next_token_loss(maximized, batch(step, size=(12, 10)))).backward()
         optimizer.step()
         optimizer.zero_grad()
     assert max_rel_diff(maximized, minimized) < 1e-12

@@ -54,6 +54,29 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, start:
     return losses
 
 
+def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``model``'s next-token logits on ``tokens`` (B×T)."""
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def train_in_micro_batches(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, accumulation: int,
+                           scheduler=None, after_backward=None) -> None:
+    """``steps`` optimizer steps, each over ``accumulation`` micro-batches of one fixed batch of 12
+    sequences (so every accumulation splits the same tokens); ``after_backward(model, optimizer)``
+    runs after each micro-batch's backward pass, ``scheduler`` steps after each optimizer step."""
+    for step in range(steps):
+        tokens = batch(step, size=(12, 10))
+        for part in tokens.chunk(accumulation):
+            (next_token_loss(model, part) * part.shape[0] / tokens.shape[0]).backward()
+            if after_backward is not None:
+                after_backward(model, optimizer)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad()
+
+
 def twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
