@@ -224,6 +224,16 @@ def measure(models: list[str], dtypes: list[str], impl: str, keys: list[str]) ->
     return results
 
 
+def _method_table(results: dict, dtype_name: str, models: list[str], keys: list[str], cell) -> list[str]:
+    """A table with one row per method and one column per model: ``cell(key, methods of the model)``."""
+    by_model = [results[dtype_name, label]["methods"] for label in models]
+    rows = ["| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for key in keys:
+        label = METHODS[key].label.replace("itemsize", str(DTYPES[dtype_name].itemsize))
+        rows.append(f"| {label} | " + " | ".join(cell(key, methods) for methods in by_model) + " |")
+    return rows
+
+
 def render(results: dict, models: list[str], dtypes: list[str], keys: list[str], impl: str, command: str) -> str:
     lines = [
         "# Optimizer-state memory, LLaMA 60M–7B (computed here, meta device)",
@@ -244,36 +254,19 @@ def render(results: dict, models: list[str], dtypes: list[str], keys: list[str],
         lines.append(f"| {label} | {row['params']:,} | {row['layers']} | {row['projected'] / row['params']:.1%} "
                      f"| {row['rank']} |")
     for dtype_name in dtypes:
+        table = dict(results=results, dtype_name=dtype_name, models=models, keys=keys)
         lines += ["", f"## {dtype_name} parameters (float moments in {dtype_name}; quantized moments: uint8 codes + "
-                  f"fp32 block scales; GaLore's P in {dtype_name})", "",
-                  "State GiB (bytes/param):", "",
-                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        for key in keys:
-            cells = []
-            for label in models:
-                sb = results[dtype_name, label]["methods"][key]
-                cells.append(f"{_gib(sb.total)} ({sb.total / sb.parameters:.2f})")
-            label_text = METHODS[key].label.replace("itemsize", str(DTYPES[dtype_name].itemsize))
-            lines.append(f"| {label_text} | " + " | ".join(cells) + " |")
-        lines += ["", "Ratio to AdamW with float moments in the same dtype:", "",
-                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        for key in keys:
-            cells = ["n/a"] * len(models)
-            if "adamw" in keys:
-                by_model = [results[dtype_name, label]["methods"] for label in models]
-                cells = [f"{methods[key].total / methods['adamw'].total:.3f}" for methods in by_model]
-            lines.append(f"| {METHODS[key].label.replace('itemsize', str(DTYPES[dtype_name].itemsize))} | "
-                         + " | ".join(cells) + " |")
+                  f"fp32 block scales; GaLore's P in {dtype_name})", "", "State GiB (bytes/param):", ""]
+        lines += _method_table(**table, cell=lambda key, methods: (
+            f"{_gib(methods[key].total)} ({methods[key].total / methods[key].parameters:.2f})"))
+        lines += ["", "Ratio to AdamW with float moments in the same dtype:", ""]
+        lines += _method_table(**table, cell=lambda key, methods: (
+            f"{methods[key].total / methods['adamw'].total:.3f}" if "adamw" in keys else "n/a"))
         lines += ["", f"Breakdown ({dtype_name}), GiB: projected weights' moments + projection state (GaLore P / "
-                  "DCT indices) + plain parameters' moments (embeddings, head, norms):", "",
-                  "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        for key in keys:
-            cells = []
-            for label in models:
-                sb = results[dtype_name, label]["methods"][key]
-                cells.append(f"{_gib(sb.projected_moments)} + {_gib(sb.projection)} + {_gib(sb.plain_moments)}")
-            lines.append(f"| {METHODS[key].label.replace('itemsize', str(DTYPES[dtype_name].itemsize))} | "
-                         + " | ".join(cells) + " |")
+                  "DCT indices) + plain parameters' moments (embeddings, head, norms):", ""]
+        lines += _method_table(**table, cell=lambda key, methods: (
+            f"{_gib(methods[key].projected_moments)} + {_gib(methods[key].projection)} + "
+            f"{_gib(methods[key].plain_moments)}"))
         basis = "; ".join(
             f"{label}: " + ", ".join(f"size {size}: {nbytes / 2**20:.0f} MiB" for size, nbytes in
                                      results[dtype_name, label]["dct_basis"].items())
