@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.errors import UsageError, expected_one_of
+from experiments.errors import UsageError, expected_one_of, read_json_object
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = EXPERIMENTS_DIR / ".cache"
@@ -302,16 +302,8 @@ class TrainConfig:
     def load_json(cls, path: str | Path) -> TrainConfig:
         """The config saved in ``path``, its values checked (:func:`check_values`); a missing, unreadable
         or malformed file, or a value its flag would refuse, is a :class:`UsageError` naming the file."""
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(str(path), "no such file: a run's config.json was expected here") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(str(path), f"cannot be read: {error}") from None
-        except json.JSONDecodeError as error:
-            raise UsageError(str(path), f"is not valid JSON ({error}); expected a saved run config") from None
-        if not isinstance(values, dict):
-            raise UsageError(str(path), f"expected a JSON object of config keys, got {type(values).__name__}")
+        values = read_json_object(path, expected="a saved run config", keys="config keys",
+                                  missing="a run's config.json was expected here")
         try:
             config = cls.from_dict(values)
         except ValueError as error:

@@ -16,9 +16,7 @@ Shapes: ``input_ids`` [B, T] -> ``logits`` [B, T, vocab].
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +52,6 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_model_config(path: str | Path) -> dict:
-    """The raw JSON of a model config file."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 class RMSNorm(nn.Module):

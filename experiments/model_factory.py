@@ -8,14 +8,13 @@ positive integers or do not fit together raise :class:`~experiments.errors.Usage
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
-from experiments.errors import UsageError, expected_one_of
-from experiments.model import Llama, LlamaConfig, load_model_config
+from experiments.errors import UsageError, expected_one_of, read_json_object
+from experiments.model import Llama, LlamaConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Sizes a config file must give as positive integers (``vocab_size`` may be null: the tokenizer's).
@@ -37,14 +36,7 @@ def config_path(model_config: str) -> Path:
 def read_model_config(model_config: str) -> dict:
     """The JSON config that ``model_config`` names, checked (``vocab_size`` may still be ``null``)."""
     path = config_path(model_config)
-    try:
-        values = load_model_config(path)
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(str(path), f"cannot be read: {error}") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(str(path), f"is not valid JSON ({error}); expected a LLaMA config") from None
-    if not isinstance(values, dict):
-        raise UsageError(str(path), f"expected a JSON object of LLaMA settings, got {type(values).__name__}")
+    values = read_json_object(path, expected="a LLaMA config", keys="LLaMA settings")
     missing = [name for name in REQUIRED_SIZES if name not in values]
     if missing:
         raise UsageError(str(path), f"lacks {', '.join(missing)}; a LLaMA config needs {', '.join(REQUIRED_SIZES)}")
