@@ -69,11 +69,17 @@ class DCTProjAdam(ProjectedAdamW):
         bias_correction (str, default "step"): Adam's per-parameter count, or ``"slot"``: each slot
             counts from when its moments last started at zero.
         proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"reverse_std"``
-            the larger one (moments of ``r·min(m, n)`` values, 0.28 instead of 0.56 B/param at 7B
+            the larger one (moments of ``r·min(m, n)`` values, 0.36 instead of 0.57 B/param at 7B
             with 8-bit moments; measured: −0.8% validation loss on llama_tiny, +9.8% on the 3.3M
             llama_small, so not the default); ``"left"``, ``"right"``.
         transform (str, default "auto"): how ``S`` is formed on the PyTorch path: FFT on CPU, GEMM
             on GPU; ``"fft"``; ``"matmul"``.
+        basis (str, default "cached"): ``"cached"`` keeps ``C`` (``k×k``) per compressed size and
+            dtype used, shared by every layer of that size (LLaMA-7B, bf16 weights, 8-bit moments:
+            a bf16 and an fp32 ``C`` of 4096, 0.015 B/param); ``"generated"``
+            keeps none and computes the ``r`` selected columns at each use and the refresh scores
+            over blocks of columns (same values; on GPU the projection is then a dense GEMM rather than
+            the column-gathering kernel; :mod:`lowrank_optim.projectors.dct`).
         moments_dtype (torch.dtype | None, default None): the parameter's dtype, or e.g.
             ``torch.float32`` for fp32 moments of bf16 weights.
         moment_bits (int | None, default None): ``8`` or ``4`` stores both moments block-wise
@@ -116,11 +122,12 @@ class DCTProjAdam(ProjectedAdamW):
 
     adam_form = AdamForm.TORCH
     side_key = "proj_side"
+    keys_added_later = {"basis": "cached"}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | float | None = 0.25,
                  update_proj_gap: int = 200, scale: float = 1.0, score: str = "l2",
-                 moments: str = "transport", proj_side: str = "auto", transform: str = "auto",
+                 moments: str = "transport", proj_side: str = "auto", transform: str = "auto", basis: str = "cached",
                  bias_correction: str = "step", residual: str = "scaled", moments_dtype: torch.dtype | None = None,
                  moment_bits: int | None = None, bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
@@ -129,7 +136,7 @@ class DCTProjAdam(ProjectedAdamW):
                  process_group=None, skip_nonfinite: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
-                        proj_side=proj_side, transform=transform, moments_dtype=moments_dtype,
+                        proj_side=proj_side, transform=transform, basis=basis, moments_dtype=moments_dtype,
                         bias_correction=bias_correction, residual=residual, backend=backend,
                         moment_bits=moment_bits, bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,

@@ -30,3 +30,44 @@ def test_meta_count_equals_the_state_after_a_real_step(key):
     optimizer.step()
     assert optimizer_state_bytes(optimizer) == expected.total
     assert optimizer.projection_summary().state_bytes == expected.total
+
+
+def test_cached_dct_bytes_are_the_matrices_a_step_builds():
+    """experiments/bench/memory.py's count of the cached DCT matrices (7B table) against the cache
+    two real steps of bf16 weights with 8-bit moments fill: C in bf16 (the projection of the second
+    step; the first, a refresh, has R from the selection's FFT) and fp32 (the weight update)."""
+    from experiments.bench.memory import cached_dct_bytes
+    from lowrank_optim import DCTProjAdam
+    from lowrank_optim.projectors.dct_basis import dct_matrix
+
+    torch.manual_seed(0)
+    model = build_model(VALUES, "native").to(torch.bfloat16)
+    optimizer = DCTProjAdam(model.named_parameters(), rank=RANK, moment_bits=8)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    dct_matrix.cache_clear()
+    optimizer.step()
+    optimizer.step()
+    built = dct_matrix.cache_info().currsize
+    expected = {(128, torch.bfloat16), (128, torch.float32)}         # every projected weight compresses 128
+    for size, dtype in expected:
+        dct_matrix(size, dtype, torch.device("cpu"))
+    assert dct_matrix.cache_info().currsize == built == len(expected)  # each was built by the step
+    assert cached_dct_bytes(optimizer, optimizer.projection_summary()) == 128 * 128 * (2 + 4)
+    generated = DCTProjAdam(build_model(VALUES, "native").named_parameters(), rank=RANK, basis="generated")
+    assert cached_dct_bytes(generated, generated.projection_summary()) == 0
+
+
+def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
+    from experiments.bench.memory import seven_b_table
+
+    rows = seven_b_table()["rows"]
+    for row in rows:
+        assert row["total"] == row["weights"] + row["gradients"] + row["state"] + row["projection"]
+    galore, cached, generated = (next(row for row in rows if row["label"].startswith(prefix)) for prefix in (
+        "8-bit GaLore, step in backward", "DCTProjAdam 8-bit, step in backward (residual scaled)",
+        "DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'"))
+    # same shapes, same 8-bit moments; DCTProjAdam's residual scale adds 4 B per projected weight
+    assert 0 <= cached["state"] - galore["state"] <= 4 * 224
+    assert generated["state"] == cached["state"]
+    assert cached["projection"] - generated["projection"] == 4096 * 4096 * (2 + 4)

@@ -73,6 +73,30 @@ def test_dct_slot_bias_correction_on_triton_follows_torch(proj_side):
             assert torch.equal(triton_optimizer.state[p]["slot_steps"], torch_optimizer.state[q]["slot_steps"])
 
 
+@pytest.mark.parametrize("transform", ["matmul", "auto"])     # auto: the GEMM on a GPU, the FFT on CPU
+@pytest.mark.parametrize("proj_side", ["left", "right"])
+def test_generated_basis_on_triton_follows_the_cached_basis_on_torch(proj_side, transform):
+    """``basis="generated"`` on the Triton backend: blocked scoring GEMMs (or the FFT), a dense
+    ``P`` through the moment and weight kernels, and no column-major ``C`` built for the kernels."""
+    from lowrank_optim.projectors import dct
+
+    def make(basis):
+        def build(model, backend):
+            groups = projected_groups(model, 5, plain_group_keys={"rank": None})
+            return DCTProjAdam(groups, lr=3e-3, update_proj_gap=4, scale=0.5, proj_side=proj_side,
+                               transform=transform, basis=basis, backend=backend)
+        return build
+
+    dct._column_major_dct.cache_clear()          # rebuilt on demand by later tests
+    torch_model, torch_optimizer = _run(make("cached"), "torch")
+    triton_model, triton_optimizer = _run(make("generated"), "triton")
+    assert dct._column_major_dct.cache_info().currsize == 0
+    assert max_rel_diff(triton_model, torch_model) < TOLERANCE
+    for p, q in zip(triton_model.parameters(), torch_model.parameters()):
+        if "proj_indices" in torch_optimizer.state[q]:
+            assert torch.equal(triton_optimizer.state[p]["proj_indices"], torch_optimizer.state[q]["proj_indices"])
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
 def test_galore_triton_follows_torch(proj_type):
     def make(model, backend):

@@ -239,6 +239,22 @@ def check(key: str, main: dict, stress: dict | None, phases: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ 7B
+def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
+    """The DCT matrices a step of ``optimizer`` caches (``basis="cached"`` groups): per compressed
+    size, ``C`` in the gradient's dtype (projection, GEMM scoring) and in ``N``'s dtype (the weight
+    update: fp32 for quantized moments), once when the two agree. Triton's column-major copies
+    replace these one for one (:mod:`lowrank_optim.projectors.dct`)."""
+    copies = set()
+    params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
+    for row, (group, param) in zip(summary, params, strict=True):     # the summary lists them in this order
+        if not row.projected or group["basis"] != "cached":
+            continue
+        size = row.shape[1] if row.side == "right" else row.shape[0]
+        update_dtype = torch.float32 if group["moment_bits"] else group["moments_dtype"] or param.dtype
+        copies |= {(size, param.dtype), (size, update_dtype)}
+    return sum(size * size * dtype.itemsize for size, dtype in copies)
+
+
 def meta_llama(config: str, dtype: torch.dtype):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -271,9 +287,9 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = BACKWAR
             bits = moment_bits_for(shape, optimizer.param_groups[0]["moment_bits"])
             moments = 2 * moment_state_bytes(shape, bits, layout_for(row.side), float_dtype=torch.bfloat16)
             projection += row.state_bytes - moments
-        if isinstance(optimizer, DCTProjAdam):     # the shared fp32 basis of each compressed size
-            sizes = {row.shape[1] if row.side == "right" else row.shape[0] for row in summary if row.projected}
-            projection += sum(size * size * 4 for size in sizes)
+        subspaces = projection                      # held in the optimizer state (indices, P)
+        if isinstance(optimizer, DCTProjAdam):
+            projection += cached_dct_bytes(optimizer, summary)
         projected_ids = {id(p) for p in projected}
         plain_grads = sum(p.numel() * 2 for p in params if id(p) not in projected_ids)
         accumulators = 0
@@ -293,7 +309,7 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = BACKWAR
             grads, grads_note = largest, f"one parameter's gradient at a time (the largest, {largest / GB:.2f} GB)"
         rows.append({"label": label, "parameters": numel, "weights": numel * 2, "gradients": grads,
                      "accumulators": accumulators,
-                     "state": state - projection, "projection": projection, "grads_note": grads_note, "note": note})
+                     "state": state - subspaces, "projection": projection, "grads_note": grads_note, "note": note})
 
     def plain(bits=None, moments_dtype=None):
         return lambda model: (DCTProjAdam(model.named_parameters(), rank=None, moment_bits=bits,
@@ -314,7 +330,12 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = BACKWAR
     add("8-bit GaLore, step in backward: GaLoreAdamW moment_bits=8, step_in_backward=True",
         projected("galore_8bit_sib"), "hook", "accumulation 1 (each parameter steps in its hook)")
     add("DCTProjAdam 8-bit, step in backward (residual scaled)", projected("dct_8bit_sib"), "hook",
-        "accumulation 1; projection = the cached fp32 DCT basis (one per compressed size)")
+        "accumulation 1; projection = the cached DCT matrices (per compressed size: bf16 for the projection, "
+        "fp32 for the weight update)")
+    add("DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
+        lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
+        "as above, no DCT matrix stored: the r selected columns computed at each use (a transient of the size "
+        "of P, like the gradient); projection = the indices")
 
     add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std'",
         lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std"), "hook",

@@ -6,6 +6,11 @@ of ``C`` are the candidate basis vectors of the DCT projection.
 
 ``G·C`` applies ``Cᵀ`` to every row of ``G``, i.e. the orthonormal inverse DCT (DCT-III) of each
 row, which costs ``O(m·n·log n)`` through an FFT instead of the ``m·n²`` GEMM.
+
+Entries are computed in float64 with the phase reduced exactly in integers: ``cos`` has period
+``4k`` in units of ``π/(2k)``, so ``C[i, j] = √(2/k)·c_i·cos(π·p/(2k))`` with
+``p = i·(2j+1) mod 4k``. The argument stays in ``[0, 2π)`` at every size, and any subset of columns
+(:func:`dct_columns`) holds the same values as the whole matrix (:func:`dct_matrix`).
 """
 from __future__ import annotations
 
@@ -17,19 +22,21 @@ import scipy.fft
 import torch
 
 
-@functools.cache
-def _dct_matrix_float64(size: int) -> torch.Tensor:
-    i = torch.arange(size, dtype=torch.float64).unsqueeze(1)
-    j = torch.arange(size, dtype=torch.float64).unsqueeze(0)
-    c = math.sqrt(2.0 / size) * torch.cos(math.pi * i * (2.0 * j + 1.0) / (2.0 * size))
-    c[0] /= math.sqrt(2.0)
-    return c
+def dct_columns(size: int, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``C[:, columns]`` (``size×len(columns)``, contiguous) computed on ``columns``' device, nothing
+    cached: the values of :func:`dct_matrix` without the ``size×size`` matrix. Computed in float64
+    (module doc: exact phase reduction), whose temporaries are ``16·size·len(columns)`` bytes."""
+    rows = torch.arange(size, dtype=torch.int64, device=columns.device).unsqueeze(1)
+    phase = (rows * (2 * columns.to(torch.int64).unsqueeze(0) + 1)) % (4 * size)
+    entries = math.sqrt(2.0 / size) * torch.cos(phase.to(torch.float64) * (math.pi / (2.0 * size)))
+    entries[0] /= math.sqrt(2.0)
+    return entries.to(dtype)
 
 
 @functools.cache
 def dct_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``C`` of ``size``, built once per (size, dtype, device) and shared by every layer."""
-    return _dct_matrix_float64(size).to(device=device, dtype=dtype)
+    return dct_columns(size, torch.arange(size, device=device), dtype)
 
 
 def dct_coefficients(grad: torch.Tensor, side: str, transform: str) -> torch.Tensor:
