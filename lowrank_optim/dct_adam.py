@@ -86,6 +86,9 @@ class DCTProjAdam(ProjectedAdamW):
             quantized (codes plus one fp32 scale per block of 256/128 values along the rank slots;
             :mod:`lowrank_optim.quantization`), projected and plain parameters alike; tensors under
             4096 values stay in float. ``None``: float moments in ``moments_dtype``.
+        moment_block_size (int | None, default None): values per scale of quantized moments, a
+            power of two from 8 to 4096 (None: 256 at 8 bits, 128 at 4, torchao's). Larger blocks
+            spend fewer bytes on scales (4/B per value) and resolve outliers worse.
         bf16_stochastic_round (bool, default False): add the update to bf16 weights with unbiased
             stochastic rounding (updates below half an ulp are not lost; PyTorch weight update).
         backend (str, default "auto"): ``"auto"`` runs the fused Triton kernels for fp32/bf16/fp16
@@ -129,7 +132,8 @@ class DCTProjAdam(ProjectedAdamW):
                  update_proj_gap: int = 200, scale: float = 1.0, score: str = "l2",
                  moments: str = "transport", proj_side: str = "auto", transform: str = "auto", basis: str = "cached",
                  bias_correction: str = "step", residual: str = "scaled", moments_dtype: torch.dtype | None = None,
-                 moment_bits: int | None = None, bf16_stochastic_round: bool = False,
+                 moment_bits: int | None = None, moment_block_size: int | None = None,
+                 bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  backward_projection: bool = False, step_in_backward: bool = False, accumulation_steps: int = 1,
@@ -138,7 +142,8 @@ class DCTProjAdam(ProjectedAdamW):
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
                         proj_side=proj_side, transform=transform, basis=basis, moments_dtype=moments_dtype,
                         bias_correction=bias_correction, residual=residual, backend=backend,
-                        moment_bits=moment_bits, bf16_stochastic_round=bf16_stochastic_round)
+                        moment_bits=moment_bits, moment_block_size=moment_block_size,
+                        bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          backward_projection=backward_projection, step_in_backward=step_in_backward,

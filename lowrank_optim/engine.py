@@ -56,7 +56,7 @@ from .moments import Moments
 from .plain_adamw import as_float, plain_adamw_step_
 from .projected_adamw import projected_adamw_
 from .projectors import PROJECTORS, SUBSPACE_PREFIX, Projector, Subspace, stored_subspace
-from .quantization import check_moment_bits
+from .quantization import check_moment_bits, check_moment_block_size
 from .residual import RESIDUALS
 from .rounding import rounding_generator
 from .selection import vocabulary_matrices
@@ -83,6 +83,7 @@ TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused"
 _LEGACY_GROUP_KEYS = ("projection", "targets")     # group keys of checkpoints written before v0.2
 # Keys added after the first release, with the behaviour of the versions that did not have them.
 KEYS_ADDED_LATER = {"backend": "auto", "bias_correction": "step", "residual": "none", "moment_bits": None,
+                    "moment_block_size": None,
                     "bf16_stochastic_round": False, "foreach": None, "maximize": False, "capturable": False,
                     "differentiable": False, "fused": None}
 
@@ -206,6 +207,7 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
         check_choice("residual", group["residual"], RESIDUALS)
         check_moment_bits(group["moment_bits"])
+        check_moment_block_size(group["moment_block_size"])
         check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
 
     def _validate_group(self, group: dict) -> None:
@@ -385,7 +387,8 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         """AdamW on plain parameters of ``group`` (:func:`~lowrank_optim.plain_adamw.plain_adamw_step_`)."""
         generators = [self._rounding(group, param) for param in params] if group["bf16_stochastic_round"] else None
         plain_adamw_step_(self.state, group, params, grads, form=self.adam_form, moments_dtype=group["moments_dtype"],
-                          foreach=foreach, moment_bits=group["moment_bits"], generators=generators,
+                          foreach=foreach, moment_bits=group["moment_bits"],
+                          moment_block_size=group["moment_block_size"], generators=generators,
                           backends=[self._plans[param].backend for param in params])
 
     def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
@@ -460,7 +463,8 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
     def _moments(self, item: _Projected, state: dict) -> Moments:
         """The projected moments of ``item`` (of the global projected shape), stored as its state holds them."""
         shape = projected_shape(item.param.shape, item.plan.side, item.plan.rank)
-        return Moments.of(state, shape, item.plan.side, item.group["moment_bits"], unwrap=local,
+        return Moments.of(state, shape, item.plan.side, item.group["moment_bits"], item.group["moment_block_size"],
+                          unwrap=local,
                           wrap=lambda tensor: self._moment(item, tensor))
 
     def _rounding(self, group: dict, param: torch.Tensor) -> torch.Generator | None:
@@ -531,9 +535,11 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         """The bytes the first step allocates for ``param`` (whole parameter, before sharding)."""
         dtype = self._moments_dtype(group, param)
         if plan.rank is None:
-            return Moments.of({}, param.shape, None, group["moment_bits"]).expected_bytes(dtype)
+            return Moments.of({}, param.shape, None, group["moment_bits"],
+                              group["moment_block_size"]).expected_bytes(dtype)
         shape = projected_shape(param.shape, plan.side, plan.rank)
-        moments = Moments.of({}, shape, plan.side, group["moment_bits"]).expected_bytes(dtype)
+        moments = Moments.of({}, shape, plan.side, group["moment_bits"],
+                             group["moment_block_size"]).expected_bytes(dtype)
         projector = PROJECTORS[self._projector_name(group)](group)
         subspace = projector.subspace_bytes(compressed_size(param.shape, plan.side), plan.rank, param.dtype)
         slot_steps = 8 * plan.rank if group["bias_correction"] == "slot" else 0

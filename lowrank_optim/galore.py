@@ -59,8 +59,9 @@ class GaLoreAdamW(ProjectedAdamW):
         moments (str, default "keep"): ``"keep"`` (GaLore's), ``"reset"``, or ``"transport"``
             (``m`` rotated by ``P_newᵀP_old``, ``v`` by its element-wise square).
         residual (str, default "none"), bias_correction (default "step"), moments_dtype (default
-            None), moment_bits (default None: float; 8 or 4), bf16_stochastic_round (default
-            False), backend (default "auto"): as in :class:`~lowrank_optim.DCTProjAdam`.
+            None), moment_bits (default None: float; 8 or 4), moment_block_size (default None),
+            bf16_stochastic_round (default False), backend (default "auto"): as in
+            :class:`~lowrank_optim.DCTProjAdam`.
         foreach (bool | None), maximize (bool), capturable / differentiable (False only),
             fused (None or False only): torch's keywords.
         backward_projection, step_in_backward, accumulation_steps, process_group: as in
@@ -84,7 +85,8 @@ class GaLoreAdamW(ProjectedAdamW):
                  no_deprecation_warning: bool = False, *, update_proj_gap: int = 200,
                  scale: float = 1.0, proj_type: str = "std", projector: str = "svd", moments: str = "keep",
                  bias_correction: str = "step", residual: str = "none", moments_dtype: torch.dtype | None = None,
-                 moment_bits: int | None = None, bf16_stochastic_round: bool = False,
+                 moment_bits: int | None = None, moment_block_size: int | None = None,
+                 bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  backward_projection: bool = False, step_in_backward: bool = False, accumulation_steps: int = 1,
@@ -93,7 +95,8 @@ class GaLoreAdamW(ProjectedAdamW):
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, projector=projector, moments=moments, moments_dtype=moments_dtype,
                         bias_correction=bias_correction, residual=residual, backend=backend,
-                        moment_bits=moment_bits, bf16_stochastic_round=bf16_stochastic_round)
+                        moment_bits=moment_bits, moment_block_size=moment_block_size,
+                        bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          backward_projection=backward_projection, step_in_backward=step_in_backward,

@@ -1,8 +1,9 @@
 """Adam's two moments of one tensor, as the optimizer state stores them: float or 8/4-bit.
 
 A parameter group's ``moment_bits`` (``None``, ``8`` or ``4``) chooses the storage, for projected
-moments (``m×r`` / ``r×n``) and plain parameters alike (:mod:`lowrank_optim.quantization` has the
-scheme). The state keys are::
+moments (``m×r`` / ``r×n``) and plain parameters alike, and its ``moment_block_size`` the values per
+scale (None: 256 at 8 bits, 128 at 4; :mod:`lowrank_optim.quantization` has the scheme). The state
+keys are::
 
     float:      exp_avg, exp_avg_sq                              (moments_dtype, or the parameter's)
     quantized:  exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales
@@ -23,7 +24,6 @@ import torch
 from .kernels.dispatch import adam_moment_update
 from .kernels.slot_remap import remap_slots
 from .quantization import (
-    default_block_size,
     layout_for,
     moment_bits_for,
     moment_state_bytes,
@@ -31,6 +31,7 @@ from .quantization import (
     quantized_zeros,
     remap_quantized_slots,
     requantize_transformed,
+    resolve_block_size,
 )
 
 FLOAT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -48,7 +49,8 @@ class Moments:
     ``layout``: ``"columns"`` (right-projected ``m×r``: slots are columns), ``"rows"`` (left,
     ``r×n``) or ``"flat"`` (a plain parameter); ``shape`` is the moment's (global) shape. Float
     moments of FSDP2-sharded parameters are stored as DTensors: ``unwrap`` gives this rank's
-    shard, ``wrap`` makes a stored moment of a new local one."""
+    shard, ``wrap`` makes a stored moment of a new local one. ``block_size``: values per scale of
+    quantized moments (None: the default of ``bits``)."""
 
     state: dict
     bits: int | None
@@ -56,11 +58,14 @@ class Moments:
     shape: tuple[int, ...]
     unwrap: Callable[[torch.Tensor], torch.Tensor] = _identity
     wrap: Callable[[torch.Tensor], torch.Tensor] = _identity
+    block_size: int | None = None
 
     @classmethod
-    def of(cls, state: dict, shape, side: str | None, moment_bits: int | None, **storage) -> Moments:
+    def of(cls, state: dict, shape, side: str | None, moment_bits: int | None, block_size: int | None = None,
+           **storage) -> Moments:
         """The moments of a tensor of moment ``shape`` (global) projected on ``side`` (None: plain)."""
-        return cls(state, moment_bits_for(tuple(shape), moment_bits), layout_for(side), tuple(shape), **storage)
+        return cls(state, moment_bits_for(tuple(shape), moment_bits), layout_for(side), tuple(shape),
+                   block_size=block_size, **storage)
 
     @property
     def exists(self) -> bool:
@@ -82,7 +87,8 @@ class Moments:
                 self.state[key] = zeros
             return
         for prefix, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-            codes, scales = quantized_zeros(self.shape, self.bits, signed, self.layout, device=device)
+            codes, scales = quantized_zeros(self.shape, self.bits, signed, self.layout, block_size=self.block_size,
+                                            device=device)
             self.state[f"{prefix}_codes"], self.state[f"{prefix}_scales"] = codes, scales
 
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,
@@ -100,7 +106,7 @@ class Moments:
             return normalized
         normalized, *stored = quantized_adam_moment_update_(
             grad, *(self.state[key] for key in QUANTIZED_KEYS), bits=self.bits, layout=self.layout,
-            backend=backend, **scalars)
+            block_size=self.block_size, backend=backend, **scalars)
         self.state.update(zip(QUANTIZED_KEYS, stored))
         return normalized
 
@@ -142,7 +148,7 @@ class Moments:
         for (prefix, signed), transform in zip((("exp_avg", True), ("exp_avg_sq", False)), (first, second)):
             codes, scales = requantize_transformed(
                 self.state[f"{prefix}_codes"], self.state[f"{prefix}_scales"], transform, bits=self.bits,
-                signed=signed, shape=self.shape, layout=self.layout)
+                signed=signed, shape=self.shape, layout=self.layout, block_size=self.block_size)
             self.state[f"{prefix}_codes"], self.state[f"{prefix}_scales"] = codes, scales
 
     def flat_chunk(self, start: int, stop: int) -> Moments:
@@ -154,7 +160,7 @@ class Moments:
         if self.bits is None:
             views = {key: self.unwrap(self.state[key]).view(-1)[start:stop] for key in FLOAT_KEYS}
             return Moments(views, None, "flat", (stop - start,))
-        block = default_block_size(self.bits)
+        block = resolve_block_size(self.bits, self.block_size)
         if start % block:
             raise ValueError(f"a quantized chunk must start on a block of {block} values, got start={start}")
         per_byte = 8 // self.bits
@@ -162,8 +168,9 @@ class Moments:
         for prefix in ("exp_avg", "exp_avg_sq"):
             views[f"{prefix}_codes"] = self.state[f"{prefix}_codes"][start // per_byte: -(-stop // per_byte)]
             views[f"{prefix}_scales"] = self.state[f"{prefix}_scales"][start // block: -(-stop // block)]
-        return Moments(views, self.bits, "flat", (stop - start,))
+        return Moments(views, self.bits, "flat", (stop - start,), block_size=self.block_size)
 
     def expected_bytes(self, float_dtype: torch.dtype) -> int:
         """Bytes both moments take once created (nothing allocated)."""
-        return 2 * moment_state_bytes(self.shape, self.bits, self.layout, float_dtype=float_dtype)
+        return 2 * moment_state_bytes(self.shape, self.bits, self.layout, block_size=self.block_size,
+                                      float_dtype=float_dtype)

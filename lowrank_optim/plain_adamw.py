@@ -24,22 +24,23 @@ from .sharding import local
 
 def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], *,
                       form: AdamForm, moments_dtype: torch.dtype | None = None, foreach: bool = True,
-                      moment_bits: int | None = None, generators: list | None = None,
-                      backends: list[str] | None = None) -> None:
+                      moment_bits: int | None = None, moment_block_size: int | None = None,
+                      generators: list | None = None, backends: list[str] | None = None) -> None:
     """One AdamW step with ``group``'s hyperparameters on ``params`` (their gradients ``grads``;
     local shards of FSDP2 parameters, whose float moments are then DTensors), creating each
     parameter's state ``{step, moments}`` in ``state`` (the optimizer's) on its first step.
 
-    ``moment_bits`` (8 or 4) stores the moments quantized (:mod:`lowrank_optim.moments`; tensors
-    under 4096 values stay float) and ``generators`` (one per parameter, or None each) rounds bf16
-    weights stochastically; both take the single-tensor path, whose moment update runs on each
-    parameter's resolved backend (``backends``; default ``"torch"``)."""
+    ``moment_bits`` (8 or 4) stores the moments quantized, ``moment_block_size`` values per scale
+    (:mod:`lowrank_optim.moments`; tensors under 4096 values stay float) and ``generators`` (one
+    per parameter, or None each) rounds bf16 weights stochastically; both take the single-tensor
+    path, whose moment update runs on each parameter's resolved backend (``backends``; default
+    ``"torch"``)."""
     if not params:
         return
     views, steps = [], []
     for param in params:
         entry = state[param]
-        moments = Moments.of(entry, param.shape, None, moment_bits, unwrap=local)
+        moments = Moments.of(entry, param.shape, None, moment_bits, moment_block_size, unwrap=local)
         if not moments.exists:
             entry["step"] = 0
             moments.create(moments_dtype or param.dtype, param.device, like=param)

@@ -130,8 +130,8 @@ def test_the_defaults_run_the_fused_kernels(monkeypatch):
     assert calls and all(calls) and len(calls) == 2 * STEPS        # up and down, every step
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_low_bit_dct_on_triton_follows_torch(bits):
+@pytest.mark.parametrize("bits, block_size", [(8, None), (4, None), (8, 2048)])
+def test_low_bit_dct_on_triton_follows_torch(bits, block_size):
     """The fused quantized moment kernel inside the optimizer, 6 steps across a refresh. The fused
     weight update rounds W differently in its last bit (see TOLERANCE); the next gradient then
     differs in its last bits and, rarely, a moment lands on the other side of a code boundary: one
@@ -139,7 +139,7 @@ def test_low_bit_dct_on_triton_follows_torch(bits):
     least 99% of the codes equal."""
     def make(model, backend):
         return DCTProjAdam(model.named_parameters(), lr=3e-3, rank=5, update_proj_gap=4, moment_bits=bits,
-                           backend=backend)
+                           moment_block_size=block_size, backend=backend)
 
     def wide():
         return make_model(vocab=300, d=16, hidden=1100).to(DEVICE)

@@ -89,8 +89,11 @@ def test_kernel_matches_the_pytorch_path_bit_for_bit(bits, layout, shape):
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_small_blocks_and_a_non_default_block_size(bits, layout):
-    shape = (37, 13) if layout == "columns" else (13, 37)
-    for block_size in (8, 64):
+    """Blocks of 8 and 64 values, and 2048 (moment_block_size at the 7B accounting): 2100-value
+    slots, so each slot has one whole and one partial block of it."""
+    for block_size in (8, 64, 2048):
+        slots = 2100 if block_size == 2048 else 37
+        shape = (slots, 13) if layout == "columns" else (13, slots)
         grad, state = _state(shape, bits, layout, seed=1, block_size=block_size)
         expected, actual, _ = _both(grad, state, bits=bits, layout=layout, block_size=block_size, **STEP)
         _assert_identical(expected, actual)
@@ -175,7 +178,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     variants = [dict(layout="columns"), dict(layout="rows", has_remap=True, per_slot=True, grad_dtype="bf16"),
                 dict(layout="flat")]
     for capability in (80, 90):
-        for bits, block_size in ((8, 256), (4, 128)):
+        for bits, block_size in ((8, 256), (4, 128), (8, 2048)):
             for variant in variants:
                 compiled = compile_for_target(GPUTarget("cuda", capability, 32), bits=bits, block_size=block_size,
                                               **variant)
@@ -183,7 +186,7 @@ _AOT_SCRIPT = textwrap.dedent("""
                 assert f".target sm_{capability}" in ptx, capability
                 assert "fma.rn.f32" not in ptx, "FP fusion must be off"
                 assert len(compiled.asm["cubin"]) > 0
-                print("compiled", capability, bits, variant["layout"])
+                print("compiled", capability, bits, block_size, variant["layout"])
 """)
 
 
@@ -196,4 +199,4 @@ def test_aot_compiles_for_sm80_and_sm90():
     result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=environment, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 12
+    assert result.stdout.count("compiled") == 18

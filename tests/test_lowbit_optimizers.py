@@ -168,6 +168,59 @@ def test_sst_stochastic_rounding_is_the_same_for_two_optimizers():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("block_size", [64, 2048])
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_moment_block_size_sets_the_scales_and_the_bytes(name, block_size):
+    """One scale per ``block_size`` values of each slot (a 1100×4 projected moment: 4 slots of
+    1100 values) and per ``block_size`` consecutive values of a plain one (the 300×16 embedding),
+    across a refresh; the summary's expected bytes are what the steps allocate."""
+    model = make_model(**WIDE)
+    optimizer = BUILDS[name](model, moment_bits=8, moment_block_size=block_size)
+    expected = optimizer.projection_summary().state_bytes
+    train(model, optimizer, 4)
+    assert optimizer_state_bytes(optimizer) == expected
+    for param, blocks in ((model.up.weight, 4 * -(-1100 // block_size)), (model.embed.weight, -(-4800 // block_size))):
+        for prefix in ("exp_avg", "exp_avg_sq"):
+            assert optimizer.state[param][f"{prefix}_scales"].numel() == blocks
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_the_default_block_size_is_256_at_8_bits(name):
+    default_model, explicit_model = make_model(**WIDE), make_model(**WIDE)
+    default, explicit = BUILDS[name](default_model, moment_bits=8), BUILDS[name](explicit_model, moment_bits=8,
+                                                                                  moment_block_size=256)
+    train(default_model, default, 4)
+    train(explicit_model, explicit, 4)
+    for p, q in zip(default_model.parameters(), explicit_model.parameters()):
+        assert torch.equal(p, q)
+        assert default.state[p].keys() == explicit.state[q].keys()
+        for key, value in default.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(explicit.state[q][key])), key
+
+
+def test_a_large_block_size_resumes_bit_identically(tmp_path):
+    """The saved param groups carry the block size: a fresh optimizer at the default loads it."""
+    model = make_model(**WIDE)
+    straight = twin(model)
+    optimizer = _dct(model, moment_bits=8, moment_block_size=2048)
+    train(model, optimizer, 2)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    resumed = _dct(model, moment_bits=8)
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert {group["moment_block_size"] for group in resumed.param_groups} == {2048}
+    train(model, resumed, 2, start=2)
+    train(straight, _dct(straight, moment_bits=8, moment_block_size=2048), 4)
+    for p, q in zip(model.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bad", [100, 0, 4, 8192, True, "256"])
+def test_moment_block_size_is_validated(bad):
+    for build in (_dct, _galore):
+        with pytest.raises(ValueError, match=rf"Invalid moment_block_size: {bad!r} \(expected None or a power"):
+            build(make_model(), moment_bits=8, moment_block_size=bad)
+
+
 @pytest.mark.parametrize("bad", [16, 0, True, "8"])
 def test_moment_bits_is_validated(bad):
     with pytest.raises(ValueError, match=rf"Invalid moment_bits: {bad!r} \(expected None, 8 or 4\)"):

@@ -36,7 +36,8 @@ bits   ``m`` (signed)                                   ``v`` (unsigned, **no ze
 A zero level in ``v`` would blow up ``N = m̂/(√v̂ + ε)`` for values rounded to it (maps doc).
 
 **Block sizes** (:mod:`.policy`): ``B = 256`` at 8 bits, ``128`` at 4 bits: the sizes torchao uses
-and bitsandbytes settled on (2048 → 256: one outlier spoils a large block's resolution); the fp32
+and bitsandbytes settled on (2048 → 256: one outlier spoils a large block's resolution; a group's
+``moment_block_size`` trades that back for scale bytes, as torchao's ``block_size``); the fp32
 scale adds ``32/B`` bits per value (0.125 at 8 bits, 0.25 at 4); these sizes divide the LLaMA
 widths 512…4096 and 11008 (not 1376, 2736, 5461: there the last block of a slot is shorter).
 Per value: ``1 + 4/256 = 1.016`` bytes at 8 bits, ``0.5 + 4/128 = 0.531`` bytes at 4 bits,
@@ -85,16 +86,18 @@ from .policy import (
     MIN_QUANTIZED_NUMEL,
     MOMENT_BITS,
     check_moment_bits,
+    check_moment_block_size,
     default_block_size,
     moment_bits_for,
     moment_state_bytes,
+    resolve_block_size,
 )
 from .stochastic_rounding import add_stochastic_round_, stochastic_round_bf16
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES", "MIN_QUANTIZED_NUMEL", "MOMENT_BITS", "QUANTIZED_BACKENDS",
-    "add_stochastic_round_", "check_moment_bits", "codebook", "default_block_size", "dequantize", "dynamic_map",
-    "layout_for", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes", "quantization_map", "quantize",
-    "quantized_adam_moment_update_", "quantized_zeros", "remap_quantized_slots", "requantize_transformed",
-    "stochastic_round_bf16",
+    "add_stochastic_round_", "check_moment_bits", "check_moment_block_size", "codebook", "default_block_size",
+    "dequantize", "dynamic_map", "layout_for", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
+    "quantization_map", "quantize", "quantized_adam_moment_update_", "quantized_zeros", "remap_quantized_slots",
+    "requantize_transformed", "resolve_block_size", "stochastic_round_bf16",
 ]

@@ -7,7 +7,8 @@
   shard, so the precision of a parameter's state does not depend on the mesh (the bug of
   torchao #4912): pass ``param.shape`` of a DTensor (its global shape) for a plain parameter, the
   projected shape of it (``m×r`` / ``r×n``) for a projected one.
-* Block sizes: 256 values at 8 bits, 128 at 4 bits (the package doc says why).
+* Block sizes: 256 values at 8 bits, 128 at 4 bits (the package doc says why), unless a group's
+  ``moment_block_size`` says otherwise.
 """
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def check_moment_bits(moment_bits) -> None:
     """ValueError naming the value unless it is None, 8 or 4."""
     if moment_bits not in MOMENT_BITS or isinstance(moment_bits, bool):
         raise ValueError(f"Invalid moment_bits: {moment_bits!r} (expected None, 8 or 4)")
+
+
+def check_moment_block_size(block_size) -> None:
+    """ValueError naming the value unless it is None (the default of the bits) or a power of two
+    from 8 to 4096 (what the kernels take)."""
+    if block_size is None:
+        return
+    try:
+        check_block_size(block_size)
+    except ValueError:
+        raise ValueError(f"Invalid moment_block_size: {block_size!r} (expected None or a power of two from 8 "
+                         "to 4096)") from None
 
 
 def default_block_size(bits: int) -> int:
