@@ -129,22 +129,56 @@ def foreach_adamw_(
     weight_decay: float,
     form: AdamForm,
     correct_bias: bool = True,
+    batch_values: int | None = None,
 ) -> None:
     """One AdamW step on every tensor of the lists; ``steps`` are the already-incremented counts.
-    ``correct_bias=False`` drops the bias corrections (``galore_torch``'s ``correct_bias``)."""
+    ``correct_bias=False`` drops the bias corrections (``galore_torch``'s ``correct_bias``).
+
+    The update is element-wise, so the tensors are stepped in batches of at most ``batch_values``
+    (default :data:`FOREACH_BATCH_VALUES`) values, a contiguous tensor larger than that in
+    consecutive flat chunks: the temporaries (denominators, updates, gradients cast to the moments'
+    dtype) take a batch's size instead of every plain parameter's, and each value goes through the
+    same operations as in one call over all of them (tested bit for bit at one thread; bf16 CPU
+    kernels round the tail of a vectorised loop differently, so chunks are a multiple of every
+    vector width)."""
+    batch = FOREACH_BATCH_VALUES if batch_values is None else batch_values
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         buckets[(p.device, p.dtype, m.dtype)].append(i)
     for indices in buckets.values():
-        _foreach_bucket(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices],
-            [exp_avg_sqs[i] for i in indices],
-            [steps[i] for i in indices],
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, form=form,
-            correct_bias=correct_bias,
-        )
+        pieces = [(piece, steps[i]) for i in indices
+                  for piece in _flat_pieces((params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]), batch)]
+        for part in _batches(pieces, batch):
+            _foreach_bucket(*(list(tensors) for tensors in zip(*(piece for piece, _ in part))),
+                            [step for _, step in part], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, form=form, correct_bias=correct_bias)
+
+
+# 2**22 values per multi-tensor batch: its temporaries stay in the tens of MiB.
+FOREACH_BATCH_VALUES = 1 << 22
+
+
+def _flat_pieces(tensors: tuple[torch.Tensor, ...], size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Same-shape ``tensors`` as consecutive flat chunks of ``size`` values (whole when smaller or
+    not all contiguous)."""
+    numel = tensors[0].numel()
+    if numel <= size or not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    flat = [t.view(-1) for t in tensors]
+    return [tuple(t[start:start + size] for t in flat) for start in range(0, numel, size)]
+
+
+def _batches(pieces: list, size: int) -> list[list]:
+    """Consecutive runs of ``(tensors, step)`` pieces of at most ``size`` values each (a larger piece alone)."""
+    batches, current, values = [], [], 0
+    for piece in pieces:
+        numel = piece[0][0].numel()
+        if current and values + numel > size:
+            batches.append(current)
+            current, values = [], 0
+        current.append(piece)
+        values += numel
+    return batches + [current] if current else batches
 
 
 def _foreach_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
