@@ -21,12 +21,7 @@ def plot_run(records: Sequence[dict], path: str | Path, title: str) -> Path:
     if validation:
         axes.plot(*zip(*validation, strict=True), "o-", label="validation loss")
     axes.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, axes, path)
 
 
 def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str) -> Path:
@@ -36,8 +31,13 @@ def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], pa
         if points:
             axes.plot(*zip(*points, strict=True), "o-", markersize=3, label=label)
     axes.set(xlabel="step", ylabel="validation loss (nats/token)", title=title)
+    return save_figure(figure, axes, path, legend_fontsize=8)
+
+
+def save_figure(figure, axes, path: str | Path, legend_fontsize: float | None = None) -> Path:
+    """The plots' common finish: a light grid, the legend, a tight layout, a 120-dpi file; the figure is closed."""
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=legend_fontsize)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

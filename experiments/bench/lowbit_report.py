@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.plotting import plot_validation_curves  # noqa: E402
+from experiments.plotting import plot_validation_curves, save_figure  # noqa: E402
 from experiments.results import compare  # noqa: E402
 
 REFERENCE = {
@@ -79,11 +79,7 @@ def zoom_plot(rows: dict[str, dict], path: Path, title: str) -> None:
             axes.plot(*zip(*points, strict=True), style, marker="o", markersize=3, label=row["label"],
                       color=colors[index % len(colors)])
     axes.set(xlabel="step", ylabel="validation loss (nats/token)", title=title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, axes, path, legend_fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> None:
