@@ -464,8 +464,7 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         """The projected moments of ``item`` (of the global projected shape), stored as its state holds them."""
         shape = projected_shape(item.param.shape, item.plan.side, item.plan.rank)
         return Moments.of(state, shape, item.plan.side, item.group["moment_bits"], item.group["moment_block_size"],
-                          unwrap=local,
-                          wrap=lambda tensor: self._moment(item, tensor))
+                          unwrap=local, wrap=lambda tensor: self._moment(item, tensor))
 
     def _rounding(self, group: dict, param: torch.Tensor) -> torch.Generator | None:
         """The generator of this step's stochastic rounding of a bf16 ``param`` (None for other dtypes)."""
