@@ -41,13 +41,15 @@ the hooks run in the same order on every rank.
 step's full ``G``, which the hooks free: ``residual="scaled"`` is an error (pass ``"none"``).
 FSDP2-sharded parameters are refused too (their gradients are reduce-scattered by FSDP itself).
 
-**Clipping.** :func:`lowrank_optim.clip_grad_norm_` clips by the global norm of what the
-optimizer uses: the accumulators of projected weights (``‖R‖ ≤ ‖G‖``, so it clips less than the
-full-gradient norm would), full gradients of refreshing weights and the plain gradients, with no
-second backward. ``torch.nn.utils.clip_grad_norm_`` would see no projected gradient and clip
-silently too little: once the mode is on it raises an error for parameters under the mode, and
-warns when it is only asked for a norm (``max_norm=inf``, as Hugging Face Trainer does to log
-``grad_norm``) (:func:`guard_torch_clipping`).
+**Clipping.** Every clipping route (``torch.nn.utils.clip_grad_norm_`` by any reference,
+``get_total_norm`` + ``clip_grads_with_norm_``, accelerate, Hugging Face Trainer's
+``max_grad_norm``) reads ``param.grad``, so a projected weight's ``.grad`` is not freed but
+replaced by a :class:`~lowrank_optim.gradient_stand_ins.ProjectedGradient`, which owns the
+accumulator ``R``: the norm is ``‖R‖`` (``= ‖G·P‖ ≤ ‖G‖``, the norm of what the update reads) and
+clipping scales ``R``. Each route therefore clips exactly as :func:`lowrank_optim.clip_grad_norm_`
+does, with no second backward. Under ``step_in_backward`` a stepped parameter's ``.grad`` is a
+:class:`~lowrank_optim.gradient_stand_ins.SteppedGradient`: its norm is the one the step used
+(so logging it works) and clipping raises. Both leave ``.grad`` at :meth:`step`.
 
 **Data parallel.** With ``process_group=...`` the optimizer all-reduces (averages) the
 accumulators, the refreshing full gradients and the plain gradients itself, once per step
@@ -59,30 +61,25 @@ do not wrap the model in ``DistributedDataParallel`` (its buckets would keep ful
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .gradient_stand_ins import ProjectedGradient, SteppedGradient
 from .projectors import stored_subspace
 from .sharding import local
 from .validation import param_label
 
-# Parameters whose gradients are projected (or stepped) in the backward pass, for the guard on
-# torch's clipping: id -> (weak reference, stepped in the hook) (a WeakSet would compare tensors with ==).
-_PROJECTED_IN_BACKWARD: dict[int, tuple[weakref.ref, bool]] = {}
+# Parameters whose gradients are projected (or stepped) in the backward pass, so that a second
+# optimizer cannot hook them too: id -> weak reference (a WeakSet would compare tensors with ==).
+_PROJECTED_IN_BACKWARD: dict[int, weakref.ref] = {}
 
 
 def _is_projected_in_backward(param: torch.Tensor) -> bool:
     entry = _PROJECTED_IN_BACKWARD.get(id(param))
-    return entry is not None and entry[0]() is param
-
-
-def _is_stepped_in_backward(param: torch.Tensor) -> bool:
-    return _is_projected_in_backward(param) and _PROJECTED_IN_BACKWARD[id(param)][1]
+    return entry is not None and entry() is param
 
 
 def stagger_offset(position: int, count: int, gap: int) -> int:
@@ -90,18 +87,16 @@ def stagger_offset(position: int, count: int, gap: int) -> int:
     return position * gap // max(count, 1)
 
 
-def register(params: list[torch.Tensor], hook, labels: list[str], steps: bool = False) -> list:
+def register(params: list[torch.Tensor], hook, labels: list[str]) -> list:
     """Register ``hook(param)`` after each parameter's gradient accumulation; the handles. A
-    parameter already projected by another optimizer is refused (both would free its gradient).
-    ``steps``: the hook takes the parameter's optimizer step (``step_in_backward``)."""
+    parameter already projected by another optimizer is refused (both would replace its gradient)."""
     for param, label in zip(params, labels):
         if _is_projected_in_backward(param):
             raise ValueError(f"{label}: its gradient is already projected in the backward pass by another optimizer; "
                              "call that optimizer's stop_backward_projection() first")
-    guard_torch_clipping()
     handles = []
     for param in params:
-        _PROJECTED_IN_BACKWARD[id(param)] = (weakref.ref(param), steps)
+        _PROJECTED_IN_BACKWARD[id(param)] = weakref.ref(param)
         handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
 
@@ -130,49 +125,6 @@ def broadcast_parameters(params: list[torch.Tensor], group) -> None:
     with torch.no_grad():
         for param in params:
             dist.broadcast(param.data, src=source, group=group)
-
-
-def guard_torch_clipping() -> None:
-    """Make ``torch.nn.utils.clip_grad_norm_`` refuse parameters whose gradients are projected in
-    the backward pass (it would see none of them and return a norm that leaves them out).
-    Installed once, the first time the mode is switched on."""
-    clip_module = torch.nn.utils.clip_grad
-    if getattr(clip_module.clip_grad_norm_, "_lowrank_optim_guard", False):
-        return
-    original = clip_module.clip_grad_norm_
-
-    @functools.wraps(original)
-    def guarded(parameters, max_norm, *args, **kwargs):
-        parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        if not any(_is_projected_in_backward(p) and p.grad is None for p in parameters):
-            return original(parameters, max_norm, *args, **kwargs)
-        stepped = any(_is_stepped_in_backward(p) and p.grad is None for p in parameters)
-        if stepped and not math.isinf(max_norm):
-            raise RuntimeError(
-                "torch.nn.utils.clip_grad_norm_ after a backward pass that already stepped the parameters "
-                "(step_in_backward=True): every update was taken before a global norm existed, so nothing "
-                "can be clipped. Use backward_projection=True without step_in_backward to clip "
-                "(lowrank_optim.clip_grad_norm_), or train without clipping")
-        if math.isinf(max_norm) and stepped:
-            warnings.warn("torch.nn.utils.clip_grad_norm_ measures a norm without the parameters stepped in the "
-                          "backward pass (step_in_backward=True), whose gradients are gone: the logged gradient "
-                          "norm leaves them out", RuntimeWarning, stacklevel=2)
-        elif math.isinf(max_norm):        # a norm for the logs only (Hugging Face Trainer's grad_norm)
-            warnings.warn("torch.nn.utils.clip_grad_norm_ measures a norm without the gradients projected in the "
-                          "backward pass (backward_projection=True): the logged gradient norm leaves them out; "
-                          "lowrank_optim.clip_grad_norm_(optimizer, max_norm) returns the norm the step uses",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            raise RuntimeError(
-                "torch.nn.utils.clip_grad_norm_ sees no gradient for parameters whose gradients are projected "
-                "in the backward pass (backward_projection=True): it would clip by a norm that leaves them out. "
-                "Call lowrank_optim.clip_grad_norm_(optimizer, max_norm) instead (with Hugging Face Trainer: "
-                "max_grad_norm=0 and lowrank_optim.integrations.transformers.ClipInOptimizerCallback)")
-        return original(parameters, max_norm, *args, **kwargs)
-
-    guarded._lowrank_optim_guard = True
-    clip_module.clip_grad_norm_ = guarded
-    torch.nn.utils.clip_grad_norm_ = guarded
 
 
 @dataclass
@@ -213,8 +165,7 @@ class BackwardProjection:
                                  "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
                                  "process_group=...")
         hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
-        self._hooks = register(hooked, hook, [param_label(self._plans[param].key, param) for param in hooked],
-                               steps=self.step_in_backward)
+        self._hooks = register(hooked, hook, [param_label(self._plans[param].key, param) for param in hooked])
         if self._process_group is not None:
             broadcast_parameters(list(self._groups), self._process_group)
 
@@ -234,17 +185,18 @@ class BackwardProjection:
 
     @torch.no_grad()
     def _project_in_backward(self, param: torch.Tensor) -> None:
-        """The post-accumulate-grad hook: ``A ← A + proj(G)`` and free ``G``, unless the parameter
-        refreshes at the coming step (then its full gradient accumulates as usual)."""
+        """The post-accumulate-grad hook: replace ``G`` by a :class:`ProjectedGradient` holding
+        ``A = proj(G)``, unless the parameter refreshes at the coming step (then its full gradient
+        accumulates as usual). Later micro-batches accumulate into it (``A ← A + proj(G)``) in
+        the autograd engine's ``grad += G``, before this hook runs again."""
         group = self._groups[param]
-        if self._needs_refresh(param, group):
+        if isinstance(param.grad, ProjectedGradient) or self._needs_refresh(param, group):
             return
         plan = self._plan(param)
-        low_rank = self._projector(group).project(param.grad, stored_subspace(self.state[param]), plan.side,
-                                                  plan.backend)
-        accumulated = self._low_rank_grads.get(param)
-        self._low_rank_grads[param] = low_rank if accumulated is None else accumulated.add_(low_rank)
-        param.grad = None
+        project = functools.partial(self._projector(group).project, subspace=stored_subspace(self.state[param]),
+                                    side=plan.side, backend=plan.backend)
+        param.grad = ProjectedGradient(param, param_label(plan.key, param), project(param.grad), project,
+                                       averaged_in_step=self._process_group is not None)
 
     @torch.no_grad()
     def _step_in_backward(self, param: torch.Tensor) -> None:
@@ -260,7 +212,7 @@ class BackwardProjection:
         if not window.started:
             self.refresh_stats = {}
         last = count == self.accumulation_steps
-        if plan.rank is not None and (not last or param in self._low_rank_grads):
+        if plan.rank is not None and (not last or isinstance(param.grad, ProjectedGradient)):
             self._project_in_backward(param)     # at a window's only backward pass the step projects G itself
         window.backward_passes[param] = count
         if last:
@@ -268,18 +220,21 @@ class BackwardProjection:
 
     def _step_one(self, group: dict, param: torch.Tensor) -> None:
         """One parameter's whole step from what its window accumulated (averaged over the process
-        group first), then its gradient and accumulator are freed."""
+        group first); its gradient and accumulator are then freed, and ``.grad`` holds a
+        :class:`SteppedGradient` with their norm until :meth:`step`."""
         window = self._window
+        if param.grad is None:              # zeroed outside the optimizer since its last backward pass
+            window.backward_passes.pop(param, None)
+            return
+        used = _gradient_in_use(param)
         if self._process_group is not None:
-            tensor = self._low_rank_grads.get(param, param.grad)
-            window.communicated_bytes += synchronize([tensor], self._process_group)
+            window.communicated_bytes += synchronize([used], self._process_group)
+        norm = torch.linalg.vector_norm(used)
         item = self._work_item(group, param)
         window.backward_passes.pop(param, None)
         window.stepped.add(param)
-        if item is not None:
-            self._step_parameter(group, param, item)
-        param.grad = None
-        self._low_rank_grads.pop(param, None)
+        self._step_parameter(group, param, item)
+        param.grad = SteppedGradient(param, param_label(self._plan(param).key, param), norm, self.accumulation_steps)
 
     def _finish_window(self) -> None:
         """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
@@ -295,21 +250,16 @@ class BackwardProjection:
                                "Call backward() accumulation_steps times per step")
         for param in pending:
             self._step_one(self._groups[param], param)
+        for param in window.stepped:
+            param.grad = None
         self.communicated_bytes = window.communicated_bytes
         self._window = Window()
 
     def _gradient_tensors(self) -> list[torch.Tensor]:
         """What the next step uses, in parameter order: each projected weight's accumulator, or
         the gradient of every other parameter that has one."""
-        tensors = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                accumulated = self._low_rank_grads.get(param)
-                if accumulated is not None:
-                    tensors.append(accumulated)
-                elif param.grad is not None:
-                    tensors.append(local(param.grad))
-        return tensors
+        return [_gradient_in_use(param) for group in self.param_groups for param in group["params"]
+                if param.grad is not None]
 
     def _synchronize(self) -> None:
         """Average the step's gradients over the process group, once per step."""
@@ -326,7 +276,15 @@ class BackwardProjection:
         return self._gradient_tensors()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``, and the projected accumulators are dropped too."""
+        """``torch.optim.Optimizer.zero_grad`` (a projected accumulator goes with its
+        :class:`ProjectedGradient`, or is zeroed in it)."""
         super().zero_grad(set_to_none)
-        self._low_rank_grads, self._synchronized = {}, False
+        self._synchronized = False
         self._window.backward_passes.clear()        # a partial window is dropped with its gradients
+
+
+def _gradient_in_use(param: torch.Tensor) -> torch.Tensor:
+    """The tensor a step reads for ``param``: the accumulator of its :class:`ProjectedGradient`,
+    or its gradient (this rank's shard under FSDP2)."""
+    grad = param.grad
+    return grad.low_rank if isinstance(grad, ProjectedGradient) else local(grad)

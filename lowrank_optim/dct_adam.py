@@ -100,8 +100,9 @@ class DCTProjAdam(ProjectedAdamW):
         capturable, differentiable (False only), fused (None or False only): torch's keywords;
             a ``True`` the optimizer cannot honour raises ``ValueError``.
         backward_projection (bool, default False): project each projected weight's gradient inside
-            the backward pass into an ``m×r``/``r×n`` accumulator and free it (exact accumulation;
-            clip with :func:`lowrank_optim.clip_grad_norm_`; :mod:`lowrank_optim.backward_projection`).
+            the backward pass into an ``m×r``/``r×n`` accumulator, held in ``.grad`` by a
+            :class:`~lowrank_optim.gradient_stand_ins.ProjectedGradient` (exact accumulation; every
+            clipping route clips by its norm; :mod:`lowrank_optim.backward_projection`).
         step_in_backward (bool, default False): backward projection, and every parameter's whole
             step taken in its hook at the window's last backward pass: no gradient outlives the
             backward pass; no global-norm clipping (:mod:`lowrank_optim.backward_projection`).

@@ -51,6 +51,7 @@ from .adam_form import AdamForm
 from .backward_projection import BackwardProjection, Window, stagger_offset
 from .finite import all_finite, finite_flags
 from .geometry import compressed_size, projected_shape, resolve_side
+from .gradient_stand_ins import ProjectedGradient
 from .kernels.backend import check_backend, resolve_backend
 from .moments import Moments
 from .plain_adamw import as_float, plain_adamw_step_
@@ -160,7 +161,6 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         self._rank_given: list[bool] = []
         self._plans: dict[torch.Tensor, _Plan] = {}
         self._refresh_offsets: dict[torch.Tensor, int] = {}
-        self._low_rank_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._groups: dict[torch.Tensor, dict] = {}
         self._window = Window()
         self._synchronized = False
@@ -317,7 +317,10 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         try:
             self._step_groups()
         finally:
-            self._low_rank_grads, self._synchronized = {}, False
+            self._synchronized = False
+            for param in self._groups:          # the step consumed the accumulators projected in the backward pass
+                if isinstance(param.grad, ProjectedGradient):
+                    param.grad = None
 
     def _step_groups(self) -> None:
         self._synchronize()
@@ -326,7 +329,7 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         if self.skip_nonfinite:
             # the gradients as autograd left them (DTensors under FSDP2: their check spans the shards)
             grads = [p.grad for (params, _), _ in work for p in params] + [
-                i.param.grad if i.param.grad is not None else i.low_rank_grad for _, p in work for i in p]
+                i.param.grad if i.low_rank_grad is None else i.low_rank_grad for _, p in work for i in p]
             if not all_finite(grads):
                 self.skipped_steps += 1
                 warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
@@ -355,12 +358,12 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
     def _work_item(self, group: dict, param: torch.Tensor) -> _Projected | torch.Tensor | None:
         """What stepping ``param`` takes: a :class:`_Projected` item, the gradient of a plain
         parameter (validated, negated under ``maximize``), or None without a gradient."""
-        accumulated = self._low_rank_grads.get(param)
-        if param.grad is None and accumulated is None:
+        if param.grad is None:
             return None
         plan = self._plan(param)
         sign = -1.0 if group["maximize"] else 1.0
-        if param.grad is None:            # projected in the backward pass (lowrank_optim.backward_projection)
+        if isinstance(param.grad, ProjectedGradient):     # projected in the backward pass
+            accumulated = param.grad.low_rank
             return _Projected(group, param, plan, param, None, self._projector(group), refresh=False,
                               low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated)
         check_dense_real_grad(param.grad, param_label(plan.key, param))
@@ -580,7 +583,6 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         self._window = Window()
         self.__dict__.setdefault("communicated_bytes", 0)
         self.__dict__.setdefault("_process_group", None)    # a copy does not share the original's group
-        self.__dict__.setdefault("_low_rank_grads", {})
         self.__dict__.setdefault("_synchronized", False)
         self.refresh_stats = {}
         self._plans = {}             # resolved again (load_state_dict calls this with the new groups)

@@ -216,32 +216,38 @@ def test_callback_logs_every_group_lr_and_the_refresh_statistics(tmp_path):
     assert "learning_rate/group_0" not in trainer.state.log_history[-1]    # the final summary log is left alone
 
 
-def test_backward_projection_clips_through_the_callback(tmp_path):
-    """Trainer's own clipping would see no projected gradient: refused; the callback clips by the
-    norm of what the optimizer uses and logs it."""
+def test_backward_projection_clips_with_max_grad_norm_as_with_the_callback(tmp_path):
+    """Trainer's own clipping (``max_grad_norm``, through accelerate) reads the projected
+    gradients' stand-ins: it clips by the norm of what the optimizer uses, exactly as the callback
+    does, and never logs a norm that leaves the projected weights out."""
     kwargs = {"lr": 1e-2, "rank": RANK, "update_proj_gap": 3, "residual": "none", "backward_projection": True}
 
     def trainer(max_grad_norm, callbacks):
-        return transformers.Trainer(model=tiny_llama(), train_dataset=TokenSequences(), callbacks=callbacks,
-                                    args=training_args(tmp_path, max_grad_norm=max_grad_norm,
-                                                       gradient_accumulation_steps=2),
-                                    optimizer_cls_and_kwargs=trainer_optimizer("dct_adamw", **kwargs))
+        model = tiny_llama()
+        return model, transformers.Trainer(
+            model=model, train_dataset=TokenSequences(), callbacks=callbacks,
+            args=training_args(tmp_path, max_grad_norm=max_grad_norm, gradient_accumulation_steps=2),
+            optimizer_cls_and_kwargs=trainer_optimizer("dct_adamw", **kwargs))
 
-    with pytest.raises(RuntimeError, match=r"lowrank_optim\.clip_grad_norm_"):
-        trainer(1.0, None).train()
-    clipped = trainer(0.0, [ClipInOptimizerCallback(0.5)])
-    with pytest.warns(RuntimeWarning, match=r"logged gradient norm leaves them out"):   # Trainer's grad_norm
-        clipped.train()
-    norms = [entry["grad_norm/optimizer"] for entry in clipped.state.log_history if "grad_norm/optimizer" in entry]
-    assert len(norms) == 6 and all(math.isfinite(norm) and norm > 0 for norm in norms)
+    own_model, own = trainer(0.05, None)
+    own.train()
+    callback_model, by_callback = trainer(0.0, [ClipInOptimizerCallback(0.05)])
+    by_callback.train()
+    own_norms = [entry["grad_norm"] for entry in own.state.log_history if "loss" in entry]
+    callback_norms = [entry["grad_norm/optimizer"] for entry in by_callback.state.log_history if "loss" in entry]
+    assert len(own_norms) == 6 and all(norm > 0.05 for norm in own_norms)        # pre-clip: clipping was active
+    assert own_norms == pytest.approx(callback_norms, rel=1e-5)
+    for a, b in zip(own_model.parameters(), callback_model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"Invalid max_grad_norm: 1.0"):
-        trainer(1.0, [ClipInOptimizerCallback(0.5)]).train()
+        trainer(1.0, [ClipInOptimizerCallback(0.5)])[1].train()
 
 
 def test_step_in_backward_runs_inside_the_trainer(tmp_path):
     """``step_in_backward`` with the Trainer's accumulation passed as ``accumulation_steps``: the
     Trainer's clipping is refused (nothing is left to clip); without it the run equals backward
-    projection stepped in ``optimizer.step()`` (same staggered schedule, exact accumulation)."""
+    projection stepped in ``optimizer.step()`` (same staggered schedule, exact accumulation) and
+    the logged gradient norm is the one the hooks stepped with."""
     base = {"lr": 1e-2, "rank": RANK, "update_proj_gap": 3, "residual": "none"}
 
     def trainer(max_grad_norm, **mode):
@@ -252,14 +258,15 @@ def test_step_in_backward_runs_inside_the_trainer(tmp_path):
             optimizer_cls_and_kwargs=trainer_optimizer("dct_adamw", **base, **mode))
 
     in_backward = {"step_in_backward": True, "accumulation_steps": 2}
-    with pytest.raises(RuntimeError, match=r"already stepped the parameters"):
+    with pytest.raises(RuntimeError, match=r"already took its step inside the backward pass"):
         trainer(1.0, **in_backward)[1].train()
     hooks_model, hooks = trainer(0.0, **in_backward)
-    with pytest.warns(RuntimeWarning, match=r"stepped in the backward pass"):     # Trainer's grad_norm log
-        hooks.train()
+    hooks.train()
     deferred_model, deferred = trainer(0.0, backward_projection=True)
     deferred.train()
     assert hooks.state.global_step == deferred.state.global_step == 6
+    logged = [[entry["grad_norm"] for entry in run.state.log_history if "loss" in entry] for run in (hooks, deferred)]
+    assert all(norm > 0 for norm in logged[0]) and logged[0] == pytest.approx(logged[1], rel=1e-5)
     for a, b in zip(hooks_model.parameters(), deferred_model.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(next(hooks_model.parameters()), next(tiny_llama().parameters()))

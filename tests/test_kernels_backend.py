@@ -1,11 +1,11 @@
 """The ``backend`` option: validation, resolution per device, old checkpoints."""
 import pytest
 import torch
-from lowrank_optim.kernels import backend as backend_module
 from lowrank_optim.kernels.backend import resolve_backend
 from toy import make_model, train
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.kernels import backend as backend_module
 
 
 @pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])

@@ -7,9 +7,18 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from toy import batch, make_model, max_rel_diff, next_token_loss, projected_groups, train_in_micro_batches
+from toy import (
+    batch,
+    holds_full_gradient,
+    make_model,
+    max_rel_diff,
+    next_token_loss,
+    projected_groups,
+    train_in_micro_batches,
+)
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, clip_grad_norm_
+from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.gradient_stand_ins import ProjectedGradient, SteppedGradient
 
 GAP = 3
 
@@ -64,18 +73,20 @@ def test_accumulation_equals_the_backward_projection_mode(build, dtype, toleranc
 
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_nothing_is_left_after_backward(name):
-    """After each backward pass that ends a window: no gradient, no accumulator; the parameters
-    already hold the step's values (step() only closes the window)."""
+    """After each backward pass that ends a window: no gradient, no accumulator, only the stepped
+    stand-ins; the parameters already hold the step's values (step() only closes the window and
+    clears the stand-ins)."""
     model = make_model()
     optimizer = BUILDS[name](model, step_in_backward=True)
     seen = []
 
     def check(model, optimizer):
-        seen.append((sum(p.grad is not None for p in model.parameters()), len(optimizer._low_rank_grads)))
+        seen.append(all(isinstance(p.grad, SteppedGradient) for p in model.parameters()))
 
     before = [p.detach().clone() for p in model.parameters()]
     train_in_micro_batches(model, optimizer, 4, 1, after_backward=check)
-    assert seen == [(0, 0)] * 4
+    assert seen == [True] * 4
+    assert all(p.grad is None for p in model.parameters())
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
@@ -86,9 +97,8 @@ def test_inside_a_window_projected_weights_keep_only_accumulators():
     tokens = batch(1, size=(12, 10))
     next_token_loss(model, tokens[:6]).backward()
     projected = [p for p in model.parameters() if optimizer._plan(p).rank is not None]
-    assert projected and all(p.grad is None for p in projected)
-    assert all(p.grad is not None for p in model.parameters() if optimizer._plan(p).rank is None)
-    assert len(optimizer._low_rank_grads) == len(projected)
+    assert projected and all(isinstance(p.grad, ProjectedGradient) for p in projected)
+    assert all(holds_full_gradient(p) for p in model.parameters() if optimizer._plan(p).rank is None)
 
 
 def test_8bit_moments_follow_the_standard_loop():
@@ -143,16 +153,6 @@ def test_a_parameter_unused_in_a_micro_batch_steps_on_what_it_accumulated():
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_clipping_is_refused_by_both_calls():
-    model = make_model()
-    optimizer = _dct(model, step_in_backward=True)
-    next_token_loss(model, batch(0)).backward()
-    with pytest.raises(RuntimeError, match=r"step_in_backward=True"):
-        clip_grad_norm_(optimizer, 1.0)
-    with pytest.raises(RuntimeError, match=r"already stepped the parameters"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(accumulation_steps=2), r"Invalid accumulation_steps: 2 \(only with step_in_backward=True"),
     (dict(step_in_backward=True, accumulation_steps=0), r"Invalid accumulation_steps: 0"),
@@ -191,7 +191,7 @@ def test_copies_resume_and_stop(tmp_path):
     optimizer.stop_backward_projection()
     assert not optimizer.step_in_backward
     next_token_loss(model, batch(0)).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(holds_full_gradient(p) for p in model.parameters())
     optimizer.step()
 
 

@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from lowrank_optim.gradient_stand_ins import GradientStandIn
+
 
 class ToyLM(nn.Module):
     """Embedding → tall linear (right projection) → GELU → wide linear (left) → head.
@@ -25,6 +27,12 @@ class ToyLM(nn.Module):
         x = self.embed(tokens)
         x = x + self.down(torch.nn.functional.gelu(self.up(x)))
         return self.head(self.norm(x))
+
+
+def holds_full_gradient(param: torch.Tensor) -> bool:
+    """Whether ``param.grad`` is an ordinary gradient (not None, not the stand-in the in-backward
+    modes leave for a projected or stepped one)."""
+    return param.grad is not None and not isinstance(param.grad, GradientStandIn)
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> ToyLM:

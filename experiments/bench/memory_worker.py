@@ -21,7 +21,8 @@ Accounting (same on both devices), per step:
 
 * ``weights``: bytes of the parameters;
 * ``gradients``: right after backward, the bytes of the ``.grad`` tensors alive plus the
-  optimizer's projected accumulators (``optimizer._low_rank_grads``, backward projection);
+  projected accumulators of backward projection (held by the ``ProjectedGradient`` stand-ins
+  in ``.grad``);
 * ``state``: :func:`lowrank_optim.optimizer_state_bytes` after the step;
 * ``baseline``: memory of the process before the model is built (interpreter, torch, libraries,
   after a warm-up of the same optimizer on a one-layer model that loads the lazily loaded code;
@@ -50,6 +51,7 @@ import torch
 from experiments.model_factory import build_model, read_model_config
 from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups, optimizer_state_bytes
 from lowrank_optim.backward_projection import stagger_offset
+from lowrank_optim.gradient_stand_ins import GradientStandIn, ProjectedGradient
 from lowrank_optim.state_bytes import tensor_bytes
 
 TARGET_MODULES = ("attn", "mlp")
@@ -293,11 +295,12 @@ def run(args) -> dict:
         record["peak_forward_backward"] = meter.peak()
         t1 = time.perf_counter()
 
-        full_grads = [p.grad for p in params if p.grad is not None]
-        accumulators = list(getattr(optimizer, "_low_rank_grads", {}).values())
+        holds_full = [p.grad is not None and not isinstance(p.grad, GradientStandIn) for p in params]
+        full_grads = [p.grad for p, full in zip(params, holds_full) if full]
+        accumulators = [p.grad.low_rank for p in params if isinstance(p.grad, ProjectedGradient)]
         record["grad_bytes"] = tensor_bytes(full_grads)
         record["accumulator_bytes"] = tensor_bytes(accumulators)
-        record["full_projected_grads"] = sum(p.grad is not None and id(p) in projected_ids for p in params)
+        record["full_projected_grads"] = sum(full and id(p) in projected_ids for p, full in zip(params, holds_full))
         record["expected_refreshing"] = (expected_refreshing(step, len(projected), args.gap, spec.deferred)
                                          if projected else 0)
         del full_grads, accumulators

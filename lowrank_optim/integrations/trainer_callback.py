@@ -87,10 +87,11 @@ class LowRankOptimCallback(TrainerCallback):
 
 class ClipInOptimizerCallback(TrainerCallback):
     """Gradient clipping by :func:`lowrank_optim.clip_grad_norm_` (the norm of what the optimizer
-    uses) right before each optimizer step: the way to clip under ``backward_projection=True``,
-    where Trainer's own clipping (``torch.nn.utils.clip_grad_norm_``) sees no projected gradient
-    and is refused. Use it with ``TrainingArguments(max_grad_norm=0)``; the norm before clipping
-    is logged as ``grad_norm/optimizer`` at the next log."""
+    uses) right before each optimizer step. Under ``backward_projection=True`` Trainer's own
+    ``max_grad_norm`` clips the same way (the projected gradients' stand-ins answer its norm);
+    this callback is the way to clip with ``process_group``, where the optimizer averages the
+    gradients across ranks first. Use it with ``TrainingArguments(max_grad_norm=0)``; the norm
+    before clipping is logged as ``grad_norm/optimizer`` at the next log."""
 
     def __init__(self, max_norm: float) -> None:
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
