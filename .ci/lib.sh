@@ -1,0 +1,46 @@
+# Sourced by .ci/run, .ci/latest and .ci/lock: one fresh virtual environment per script, torch pinned
+# to the local CPU build first (an unpinned resolver would pull GBs of CUDA wheels), then the rest.
+TORCH_PIN="torch==2.13.0"
+EXTRAS="test,triton,experiments,hf"
+ORACLE="ista-daslab-optimizers==1.1.15"   # DCT oracle: its pure-torch part only, so without its dependencies
+LOCK=".ci/requirements.lock"
+
+pip_quiet() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+# new_venv DIR: a fresh venv at DIR, activated, with torch installed from the pin.
+new_venv() {
+  rm -rf "$1"
+  python3 -m venv "$1"
+  # shellcheck disable=SC1091
+  source "$1/bin/activate"
+  pip_quiet "$TORCH_PIN"
+  python -W ignore -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+}
+
+# install_newest: the newest releases the package's ranges allow (torch held at the pin).
+install_newest() {
+  echo "$TORCH_PIN" > "$VIRTUAL_ENV/constraints.txt"
+  pip_quiet --upgrade -c "$VIRTUAL_ENV/constraints.txt" setuptools -e ".[$EXTRAS]"
+  pip_quiet -c "$VIRTUAL_ENV/constraints.txt" --no-deps "$ORACLE"
+}
+
+# install_locked: exactly the versions of $LOCK, nothing resolved, then the package itself.
+install_locked() {
+  pip_quiet --no-deps -r "$LOCK"
+  pip_quiet --no-deps --no-build-isolation -e .
+  pip_quiet --no-deps "$ORACLE"
+  python -m pip check
+}
+
+# freeze: every installed distribution but pip and this package, torch written as its pin.
+freeze() {
+  python -m pip freeze --all --exclude-editable --disable-pip-version-check \
+    | grep -v -i -E "^(pip|ista[-_]daslab[-_]optimizers)==" | sed -E "s/^torch==.*/$TORCH_PIN/"
+}
+
+# run_tests: the README's test command (one OpenMP thread per process: several tests start two
+# processes, and oversubscribed OpenMP spin-waits make a 2-core machine crawl).
+run_tests() {
+  export OMP_NUM_THREADS=1
+  python -m pytest -q
+}
