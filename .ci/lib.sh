@@ -24,12 +24,13 @@ install_newest() {
   pip_quiet -c "$VIRTUAL_ENV/constraints.txt" --no-deps "$ORACLE"
 }
 
-# install_locked: exactly the versions of $LOCK, nothing resolved, then the package itself.
+# install_locked: exactly the versions of $LOCK, nothing resolved, then the package itself; pip check
+# proves the lock complete (before the oracle, whose dependencies are left out on purpose).
 install_locked() {
   pip_quiet --no-deps -r "$LOCK"
   pip_quiet --no-deps --no-build-isolation -e .
-  pip_quiet --no-deps "$ORACLE"
   python -m pip check
+  pip_quiet --no-deps "$ORACLE"
 }
 
 # freeze: every installed distribution but pip and this package, torch written as its pin.
