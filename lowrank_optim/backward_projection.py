@@ -239,16 +239,20 @@ class BackwardProjection:
     def _finish_window(self) -> None:
         """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
         fewer backward passes than the others (unused in some micro-batches) step now on what they
-        accumulated, and the window closes. A window no parameter completed is an error."""
+        accumulated, and the window closes. A window no parameter completed is an error. Gradients
+        set without a backward pass (torchtitan's zero-gradient step that creates the state) are
+        stepped here, as the standard loop would."""
         window = self._window
         pending = list(window.backward_passes)        # stepped parameters leave it
+        set_outside = [param for param in self._groups if param.grad is not None
+                       and param not in window.backward_passes and param not in window.stepped]
         if pending and not window.stepped:
             param = pending[0]
             label = param_label(self._plan(param).key, param)
             raise RuntimeError(f"optimizer.step() after {window.backward_passes[param]} of accumulation_steps="
                                f"{self.accumulation_steps} backward passes (e.g. {label}); nothing was stepped. "
                                "Call backward() accumulation_steps times per step")
-        for param in pending:
+        for param in pending + set_outside:
             self._step_one(self._groups[param], param)
         for param in window.stepped:
             param.grad = None

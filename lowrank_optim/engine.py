@@ -175,10 +175,10 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         """Validate and add a group; a rejected group leaves the optimizer as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        check_group_keys(param_group, set(self.defaults) | set(self.group_only_keys), type(self).__name__)
         if self.__dict__.get("_hooks") and self.step_in_backward:
             raise ValueError("add_param_group after construction with step_in_backward=True: the new parameters "
                              "would have no hook and never step; build the optimizer with every param group")
-        check_group_keys(param_group, set(self.defaults) | set(self.group_only_keys), type(self).__name__)
         rank_given = "rank" in param_group
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -288,6 +288,10 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
             raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
                              "supported (quantized blocks would depend on the shard layout); use float moments "
                              "(moment_bits=None) or DDP")
+        if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16:
+            raise ValueError(f"{label}: backend='triton' with bf16_stochastic_round=True (the fused weight update "
+                             "rounds to nearest; stochastic rounding runs on PyTorch); pass backend='auto' (Triton "
+                             "moments, PyTorch weight update) or 'torch'")
         try:
             backend = resolve_backend(group["backend"], param.device, (param.dtype, self._moments_dtype(group, param)))
         except ValueError as error:

@@ -212,7 +212,8 @@ class SSTAdamW(Optimizer):
                 generator=self._rounding(group, p) if group["bf16_stochastic_round"] else None,
             )
         layer.s.clamp_(min=0.0)
-        layer.renormalize_active_()
+        if as_float(group["lr"]) != 0.0:          # an update drifts the columns off unit norm; no update, no drift
+            layer.renormalize_active_()
 
     def _layer_moments(self, group: dict, p: torch.Tensor, role: str) -> Moments:
         """The moments of an SST tensor (created zero on its first step, with int64 step counts:
