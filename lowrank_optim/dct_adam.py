@@ -90,7 +90,9 @@ class DCTProjAdam(ProjectedAdamW):
             power of two from 8 to 4096 (None: 256 at 8 bits, 128 at 4, torchao's). Larger blocks
             spend fewer bytes on scales (4/B per value) and resolve outliers worse.
         bf16_stochastic_round (bool, default False): add the update to bf16 weights with unbiased
-            stochastic rounding (updates below half an ulp are not lost; PyTorch weight update).
+            stochastic rounding (updates below half an ulp are not lost). The weight update then runs
+            on PyTorch (the moments on the resolved backend); with ``backend="triton"`` a bf16
+            parameter is refused, since the fused weight update rounds to nearest.
         backend (str, default "auto"): ``"auto"`` runs the fused Triton kernels for fp32/bf16/fp16
             CUDA parameters when ``triton`` imports, else PyTorch; ``"torch"``; ``"triton"``
             (an error where the kernels cannot run; CPU tensors need ``TRITON_INTERPRET=1``).

@@ -86,6 +86,22 @@ def test_triton_rejects_dtypes_it_does_not_cover(monkeypatch):
         check_launchable(torch.zeros(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])
+def test_explicit_triton_with_stochastic_rounding_is_refused_not_run_on_pytorch(optimizer, monkeypatch):
+    """The fused weight update rounds to nearest: a bf16 parameter asking for both would take the
+    PyTorch weight update without a word."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    def groups(dtype):
+        return [{"params": [make_model(dtype=dtype).up.weight], "rank": 4}]
+
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(40, 12\)\): "
+                                         r"backend='triton' with bf16_stochastic_round=True"):
+        optimizer(groups(torch.bfloat16), backend="triton", bf16_stochastic_round=True)
+    optimizer(groups(torch.bfloat16), backend="auto", bf16_stochastic_round=True)
+    optimizer(groups(torch.float32), backend="triton", bf16_stochastic_round=True)     # fp32: no rounding to do
+
+
 def test_checkpoint_without_backend_loads_as_auto():
     model = make_model()
     optimizer = DCTProjAdam(model.parameters(), lr=1e-3)
