@@ -43,11 +43,14 @@ class DCTProjAdam(ProjectedAdamW):
 
     Which parameters are projected (:mod:`lowrank_optim.selection`): in a group without its own
     ``rank`` (``model.parameters()``, ``model.named_parameters()``), every 2-D parameter whose
-    smaller side exceeds its rank except the vocabulary matrices (token embedding and output head:
-    by name when names are given, by the structure of the parameter list otherwise; a warning
-    names any shape the rule cannot tell). A group carrying its own ``rank`` projects every 2-D
-    parameter in it (rank clamped to the smaller side); ``rank=None`` projects nothing.
-    :meth:`projection_summary` shows the outcome.
+    smaller side exceeds its rank except the embedding tables (token embedding and output head,
+    position and token-type embeddings: by name when names are given, by the structure of the
+    parameter list otherwise; a warning names any shape the rule cannot tell). A group carrying
+    its own ``rank`` projects every 2-D parameter in it (rank clamped to the smaller side);
+    ``rank=None`` projects nothing. Either way a weight whose projected state would not be smaller
+    than AdamW's stays plain (for an explicit rank with a warning naming it).
+    :meth:`projection_summary` shows the outcome and why. (:class:`GaLoreAdamW` projects only
+    groups with a ``rank``, as ``galore_torch`` does: the difference is its drop-in contract.)
 
     Args:
         params: parameters, named parameters or param groups. Every keyword below except

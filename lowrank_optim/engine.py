@@ -98,6 +98,7 @@ class _Plan:
     side: str | None
     backend: str | None         # "torch" or "triton", for the parameter's device and dtypes
     sharding: Sharding | None
+    note: str | None = None     # why a parameter its group would project stays plain
 
 
 @dataclass
@@ -261,7 +262,8 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
                 key = self._key(group_index, group, index)
                 rank = self._projection_rank(group, param, self._rank_given[group_index],
                                              (group_index, index) in vocabulary)
-                plans[param] = self._resolve_plan(group, param, key, rank)
+                plans[param] = self._compressing_plan(group, param, key, rank,
+                                                      warn=warn and self._rank_given[group_index])
         self._plans = plans
         self._groups = {param: group for group in self.param_groups for param in group["params"]}
         projected = [(group, param) for group in self.param_groups for param in group["params"]
@@ -278,8 +280,30 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
                               f"{param_label(self._plans[param].key, param)} is an embedding or output head; it is "
                               "projected. Pass model.named_parameters(), or put it in a param group with "
                               "rank=None to keep it in full AdamW", UserWarning, stacklevel=4)
-        if plans and all(plan.rank is None for plan in plans.values()):
+        if plans and all(plan.rank is None and plan.note is None for plan in plans.values()):
             warnings.warn(f"{type(self).__name__}: {self._nothing_projected_warning()}", UserWarning, stacklevel=4)
+
+    def _compressing_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None, warn: bool) -> _Plan:
+        """The plan of ``param`` at ``rank``, or the plain plan when projecting would not compress
+        it: at a rank not below its smaller side (the whole space), or when the projected state
+        (moments in the group's format, subspace, counters) would take at least the bytes of
+        AdamW's float moments. ``warn``: the group asked for that rank itself, so the user hears
+        about it, once."""
+        plan = self._resolve_plan(group, param, key, rank)
+        if plan.rank is None:
+            return plan
+        plain = self._resolve_plan(group, param, key, None)
+        projected_bytes = self._expected_state_bytes(group, param, plan)
+        float_bytes = self._expected_state_bytes({**group, "moment_bits": None}, param, plain)
+        if plan.rank < min(param.shape) and projected_bytes < float_bytes:
+            return plan
+        note = (f"rank {plan.rank} would not compress it: projected state {projected_bytes:,} B >= AdamW's "
+                f"{float_bytes:,} B" if plan.rank < min(param.shape) else
+                f"rank {plan.rank} spans its smaller side: nothing to compress")
+        if warn:
+            warnings.warn(f"{type(self).__name__}: {param_label(key, param)} stays plain AdamW: {note}; pass a "
+                          "smaller rank to project it", UserWarning, stacklevel=5)
+        return _Plan(key, None, None, plain.backend, plain.sharding, note)
 
     def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None) -> _Plan:
         label = param_label(key, param)
@@ -534,7 +558,7 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
                 held = self.state.get(param)
                 state_bytes = tensor_bytes(held) if held else self._expected_state_bytes(group, param, plan)
                 rows.append(ProjectionRow(plan.key, tuple(param.shape), plan.rank is not None, plan.rank, plan.side,
-                                          state_bytes))
+                                          state_bytes, plan.note))
         return ProjectionSummary(rows)
 
     def _expected_state_bytes(self, group: dict, param: torch.Tensor, plan: _Plan) -> int:

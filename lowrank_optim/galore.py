@@ -26,6 +26,11 @@ class GaLoreAdamW(ProjectedAdamW):
     A param group with a ``rank`` key is projected (its 2-D parameters; 1-D ones get AdamW instead
     of crashing); every other parameter gets plain AdamW in the same (Hugging Face) form.
     ``lowrank_param_groups(model, target_modules=("attn", "mlp"), rank=128)`` builds GaLore's groups.
+    So ``GaLoreAdamW(model.parameters())`` is plain AdamW (with a warning), unlike
+    ``DCTProjAdam(model.parameters())``, which projects by a default rule: a drop-in for
+    ``galore_torch`` must project exactly the groups ``galore_torch`` would. A weight whose projected
+    state would not be smaller than AdamW's (rank near its smaller side) stays plain, with a
+    warning naming it and a note in :meth:`projection_summary`.
 
     .. math::
         \begin{aligned}

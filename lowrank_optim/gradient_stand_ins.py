@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 
@@ -81,6 +82,9 @@ class GradientStandIn(torch.Tensor):
                 tensor.zero_()
             return None
         stand_in = args[0]
+        if not isinstance(stand_in, GradientStandIn):          # a stand-in as another operand: refused
+            stand_in = next(leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, GradientStandIn))
+            raise RuntimeError(stand_in.refusal(str(func)))
         if func is aten.linalg_vector_norm.default:
             ord = args[1] if len(args) > 1 else kwargs.get("ord", 2)
             dim = args[2] if len(args) > 2 else kwargs.get("dim")

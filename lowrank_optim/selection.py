@@ -1,5 +1,6 @@
 """Which parameters ``DCTProjAdam(model.parameters())`` projects by default: everything 2-D except
-the vocabulary matrices (token embedding and output head).
+the vocabulary matrices (token embedding and output head) and the other embedding tables
+(positions, token types).
 
 GaLore's recipe, whose quality this library is measured against, projects the attention and MLP
 linears and gives embeddings, head and norms full AdamW. Without module names the optimizer sees
@@ -13,8 +14,12 @@ only shapes and their order, so the rule reads the structure of a transformer's 
   with a dimension that no *interior* 2-D parameter has (the vocabulary size) is a vocabulary
   matrix. An end parameter shaped like an interior one is a block weight (a tied-embedding
   model ends with its last ``down_proj``). An end parameter that is neither cannot be told: it is
-  projected, and a warning names its shape once. Interior parameters are never vocabulary
-  matrices by shape.
+  projected, and a warning names its shape once.
+* **tables by shape**: an *interior* 2-D parameter with a dimension that no other 2-D parameter
+  has is a lookup table, not a block weight (GPT-2's and nanoGPT's ``wpe``, BERT's position and
+  token-type embeddings: their 1024, 512 or 2 rows are a model width nowhere else). Block weights
+  share every dimension with another weight (``q, k, v, o``; ``gate``/``up``; grouped-query
+  ``k``/``v``), so LLaMA-family lists lose nothing to this rule.
 
 LLaMA-7B's ``32000×4096`` embedding (aspect ratio 7.8) and Llama-2-70B's are caught by shape, as
 are a 2-layer tiny model's. With at most two 2-D parameters there is no interior to compare with
@@ -23,6 +28,8 @@ than wide is a vocabulary matrix, and nothing is warned. A param group with its 
 projects anything.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
 TOP_LEVEL_HEAD_NAMES = ("output.weight",)
@@ -45,6 +52,8 @@ def vocabulary_matrices(entries: list[tuple[str | None, tuple[int, int]]]) -> tu
     ends = [0, len(entries) - 1]
     interior = [tuple(shape) for i, (_, shape) in enumerate(entries) if i not in ends]
     interior_dims = {dim for shape in interior for dim in shape}
+    holders = Counter(dim for _, shape in entries for dim in set(shape))     # how many matrices have each size
+    vocabulary |= {i for i, (_, shape) in enumerate(entries) if i not in ends and any(holders[d] == 1 for d in shape)}
     undecided = []
     for i in ends:
         if i in vocabulary:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ProjectionRow:
     """One parameter: its name (or position), shape, whether it is projected, at which rank and on
-    which side, and its optimizer-state bytes (held, or to be allocated by its first step)."""
+    which side, its optimizer-state bytes (held, or to be allocated by its first step), and why a
+    weight its group would project stays plain (``note``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -15,6 +16,7 @@ class ProjectionRow:
     rank: int | None
     side: str | None
     state_bytes: int
+    note: str | None = None
 
 
 class ProjectionSummary(tuple):
@@ -28,11 +30,15 @@ class ProjectionSummary(tuple):
         return sum(row.state_bytes for row in self)
 
     def __str__(self) -> str:
-        header = ("parameter", "shape", "projected", "rank", "side", "state bytes")
+        header = ("parameter", "shape", "projected", "rank", "side", "state bytes", "note")
         lines = [(row.name, "×".join(map(str, row.shape)) or "scalar", "yes" if row.projected else "no",
-                  "" if row.rank is None else str(row.rank), row.side or "", f"{row.state_bytes:,}") for row in self]
+                  "" if row.rank is None else str(row.rank), row.side or "", f"{row.state_bytes:,}", row.note or "")
+                 for row in self]
         projected = sum(row.projected for row in self)
-        lines.append((f"total: {len(self)} parameters, {projected} projected", "", "", "", "", f"{self.state_bytes:,}"))
+        lines.append((f"total: {len(self)} parameters, {projected} projected", "", "", "", "", f"{self.state_bytes:,}",
+                      ""))
+        if not any(row.note for row in self):
+            header, lines = header[:-1], [cells[:-1] for cells in lines]
         widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
         right = {1, 3, 5}
 

@@ -135,6 +135,8 @@ def test_the_stand_ins_leave_at_step_and_refuse_other_operations():
     _after_backward(model, optimizer)
     with pytest.raises(RuntimeError, match=r"up\.weight.*projected in the backward pass.*aten\.clone"):
         model.up.weight.grad.clone()
+    with pytest.raises(RuntimeError, match=r"up\.weight.*projected in the backward pass.*aten\.add"):
+        torch.zeros_like(model.up.weight).add_(model.up.weight.grad)
     optimizer.step()
     assert all(not isinstance(p.grad, ProjectedGradient) for p in model.parameters())
 

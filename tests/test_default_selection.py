@@ -52,6 +52,30 @@ def test_exactly_the_attention_and_mlp_linears_are_projected(name, named, tied):
     assert _projected_names(model, optimizer) == _linear_weights(model)
 
 
+def _meta(cls_name, **config):
+    config = getattr(transformers, cls_name.replace("LMHeadModel", "").replace("ForMaskedLM", "") + "Config")(**config)
+    with torch.device("meta"):
+        return getattr(transformers, cls_name)(config)
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["parameters", "named_parameters"])
+@pytest.mark.parametrize("cls_name, config, tables", [
+    ("GPT2LMHeadModel", dict(n_layer=2), {"transformer.wpe.weight"}),
+    ("BertForMaskedLM", dict(num_hidden_layers=2),
+     {"bert.embeddings.position_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"}),
+])
+def test_position_and_token_type_tables_stay_plain(cls_name, config, tables, named):
+    """Told by name, and by shape without names (a size no other matrix has)."""
+    model = _meta(cls_name, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = DCTProjAdam(model.named_parameters() if named else model.parameters())
+    projected = _projected_names(model, optimizer)
+    matrices = {n for n, p in model.named_parameters() if p.ndim == 2}
+    assert projected and not projected & tables
+    assert matrices - projected - tables == {n for n in matrices if "word_embeddings" in n or "wte" in n}
+
+
 def test_an_end_parameter_the_rule_cannot_tell_is_projected_with_one_warning():
     # One block whose last weight has a shape found nowhere else, and no vocabulary dimension.
     layers = [torch.nn.Parameter(torch.zeros(s)) for s in [(16, 8), (16, 8), (8, 16), (16, 16)]]
@@ -70,3 +94,8 @@ def test_the_rule_on_shapes():
         {0}, [])
     assert vocabulary_matrices([(None, (10, 100))]) == ({0}, [])             # no interior: aspect ratio
     assert vocabulary_matrices([(None, (64, 16))]) == (set(), [])
+    gpt2 = [(None, (50257, 768)), (None, (1024, 768))] + [(None, (768, 2304)), (None, (768, 768)),
+                                                          (None, (768, 3072)), (None, (3072, 768))] * 2
+    assert vocabulary_matrices(gpt2) == ({0, 1}, [])                          # wpe: 1024 is no width
+    gqa = [(None, (4096, 4096)), (None, (1024, 4096)), (None, (1024, 4096)), (None, (4096, 4096))] * 2
+    assert vocabulary_matrices([(None, (32000, 4096))] + gqa) == ({0}, [])     # k/v share their 1024

@@ -151,7 +151,8 @@ BUILD_MISTAKES = [
     (["--tokenizer", "bpe:100"], r"error: --tokenizer: expected a BPE vocabulary size of at least 258, got 100"),
     # accumulation 2: the residual the user asks for needs the full gradient the mode frees (the library's ValueError)
     (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--total_batch_size", "8",
-      "--optimizer_kwargs", '{"residual": "scaled"}'], r"error: --optimizer_kwargs: parameter layers\.0\.attn\.q_proj"
+      "--rank", "8", "--optimizer_kwargs", '{"residual": "scaled"}'],
+     r"error: --optimizer_kwargs: parameter layers\.0\.attn\.q_proj"
      r"\.weight \(shape \(32, 32\)\): residual='scaled' needs each step's full gradient, which "
      r"backward_projection=True frees in the backward pass; pass residual='none' \(or step_in_backward=True with "
      r"accumulation_steps=1"),

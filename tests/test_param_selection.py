@@ -1,4 +1,6 @@
 """Which parameters DCTProjAdam projects; GaLore's lowrank_param_groups; the registry."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -46,13 +48,37 @@ def test_rank_not_below_the_smaller_side_is_not_projected_by_default():
     assert names == []
 
 
-def test_a_group_with_its_own_rank_projects_every_matrix():
+def test_a_group_with_its_own_rank_projects_every_matrix_it_compresses():
     model = make_model(vocab=200, d=12, hidden=40)
-    optimizer = DCTProjAdam([{"params": list(model.parameters()), "rank": 100}])
+    optimizer = DCTProjAdam([{"params": list(model.parameters()), "rank": 4}])
     train(model, optimizer, 1)
     for p in model.parameters():
         assert ("proj_indices" in optimizer.state[p]) == (p.ndim == 2)
-    assert optimizer.state[model.embed.weight]["proj_indices"].numel() == 12     # clamped
+
+
+def test_a_rank_that_would_not_compress_keeps_the_weight_plain_and_says_why():
+    """Rank 100 (clamped to 12 = the smaller side) spans every matrix: nothing is projected, one
+    warning each, a note in the summary. Below the smaller side, a rank whose projected state
+    (GaLore: moments and the fp32 ``n×r`` projection) outweighs AdamW's float moments stays plain too."""
+    model = make_model(vocab=200, d=12, hidden=40)
+    with pytest.warns(UserWarning) as caught:
+        optimizer = DCTProjAdam([{"params": list(model.named_parameters()), "rank": 100}])
+    matrices = [name for name, p in model.named_parameters() if p.ndim == 2]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(matrices)
+    for name, message in zip(matrices, messages):
+        assert re.search(rf"parameter {re.escape(name)} \(shape .*\) stays plain AdamW: rank 12 spans its smaller "
+                         r"side: nothing to compress", message), message
+    train(model, optimizer, 1)
+    assert not any("proj_indices" in s for s in optimizer.state.values())
+    summary = optimizer.projection_summary()
+    assert [row.name for row in summary if row.note] == matrices
+    assert "nothing to compress" in str(summary)
+    square = torch.nn.Parameter(torch.zeros(128, 128))                  # 2·128·r·4 + 128·r·4 >= 2·128·128·4 at r = 86
+    with pytest.warns(UserWarning, match=r"rank 86 would not compress it: projected state 132,096 B >= AdamW's "
+                                         r"131,072 B"):
+        assert not GaLoreAdamW([{"params": [square], "rank": 86}]).projection_summary()[0].projected
+    assert GaLoreAdamW([{"params": [square], "rank": 85}]).projection_summary()[0].projected
 
 
 def test_a_group_with_rank_none_is_never_projected():
