@@ -1,7 +1,7 @@
 # Sourced by .ci/run, .ci/latest and .ci/lock: one fresh virtual environment per script, torch pinned
 # to the local CPU build first (an unpinned resolver would pull GBs of CUDA wheels), then the rest.
 TORCH_PIN="torch==2.13.0"
-EXTRAS="test,triton,experiments,hf"
+EXTRAS="test,triton,experiments,hf,docs"
 ORACLE="ista-daslab-optimizers==1.1.15"   # DCT oracle: its pure-torch part only, so without its dependencies
 LOCK=".ci/requirements.lock"
 
@@ -37,6 +37,17 @@ install_locked() {
 freeze() {
   python -m pip freeze --all --exclude-editable --disable-pip-version-check \
     | grep -v -i -E "^(pip|ista[-_]daslab[-_]optimizers)==" | sed -E "s/^torch==.*/$TORCH_PIN/"
+}
+
+# build_docs: the documentation site (mkdocs.yml, docs/) built strictly, so a broken link, an unknown
+# page or an API reference that does not resolve fails the run; the site goes to a temporary folder.
+# (No --quiet: it hides the warnings from the strict check, and a broken link then passes.)
+build_docs() {
+  local site
+  site=$(mktemp -d)
+  NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir "$site"
+  rm -rf "$site"
+  echo "docs: mkdocs build --strict passed"
 }
 
 # run_tests: the README's test command (one OpenMP thread per process: several tests start two

@@ -55,8 +55,8 @@ class DCTProjAdam(ProjectedAdamW):
     Args:
         params: parameters, named parameters or param groups. Every keyword below except
             ``skip_nonfinite`` may be overridden per group; unknown group keys are refused.
-        lr (float, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
-            weight_decay (default 0.0): as ``torch.optim.AdamW`` (decay decoupled, before the update).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the update);
+            defaults 1e-3, (0.9, 0.999), 1e-8, 0.0.
         rank (int | float | None, default 0.25): an int, or a fraction of the smaller side.
         update_proj_gap (int, default 200): steps between subspace refreshes.
         scale (float, default 1.0): GaLore's ``α``, multiplying the update of projected weights.

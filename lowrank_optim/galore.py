@@ -52,23 +52,24 @@ class GaLoreAdamW(ProjectedAdamW):
         params: parameters, named parameters or param groups; a group with ``rank`` (an int) is
             projected. Group keys: the keywords below except ``skip_nonfinite``, plus ``rank``;
             unknown keys are refused.
-        lr (float, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-6),
-            weight_decay (default 0.0), correct_bias (bool, default True): ``galore_torch``'s.
+        lr, betas, eps, weight_decay, correct_bias: ``galore_torch``'s; defaults 1e-3,
+            (0.9, 0.999), 1e-6, 0.0, True.
         no_deprecation_warning: accepted for signature compatibility; nothing is deprecated.
-        update_proj_gap (int, default 200), scale (float, default 1.0), proj_type (str, default
-            "std": the smaller side; ``"reverse_std"``, ``"left"``, ``"right"``): ``galore_torch``'s
-            group keys and defaults. (Hugging Face's ``optim="galore_adamw"`` uses scale 0.25.)
+        update_proj_gap, scale, proj_type: ``galore_torch``'s group keys and defaults: 200, 1.0,
+            ``"std"`` (the smaller side; ``"reverse_std"``, ``"left"``, ``"right"``). (Hugging
+            Face's ``optim="galore_adamw"`` uses scale 0.25.)
         projector (str, default "svd"): ``"svd"``, a full thin SVD in fp32; ``"randomized_svd"``,
             a randomized range finder with power iterations (GaLore 2, arXiv 2504.20437;
             :mod:`lowrank_optim.projectors.randomized_svd`): several times cheaper refreshes.
         moments (str, default "keep"): ``"keep"`` (GaLore's), ``"reset"``, or ``"transport"``
             (``m`` rotated by ``P_newᵀP_old``, ``v`` by its element-wise square).
-        residual (str, default "none"), bias_correction (default "step"), moments_dtype (default
-            None), moment_bits (default None: float; 8 or 4), moment_block_size (default None),
-            bf16_stochastic_round (default False), backend (default "auto"): as in
-            :class:`~lowrank_optim.DCTProjAdam`.
-        foreach (bool | None), maximize (bool), capturable / differentiable (False only),
-            fused (None or False only): torch's keywords.
+        residual, bias_correction, moments_dtype, moment_bits, moment_block_size: as in
+            :class:`~lowrank_optim.DCTProjAdam`; defaults ``"none"``, ``"step"``, None, None (float;
+            8 or 4), None.
+        bf16_stochastic_round, backend: as in :class:`~lowrank_optim.DCTProjAdam`; defaults False,
+            ``"auto"``.
+        foreach, maximize, capturable, differentiable, fused: torch's keywords (``foreach``: bool
+            or None; ``capturable`` and ``differentiable``: False only; ``fused``: None or False only).
         backward_projection, step_in_backward, accumulation_steps, process_group: as in
             :class:`~lowrank_optim.DCTProjAdam` (:mod:`lowrank_optim.backward_projection`).
         skip_nonfinite (bool, default False): skip a step with an inf/nan gradient.

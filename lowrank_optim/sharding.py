@@ -8,8 +8,7 @@ dimension:
 
 * DCT selection: every rank scores the candidate columns on its own rows (or columns); the
   scores are sums over the dimension that is sharded, so one all-reduce of ``k`` numbers gives
-  every rank the same scores, hence the same indices. Projection, moments and update stay local
-  (ALGORITHMS.md §3).
+  every rank the same scores, hence the same indices. Projection, moments and update stay local.
 * SVD selection (GaLore): the gradient is all-gathered (``m·n`` numbers per refresh, the costly
   path) and rank 0 of the group broadcasts ``P``, so every rank holds the same ``P``.
 * a few scalars: finiteness of gradients, the scaled residual's norm, refresh statistics.
