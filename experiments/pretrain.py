@@ -392,7 +392,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
             f"{config.lr:g}, {config.num_training_steps} steps x {config.total_batch_size} x {config.max_length} "
             f"tokens, {config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es)"
             f"{' (FSDP2)' if config.fsdp else ''} on {context.device.type}"
-            f"{f' ({torch.get_num_threads()} threads)' if context.device.type == 'cpu' else ''}; "
+            f"{f' ({torch.get_num_threads()} CPU threads)' if context.device.type == 'cpu' else ''}; "
             f"config and metrics in {save_dir}",
             flush=True,
         )
