@@ -1,13 +1,17 @@
 """Pretrain a LLaMA with any optimizer of ``lowrank_optim``: ``python -m experiments.pretrain [flags]``.
 
 With no flags: a tiny LLaMA on the embedded Shakespeare corpus with ``dct_adamw``, a few minutes on
-a 2-core CPU, writing everything under ``runs/<run_name>/``. Multi-GPU: ``torchrun
+a 2-core CPU (``--threads`` auto: the cores not already busy), writing everything under
+``runs/<run_name>/``. Multi-GPU: ``torchrun
 --nproc_per_node N -m experiments.pretrain ...`` (DDP; add ``--fsdp`` for FSDP2 sharding).
 Flags: ``--help`` or ``experiments/config.py``.
 
 One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
-``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``)
-and ends with a validation, a final checkpoint and ``loss_curve.png``. It never waits for the device
+``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``;
+the newest ``keep_checkpoints`` are kept) and ends with a validation, a final checkpoint and
+``loss_curve.png``; ``0`` for either period means at the end only. A run writes only into a folder of
+its own (``experiments/run_folder.py``). Ctrl-C (single process) stops after the current step with a
+final checkpoint and plot. It never waits for the device
 between logs (``experiments/log_window.py``): training metrics are read back every ``log_every``
 steps and at the first, evaluation, checkpoint and last steps.
 
