@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import matplotlib.ticker  # noqa: E402
 
-
 # Distinct looks for many lines: ten colours, then the same colours dashed, dotted, dash-dotted;
 # each line also gets its own marker, so that no two methods look alike (12 methods: AdamW and SST
 # were both blue with colours alone).

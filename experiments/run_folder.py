@@ -57,8 +57,11 @@ def check_run_folder(config: TrainConfig) -> None:
             f"{folder} holds another run ({', '.join(found[:4])}) than the checkpoint {checkpoint}; a resumed "
             "run writes to its own folder or to a new one: pick another --run_name / --save_dir",
         )
-    later = [path.name for step, path in list_checkpoints(folder) if path.name != checkpoint.name
-             and step > int(checkpoint.name.removeprefix("model_"))]
+    later = [
+        path.name
+        for step, path in list_checkpoints(folder)
+        if path.name != checkpoint.name and step > int(checkpoint.name.removeprefix("model_"))
+    ]
     if later:
         raise UsageError(
             "--continue_from",

@@ -15,9 +15,16 @@ def captured_axes(monkeypatch) -> list:
     finish = plotting.save_figure
 
     def keep(figure, axes, path, **kwargs):
-        seen.append((axes.get_yscale(), axes.get_title(), [
-            (matplotlib.colors.to_hex(line.get_color()), line.get_linestyle(), line.get_marker())
-            for line in axes.get_lines()]))
+        seen.append(
+            (
+                axes.get_yscale(),
+                axes.get_title(),
+                [
+                    (matplotlib.colors.to_hex(line.get_color()), line.get_linestyle(), line.get_marker())
+                    for line in axes.get_lines()
+                ],
+            )
+        )
         return finish(figure, axes, path, **kwargs)
 
     monkeypatch.setattr(plotting, "save_figure", keep)

@@ -117,6 +117,7 @@ def test_resume_in_place_after_a_crash_continues_metrics_without_repeats(cache_d
 
     main(["--continue_from", str(folder)])
     assert repeated(folder) == []
+
     def losses(records):  # throughput and memory differ between processes; the losses are identical
         return [{k: v for k, v in r.items() if k in ("step", "train/loss", "val/loss")} for r in records]
 
@@ -151,8 +152,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_plot_and_exits_with_one_line(cache_di
     folder = tmp_path / "run"
     argv = [*micro_flags(cache_dir, steps=100_000, save_every=0, eval_every=0), "--save_dir", str(folder)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *argv], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "experiments.pretrain", *argv],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((folder / METRICS_FILE).exists() and len(rows(folder)) >= 3):
