@@ -77,6 +77,7 @@ def test_every_step_wrote_its_outputs(dry_run):
             assert (out / path).stat().st_size > 0, (step, path)
     # The sharded checkpoints were written (the step checks them), then removed: not results.
     assert not list((out / f"fsdp_smoke_{SLUG}").glob("model_*"))
+    assert not list((out / f"compare_{SLUG}" / "runs").glob("*/model_*"))  # each run's final checkpoint
     assert not (REPO_ROOT / "experiments" / "results" / SLUG).exists()
 
 

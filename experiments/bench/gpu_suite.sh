@@ -201,6 +201,8 @@ run_step memory_bench "memory_bench_$SLUG/results.md memory_bench_$SLUG/results.
 run_step compare "compare_$SLUG/results.md compare_$SLUG/results.json compare_$SLUG/val_loss.png" \
     "$PYTHON" -m experiments.results.compare --methods adamw galore_adamw dct_default --seed 0 \
     --out "$OUT/compare_$SLUG" --runs_dir "$OUT/compare_$SLUG/runs" "${COMPARE[@]}"
+# Every run ends with a checkpoint (--save_every 0: that one only); hundreds of MB each at 60M, not results.
+rm -rf "$OUT/compare_$SLUG"/runs/*/model_*
 
 if ((${#FAILED[@]})); then
     RESULT="FAILED: ${#FAILED[@]} of ${#ROWS[@]} steps (${FAILED[*]}); their logs are in logs/."
