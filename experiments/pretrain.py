@@ -423,45 +423,48 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
     window = LogWindow(context.device)
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
     stop = StopRequest(bar) if not context.enabled and in_main_thread else None
-    while progress.step < config.num_training_steps and not (stop and stop.requested):
-        lr = run.scheduler.get_last_lr()[0]
-        loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
-        run.scheduler.step()
-        progress.step += 1
-        progress.tokens_seen += tokens_per_step
-        window.add(loss, tokens_per_step)
-        window.note_refresh(progress.step, projection_health(optimizer))
-        if progress.step == first_step + 1:  # the first step of a process includes one-time warm-up
-            window.end_warmup()
-        bar.update(1)
-        if not logs_after(progress.step, config) and not (stop and stop.requested):
-            continue
-        summary = window.close(context)
-        metrics = {
-            "train/loss": summary.loss,
-            "train/perplexity": perplexity(summary.loss),
-            "lr": float(lr),           # a 0-d tensor for optimizers that keep one (torchao)
-            "tokens_seen": progress.tokens_seen,
-            "throughput/tokens_per_s": summary.tokens_per_second,
-            "memory/peak_bytes": peak_memory_bytes(context.device),
-            "optimizer/state_bytes": optimizer_state_bytes(optimizer),
-            **summary.projection,
-        }
-        logger.log(progress.step, metrics)
-        bar.set_postfix(loss=f"{summary.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{summary.tokens_per_second:.0f}")
-        if every(progress.step, config.eval_every):
-            val_loss, validated_step = validate(), progress.step
-            if context.is_main:
-                bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
-        if every(progress.step, config.save_every):
-            save_run(run)
-            saved_step = progress.step
-        window.reset()
+    try:
+        while progress.step < config.num_training_steps and not (stop and stop.requested):
+            lr = run.scheduler.get_last_lr()[0]
+            loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
+            run.scheduler.step()
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            window.add(loss, tokens_per_step)
+            window.note_refresh(progress.step, projection_health(optimizer))
+            if progress.step == first_step + 1:  # the first step of a process includes one-time warm-up
+                window.end_warmup()
+            bar.update(1)
+            if not logs_after(progress.step, config) and not (stop and stop.requested):
+                continue
+            summary = window.close(context)
+            metrics = {
+                "train/loss": summary.loss,
+                "train/perplexity": perplexity(summary.loss),
+                "lr": float(lr),           # a 0-d tensor for optimizers that keep one (torchao)
+                "tokens_seen": progress.tokens_seen,
+                "throughput/tokens_per_s": summary.tokens_per_second,
+                "memory/peak_bytes": peak_memory_bytes(context.device),
+                "optimizer/state_bytes": optimizer_state_bytes(optimizer),
+                **summary.projection,
+            }
+            logger.log(progress.step, metrics)
+            bar.set_postfix(loss=f"{summary.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{summary.tokens_per_second:.0f}")
+            if every(progress.step, config.eval_every):
+                val_loss, validated_step = validate(), progress.step
+                if context.is_main:
+                    bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
+            if every(progress.step, config.save_every):
+                save_run(run)
+                saved_step = progress.step
+            window.reset()
+    finally:
+        if stop is not None:
+            stop.restore()  # also when the loop raised
     bar.close()
     wall = time.perf_counter() - start
-    interrupted = stop is not None and stop.requested
-    if stop is not None:
-        stop.restore()
+    # A Ctrl-C during the last step changes nothing: the run ends as usual.
+    interrupted = stop is not None and stop.requested and progress.step < config.num_training_steps
 
     if interrupted:
         if saved_step != progress.step and progress.step > 0:
