@@ -117,7 +117,11 @@ OPTIMIZER_FLAGS = ("lr", "weight_decay", "betas", "eps")
 
 
 def _flag(default, help: str, **metadata):
-    """A config field exposed as ``--<name>``; ``metadata`` holds argparse options (type, choices...)."""
+    """A config field exposed as ``--<name>``; ``metadata`` holds argparse options (type, choices...),
+    ``valid`` (:class:`Interval`), ``aliases``, ``default_text`` (what a ``None`` default means, for
+    ``--help``) and ``switch`` (a boolean: ``--name`` / ``--no-name``, or ``--name true|false``)."""
+    if metadata.get("switch"):
+        metadata = {"type": parse_bool, **metadata}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
@@ -143,7 +147,7 @@ class TrainConfig:
     # ---- data ----
     dataset: str = _flag("shakespeare", "shakespeare (embedded, offline) or c4 (streamed, needs the network)")
     tokenizer: str = _flag("byte", "byte, bpe[:vocab] (trained locally, cached) or a hub name (GaLore: t5-base)")
-    cache_dir: str | None = _flag(None, "tokenizer/token cache (default experiments/.cache)")
+    cache_dir: str | None = _flag(None, "tokenizer/token cache", default_text="experiments/.cache")
     max_length: int = _flag(128, "sequence length in tokens (GaLore: 256)", type=int, valid=Interval.integers(2))
     batch_size: int = _flag(16, "sequences per device per micro-batch", type=int, valid=Interval.integers(1))
     total_batch_size: int | None = _flag(
@@ -164,23 +168,26 @@ class TrainConfig:
     max_train_tokens: str | None = _flag(None, "token budget such as 100M; overrides num_training_steps")
     scheduler: str = _flag("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     warmup_steps: int | None = _flag(
-        None, "linear warmup steps (default 10%% of the steps, as GaLore)", type=int, valid=Interval.integers(0)
+        None, "linear warmup steps", type=int, valid=Interval.integers(0), default_text="10% of the steps, as GaLore"
     )
     min_lr_ratio: float = _flag(0.1, "final lr as a fraction of the peak", type=float, valid=Interval(0.0, 1.0))
     # ---- optimizer ----
-    optimizer: str = _flag("dct_adamw", "a name in lowrank_optim's registry or experiments.methods")
+    optimizer: str = _flag("dct_adamw", "optimizer name (lowrank_optim's registry or experiments.methods)")
     lr: float = _flag(
         1e-2, "peak learning rate (GaLore recipe: 0.01 with scale 0.25; AdamW: about 1e-3)", type=float, valid=POSITIVE
     )
     weight_decay: float = _flag(0.0, "decoupled weight decay", type=float, valid=NON_NEGATIVE)
     betas: list[float] | None = _flag(
         None,
-        "Adam betas (default: the optimizer's own)",
+        "Adam betas",
         type=float,
         nargs=2,
+        default_text="the optimizer's own",
         valid=Interval(0.0, 1.0, high_open=True),
     )
-    eps: float | None = _flag(None, "Adam epsilon (default: the optimizer's own)", type=float, valid=NON_NEGATIVE)
+    eps: float | None = _flag(
+        None, "Adam epsilon", type=float, valid=NON_NEGATIVE, default_text="the optimizer's own"
+    )
     grad_clipping: float = _flag(
         1.0, "max global gradient norm, 0 disables (GaLore default: 0)", type=float, valid=NON_NEGATIVE
     )
@@ -204,12 +211,13 @@ class TrainConfig:
         aliases=("--galore_scale",),
     )
     proj_type: str = _flag("std", "GaLore projection side", choices=("std", "reverse_std", "left", "right"))
-    score: str | None = _flag(None, "DCT column score (default: the optimizer's)", choices=("l1", "l2"))
+    score: str | None = _flag(None, "DCT column score", choices=("l1", "l2"), default_text="the optimizer's")
     moments: str | None = _flag(
-        None, "moments at a refresh (default: the optimizer's)", choices=("keep", "reset", "transport")
+        None, "moments at a refresh", choices=("keep", "reset", "transport"), default_text="the optimizer's"
     )
-    proj_side: str | None = _flag(None, "DCT side (default: the optimizer's)",
-                                  choices=("auto", "reverse_std", "left", "right"))
+    proj_side: str | None = _flag(
+        None, "DCT side", choices=("auto", "reverse_std", "left", "right"), default_text="the optimizer's"
+    )
     target_modules: list[str] = _flag(["attn", "mlp"], "name fragments of the projected linears", nargs="+")
     # ---- parameterization (model transform) ----
     parameterization: str = _flag("auto", "dense, sst, sltrain, or auto (what the optimizer needs)")
@@ -221,58 +229,56 @@ class TrainConfig:
     # ---- run ----
     seed: int = _flag(0, "seed of the model init and data order", type=int, valid=Interval.integers(0))
     device: str = _flag("auto", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
+    threads: int = _flag(
+        0,
+        "CPU threads of torch (torch.set_num_threads); 0: OMP_NUM_THREADS when set, else on the CPU the "
+        "cores not already busy (1-minute load average), at least 1",
+        type=int,
+        valid=Interval.integers(0),
+    )
+    # The four switches below are plain flags (--fsdp, --no-fsdp); experiments/README.md has the details.
     backward_projection: bool = _flag(
         False,
-        "project the gradients of projected weights inside the backward pass (no full-size gradients; "
-        "lowrank_optim.backward_projection): dct_adamw or galore_adamw, with the residual off (dct_adamw's "
-        "default here then); under torchrun the optimizer all-reduces the projected gradients itself (no DDP "
-        "wrapper); not with --fsdp",
-        type=parse_bool,
-        nargs="?",
-        const=True,
+        "project gradients inside the backward pass (dct_adamw, galore_adamw; residual off; not with --fsdp)",
+        switch=True,
     )
     step_in_backward: bool = _flag(
         False,
-        "take each parameter's whole optimizer step inside the backward pass, at the last micro-batch of a "
-        "step (lowrank_optim step_in_backward=True): no gradient or accumulator outlives the backward pass; "
-        "implies --backward_projection (dct_adamw keeps its residual at gradient accumulation 1); needs "
-        "--grad_clipping 0 (clipping needs the global norm before any update); not with --fsdp",
-        type=parse_bool,
-        nargs="?",
-        const=True,
+        "take each parameter's optimizer step inside the backward pass; implies --backward_projection, "
+        "needs --grad_clipping 0",
+        switch=True,
     )
     activation_checkpointing: bool = _flag(
-        False,
-        "recompute each decoder layer in the backward pass (torch.utils.checkpoint, non-reentrant) instead of "
-        "keeping its activations: the activations alive at the start of the backward pass drop from every "
-        "layer's to one T x d tensor (the layer's input) per sequence and layer, for one extra forward pass; the "
-        "same gradients; native model (also under SST / SLTrain) or --model_impl hf",
-        type=parse_bool,
-        nargs="?",
-        const=True,
+        False, "recompute each decoder layer in the backward pass instead of keeping its activations", switch=True
     )
-    fsdp: bool = _flag(
-        False,
-        "under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP; "
-        "checkpoints by torch.distributed.checkpoint",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-    )
+    fsdp: bool = _flag(False, "under torchrun: FSDP2 sharding instead of DDP", switch=True)
+    # ---- evaluation and checkpoints ----
+    # Both periods read the same way: every N steps and at the last step; 0: at the last step only.
     eval_every: int = _flag(
-        100, "steps between validation evaluations (0: only at the end)", type=int, valid=Interval.integers(0)
+        100, "steps between validations; 0: only the final one", type=int, valid=Interval.integers(0)
     )
-    save_every: int = _flag(100, "steps between checkpoints (0: no checkpoints)", type=int, valid=Interval.integers(0))
-    save_dir: str | None = _flag(None, "run directory: checkpoints, metrics, plots, wandb (default runs/<run_name>)")
-    run_name: str | None = _flag(None, "default <model>-<optimizer>-<timestamp>")
-    continue_from: str | None = _flag(None, "checkpoint folder model_<step> (or a save_dir: its latest) to resume")
+    save_every: int = _flag(
+        100, "steps between checkpoints; 0: only the final one", type=int, valid=Interval.integers(0)
+    )
+    keep_checkpoints: int = _flag(
+        3, "checkpoints kept in save_dir, oldest deleted first, the newest never; 0: keep all", type=int,
+        valid=Interval.integers(0),
+    )
+    save_dir: str | None = _flag(
+        None, "run folder: checkpoints, metrics, plot, wandb", default_text="runs/<run_name>"
+    )
+    run_name: str | None = _flag(None, "name of the run", default_text="<model>-<optimizer>-<timestamp>")
+    continue_from: str | None = _flag(
+        None, "resume from a checkpoint model_<step> (or a run folder: its latest); with --run_name or "
+        "--save_dir the resumed run writes to a new folder"
+    )
     # ---- logging ----
     # Logging reads the loss (and the optimizer statistics) back from the device, a host sync; in
     # between, the loop only queues work. 10 as torchtitan's log_freq; 1 logs every step.
     log_every: int = _flag(
         10,
-        "steps between training-metric logs; the first step, eval and checkpoint steps and the last "
-        "step also log, and the loss logged is the mean since the previous log",
+        "steps between training-loss logs (the mean since the previous log; first, eval, checkpoint "
+        "and last steps also log)",
         type=int,
         valid=Interval.integers(1),
     )

@@ -14,6 +14,9 @@ contents) where those are built.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 from pathlib import Path
 
 import torch
@@ -23,16 +26,25 @@ from experiments.config import TrainConfig, check_values
 from experiments.data import DATASETS
 from experiments.distributed import check_fsdp_supported
 from experiments.errors import UsageError, expected_one_of
-from experiments.methods import available_methods, recipe_for, resolved_parameterization
+from experiments.methods import PARAMETERIZATIONS, available_methods, recipe_for, resolved_parameterization
 from experiments.model import LlamaConfig
 from experiments.model_factory import read_model_config
+from experiments.run_folder import check_run_folder
+
+_UNEXPECTED_KEYWORD = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
 
 
 def check_config(config: TrainConfig) -> None:
     """Raise :class:`UsageError` for the first mistake found in ``config`` (see the module docstring)."""
     check_values(config)
     if config.optimizer not in available_methods():
-        raise UsageError("--optimizer", f"unknown optimizer: {expected_one_of(config.optimizer, available_methods())}")
+        hint = ""
+        if config.optimizer in PARAMETERIZATIONS:
+            hint = (f"; {config.optimizer} is a parameterization, not an optimizer: pass --parameterization "
+                    f"{config.optimizer} (with --optimizer adamw, for instance)")
+        raise UsageError(
+            "--optimizer", f"unknown optimizer: {expected_one_of(config.optimizer, available_methods())}{hint}"
+        )
     if config.dataset not in DATASETS:
         raise UsageError("--dataset", f"unknown dataset: {expected_one_of(config.dataset, DATASETS)}")
     parameterization = resolved_parameterization(config)
@@ -51,6 +63,7 @@ def check_config(config: TrainConfig) -> None:
             raise UsageError(f"--{flag}", f"{path} is a file; expected a directory (or a path to create one at)")
     if config.continue_from:
         _check_resume(config)
+    check_run_folder(config)
 
 
 def _check_model_config(config: TrainConfig) -> None:
@@ -103,3 +116,33 @@ def _check_step_in_backward(config: TrainConfig, parameterization: str) -> None:
                          "(clipping is on by default): clipping needs the global gradient norm before any update, "
                          "but this mode updates each parameter inside the backward pass; pass --grad_clipping 0 to "
                          "train without clipping, or use --backward_projection alone to clip")
+
+
+def _constructor_keywords(class_name: str) -> list[str] | None:
+    """The keyword arguments of the optimizer class ``class_name`` (found in lowrank_optim, its SST
+    module or torch.optim), or ``None`` when it is not found there."""
+    import lowrank_optim
+    import lowrank_optim.sst
+
+    for module in (lowrank_optim, lowrank_optim.sst, torch.optim):
+        cls = getattr(module, class_name, None)
+        if inspect.isclass(cls):
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            return [p.name for p in parameters if p.kind in kinds and p.name not in ("self", "params")]
+    return None
+
+
+def explain_optimizer_keyword(error: Exception, config: TrainConfig) -> Exception:
+    """``error`` of building the optimizer; a keyword of ``--optimizer_kwargs`` that the constructor does
+    not take becomes one :class:`UsageError` naming the key and the keys accepted."""
+    match = _UNEXPECTED_KEYWORD.search(str(error))
+    if not match or match.group(2) not in config.optimizer_kwargs:
+        return error
+    class_name, key = match.groups()
+    accepted = _constructor_keywords(class_name)
+    message = f"unknown key {key!r} for --optimizer {config.optimizer} ({class_name})"
+    if accepted:
+        close = difflib.get_close_matches(key, accepted, n=1)
+        message += f"; accepted keys: {', '.join(accepted)}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return UsageError("--optimizer_kwargs", message)

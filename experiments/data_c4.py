@@ -10,14 +10,20 @@ Needs the network and ``pip install datasets``; it cannot run in an offline sand
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from experiments.data_interface import DataBundle, DataSpec
+from experiments.errors import UsageError
 from experiments.tokenizer import Tokenizer, build_tokenizer
 
 C4_PATH = "allenai/c4"
+HUB_ENDPOINT = "https://huggingface.co"
+PROBE_TIMEOUT_S = 5.0
 C4_CONFIG = "en"
 SHUFFLE_BUFFER = 10_000
 # GaLore evaluates on a shuffled slice of the validation split with a fixed seed; every run here uses
@@ -85,10 +91,39 @@ def validation_batches(
         yield batch
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``None``: it can, or a proxy decides), in at most
+    :data:`PROBE_TIMEOUT_S` seconds; ``datasets`` itself retries five times before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", HUB_ENDPOINT))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as error:
+        return f"{host}:{port} cannot be reached ({error})"
+
+
 def build_c4_data(spec: DataSpec) -> DataBundle:
-    """Streaming C4 training and validation data for ``spec`` (rank-sharded)."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
+    """Streaming C4 training and validation data for ``spec`` (rank-sharded); offline, a
+    :class:`UsageError` within seconds."""
+    problem = hub_unreachable()
+    if problem:
+        raise UsageError(
+            "--dataset",
+            f"c4 streams {C4_PATH} from the Hugging Face Hub, but {problem}; offline, train on the embedded "
+            "corpus (--dataset shakespeare)",
+        )
+    try:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+    except ImportError:
+        raise UsageError("--dataset", "c4 needs the datasets package (pip install datasets)") from None
 
     def stream(split: str, seed: int):
         dataset = datasets.load_dataset(C4_PATH, C4_CONFIG, split=split, streaming=True)

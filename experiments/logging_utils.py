@@ -1,7 +1,9 @@
 """Run logging: a ``metrics.jsonl`` file in the run directory, and wandb (offline by default).
 
-Every record is one JSON line ``{"step": s, key: value, ...}``. After a resume the steps since the
-last checkpoint are logged again; :func:`read_metrics` keeps the last value of each key per step.
+Every record is one JSON line ``{"step": s, key: value, ...}``. A run resumed in its own folder
+first drops the rows logged after its checkpoint (``experiments/run_folder.py``), so no step is
+logged twice; :func:`read_metrics` still keeps the last value of each key per step (files written
+before that rule).
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """Pretrain a LLaMA with any optimizer of ``lowrank_optim``: ``python -m experiments.pretrain [flags]``.
 
 With no flags: a tiny LLaMA on the embedded Shakespeare corpus with ``dct_adamw``, a few minutes on
-a 2-core CPU, writing everything under ``runs/<run_name>/``. Multi-GPU: ``torchrun
+a 2-core CPU (``--threads`` auto: the cores not already busy), writing everything under
+``runs/<run_name>/``. Multi-GPU: ``torchrun
 --nproc_per_node N -m experiments.pretrain ...`` (DDP; add ``--fsdp`` for FSDP2 sharding).
 Flags: ``--help`` or ``experiments/config.py``.
 
 One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
-``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``)
-and ends with a validation, a final checkpoint and ``loss_curve.png``. It never waits for the device
+``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``;
+the newest ``keep_checkpoints`` are kept) and ends with a validation, a final checkpoint and
+``loss_curve.png``; ``0`` for either period means at the end only. A run writes only into a folder of
+its own (``experiments/run_folder.py``). Ctrl-C (single process) stops after the current step with a
+final checkpoint and plot. It never waits for the device
 between logs (``experiments/log_window.py``): training metrics are read back every ``log_every``
 steps and at the first, evaluation, checkpoint and last steps.
 
@@ -19,9 +23,10 @@ checked up front by ``experiments/config_checks.py``) ends :func:`main` with one
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -45,7 +50,7 @@ from experiments.checkpoint import (
 )
 from experiments.checkpoint_sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from experiments.config import TrainConfig, resolve
-from experiments.config_checks import check_config
+from experiments.config_checks import check_config, explain_optimizer_keyword
 from experiments.data import build_data
 from experiments.data_interface import BatchLoader, DataBundle, DataSpec
 from experiments.distributed import (
@@ -60,16 +65,22 @@ from experiments.evaluation import evaluate, next_token_loss
 from experiments.log_window import LogWindow
 from experiments.logging_utils import RunLogger, perplexity, projection_health, read_metrics
 from experiments.memory import optimizer_state_bytes, parameter_counts, peak_memory_bytes
-from experiments.methods import apply_parameterization, build_optimizer, resolved_parameterization
+from experiments.methods import apply_parameterization, build_optimizer, recipe_for, resolved_parameterization
 from experiments.model import Llama
 from experiments.model_factory import build_model
 from experiments.model_hf import HFLlama
 from experiments.plotting import plot_run
+from experiments.run_folder import prune_checkpoints, resumes_in_place, truncate_metrics
 from experiments.schedulers import build_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSS_PLOT = "loss_curve.png"
 USAGE_ERROR_STATUS = 2  # as argparse's
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped the run after a step; its final checkpoint and plot are written (the message says where)."""
 
 
 @dataclass
@@ -218,7 +229,10 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
         enable_activation_checkpointing(model, config)
     if config.fsdp:
         model = shard_model(model, context)
-    optimizer = build_optimizer(model, config)
+    try:
+        optimizer = build_optimizer(model, config)
+    except (UsageError, TypeError) as error:
+        raise explain_optimizer_keyword(error, config) from None
     scheduler = build_scheduler(
         optimizer, config.scheduler, config.warmup_steps, config.num_training_steps, config.min_lr_ratio
     )
@@ -249,6 +263,8 @@ def restore_run(run: Run, folder: Path) -> None:
     run.data.train.load_state_dict(training["data"])
     restore_rng_states(training["rng"], run.context.device)
     run.progress = Progress(**training["progress"])
+    if not resumes_in_place(run.config) and not os.environ.get("WANDB_RUN_ID"):
+        run.progress.wandb_id = uuid.uuid4().hex[:12]  # a new folder is a new wandb run
     if run.progress.step >= run.config.num_training_steps:
         raise UsageError(
             "--num_training_steps",
@@ -287,6 +303,34 @@ def save_run(run: Run) -> None:
             config=run.config,
         )
     barrier(run.context)
+    if run.context.is_main:
+        prune_checkpoints(run.config.save_dir, run.config.keep_checkpoints)
+
+
+def plot_title(config: TrainConfig) -> str:
+    """``<run name>: <optimizer>, lr <peak lr>[, rank <r>]`` (rank only where a projection uses it)."""
+    rank = f", rank {config.rank:g}" if resolved_parameterization(config) != "dense" or recipe_for(
+        config.optimizer).projection_keys else ""
+    return f"{config.run_name}: {config.optimizer}, lr {config.lr:g}{rank}"
+
+
+class StopRequest:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, save and plot; the
+    handler is then the default one again, so a second Ctrl-C stops at once. Single process only:
+    under torchrun the ranks would stop at different steps."""
+
+    def __init__(self, bar) -> None:
+        self.requested = False
+        self._bar = bar
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        self._bar.write("Ctrl-C: stopping after this step to save a checkpoint and the plot (Ctrl-C again: quit now)")
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def every(step: int, period: int) -> bool:
@@ -307,11 +351,28 @@ def logs_after(step: int, config: TrainConfig) -> bool:
     )
 
 
+def configure_threads(config: TrainConfig, device: torch.device) -> int:
+    """Set torch's CPU threads (``--threads``) and return them. ``0`` (auto) keeps what
+    ``OMP_NUM_THREADS`` set, or on the CPU takes the cores not already busy (the 1-minute load
+    average; shared among this machine's processes of the run): on a busy small machine OpenMP
+    threads that wait for a core slow every matmul down several times (experiments/README.md)."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    elif "OMP_NUM_THREADS" not in os.environ and device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        free = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), free // local_processes)))
+    return torch.get_num_threads()
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training that ``config`` describes; a user mistake in it raises
-    :class:`~experiments.errors.UsageError` before anything is built."""
+    :class:`~experiments.errors.UsageError` before anything is built; a Ctrl-C (single process)
+    :class:`RunInterrupted` once its checkpoint and plot are written."""
     check_config(config)
     context = setup_distributed(config.device, config.fsdp)
+    configure_threads(config, context.device)
     try:
         return _train(resolve(config, context.world_size), context)
     finally:
@@ -321,18 +382,22 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
     run = build_run(config, context)  # first: a run refused while building leaves save_dir untouched
     save_dir = Path(config.save_dir)
+    progress, optimizer, pad_id = run.progress, run.optimizer, run.data.tokenizer.pad_id
     if context.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
-        config.save_json(save_dir / "config.json")
-        print(json.dumps(config.to_dict(), indent=2, sort_keys=True), flush=True)
-    progress, optimizer, pad_id = run.progress, run.optimizer, run.data.tokenizer.pad_id
+        config.save_json(save_dir / "config.json")  # the full resolved config; the console gets a summary
+        if config.continue_from and resumes_in_place(config):
+            truncate_metrics(save_dir, progress.step)  # the steps after the checkpoint are logged again
     trainable, total_params = parameter_counts(run.model)
     if context.is_main:
         print(
-            f"model: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-            f"parameterization {resolved_parameterization(config)}, optimizer {config.optimizer}, "
-            f"{config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es) per step"
-            f"{' (FSDP2)' if config.fsdp else ''}",
+            f"{config.run_name}: {config.model_config} ({total_params / 1e6:.2f}M parameters, "
+            f"{trainable / 1e6:.2f}M trainable, {resolved_parameterization(config)}), {config.optimizer} lr "
+            f"{config.lr:g}, {config.num_training_steps} steps x {config.total_batch_size} x {config.max_length} "
+            f"tokens, {config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es)"
+            f"{' (FSDP2)' if config.fsdp else ''} on {context.device.type}"
+            f"{f' ({torch.get_num_threads()} CPU threads)' if context.device.type == 'cpu' else ''}; "
+            f"config and metrics in {save_dir}",
             flush=True,
         )
     logger = RunLogger(config, progress.wandb_id, enabled=context.is_main)
@@ -356,47 +421,64 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
     val_loss, validated_step = float("nan"), None
     saved_step = progress.step if config.continue_from else None
     window = LogWindow(context.device)
-    while progress.step < config.num_training_steps:
-        lr = run.scheduler.get_last_lr()[0]
-        loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
-        run.scheduler.step()
-        progress.step += 1
-        progress.tokens_seen += tokens_per_step
-        window.add(loss, tokens_per_step)
-        window.note_refresh(progress.step, projection_health(optimizer))
-        if progress.step == first_step + 1:  # the first step of a process includes one-time warm-up
-            window.end_warmup()
-        bar.update(1)
-        if not logs_after(progress.step, config):
-            continue
-        summary = window.close(context)
-        metrics = {
-            "train/loss": summary.loss,
-            "train/perplexity": perplexity(summary.loss),
-            "lr": float(lr),           # a 0-d tensor for optimizers that keep one (torchao)
-            "tokens_seen": progress.tokens_seen,
-            "throughput/tokens_per_s": summary.tokens_per_second,
-            "memory/peak_bytes": peak_memory_bytes(context.device),
-            "optimizer/state_bytes": optimizer_state_bytes(optimizer),
-            **summary.projection,
-        }
-        logger.log(progress.step, metrics)
-        bar.set_postfix(loss=f"{summary.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{summary.tokens_per_second:.0f}")
-        if every(progress.step, config.eval_every):
-            val_loss, validated_step = validate(), progress.step
-            if context.is_main:
-                bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
-        if every(progress.step, config.save_every):
-            save_run(run)
-            saved_step = progress.step
-        window.reset()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers go
+    stop = StopRequest(bar) if not context.enabled and in_main_thread else None
+    try:
+        while progress.step < config.num_training_steps and not (stop and stop.requested):
+            lr = run.scheduler.get_last_lr()[0]
+            loss = train_step(run.wrapped, run.data.train, optimizer, config, pad_id, context)
+            run.scheduler.step()
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            window.add(loss, tokens_per_step)
+            window.note_refresh(progress.step, projection_health(optimizer))
+            if progress.step == first_step + 1:  # the first step of a process includes one-time warm-up
+                window.end_warmup()
+            bar.update(1)
+            if not logs_after(progress.step, config) and not (stop and stop.requested):
+                continue
+            summary = window.close(context)
+            metrics = {
+                "train/loss": summary.loss,
+                "train/perplexity": perplexity(summary.loss),
+                "lr": float(lr),           # a 0-d tensor for optimizers that keep one (torchao)
+                "tokens_seen": progress.tokens_seen,
+                "throughput/tokens_per_s": summary.tokens_per_second,
+                "memory/peak_bytes": peak_memory_bytes(context.device),
+                "optimizer/state_bytes": optimizer_state_bytes(optimizer),
+                **summary.projection,
+            }
+            logger.log(progress.step, metrics)
+            bar.set_postfix(loss=f"{summary.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{summary.tokens_per_second:.0f}")
+            if every(progress.step, config.eval_every):
+                val_loss, validated_step = validate(), progress.step
+                if context.is_main:
+                    bar.write(f"step {progress.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
+            if every(progress.step, config.save_every):
+                save_run(run)
+                saved_step = progress.step
+            window.reset()
+    finally:
+        if stop is not None:
+            stop.restore()  # also when the loop raised
     bar.close()
     wall = time.perf_counter() - start
+    # A Ctrl-C during the last step changes nothing: the run ends as usual.
+    interrupted = stop is not None and stop.requested and progress.step < config.num_training_steps
 
+    if interrupted:
+        if saved_step != progress.step and progress.step > 0:
+            save_run(run)
+        logger.finish()
+        plot = plot_run(read_metrics(logger.path), save_dir / LOSS_PLOT, title=plot_title(config))
+        raise RunInterrupted(
+            f"stopped at step {progress.step} of {config.num_training_steps}; checkpoint "
+            f"{save_dir / f'model_{progress.step}'}, plot {plot}; resume with --continue_from {save_dir}"
+        )
     if validated_step != progress.step:
         val_loss = validate()
-    if config.save_every and saved_step != progress.step:
-        save_run(run)
+    if saved_step != progress.step:
+        save_run(run)  # every run ends with a checkpoint (--save_every 0: that one only)
     state_bytes = optimizer_state_bytes(optimizer)
     logger.finish()
     result = TrainResult(
@@ -410,7 +492,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
         wall_seconds=wall,
     )
     if context.is_main:
-        plot = plot_run(read_metrics(logger.path), save_dir / LOSS_PLOT, title=config.run_name)
+        plot = plot_run(read_metrics(logger.path), save_dir / LOSS_PLOT, title=plot_title(config))
         print(
             f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {wall:.0f} s "
             f"({result.tokens_per_second:.0f} tokens/s); final val loss {val_loss:.4f}, "
@@ -429,6 +511,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(USAGE_ERROR_STATUS) from None
+    except RunInterrupted as interrupted:
+        print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_STATUS) from None
+    except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C
+        print("interrupted: nothing saved after the last checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_STATUS) from None
 
 
 if __name__ == "__main__":

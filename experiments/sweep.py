@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.args import build_parser
+from experiments.args import build_parser, explicit_flags
 from experiments.logging_utils import METRICS_FILE, read_metrics
 
 EXPERIMENTS_PROGRAM = "experiments.pretrain"
@@ -82,15 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     varying = [name for name, spec in sweep["parameters"].items() if len(spec.get("values", [])) > 1]
     runs_dir = args.runs_dir or Path("runs") / "sweeps" / args.sweep.stem
     rows = []
+    # The runner's --wandb_mode and the flags after "--" replace the YAML's values (online and the step
+    # count are what `wandb agent` needs): each flag appears once in a command.
+    replaced = {"run_name", "save_dir", "wandb_mode", *explicit_flags(extra)}
     for index, point in enumerate(grid, 1):
         name = run_name(point, varying)
         save_dir = runs_dir / name
-        # Later flags win in argparse: --wandb_mode overrides the YAML's (online, for wandb agent).
         command = [
             sys.executable,
             "-m",
             EXPERIMENTS_PROGRAM,
-            *pretrain_argv(point),
+            *pretrain_argv({key: value for key, value in point.items() if key not in replaced}),
             f"--run_name={name}",
             f"--save_dir={save_dir}",
             f"--wandb_mode={args.wandb_mode}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from experiments.config import (  # noqa: E402
     resolve,
 )
 from experiments.errors import UsageError  # noqa: E402
+from experiments.methods import available_methods  # noqa: E402
 from experiments.schedulers import WarmupSchedule, build_scheduler  # noqa: E402
 
 
@@ -181,3 +183,46 @@ def test_scheduler_rejects_bad_values():
         WarmupSchedule("step", 0, 10, 0.1)
     with pytest.raises(ValueError, match="warmup_steps 20"):
         WarmupSchedule("cosine", 20, 10, 0.1)
+
+
+def test_help_is_grouped_and_says_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    text = build_parser().format_help()
+    lines = text.splitlines()
+    assert len(lines) < 130, len(lines)  # 192 lines before the groups and the shorter texts
+    for section in ("model:", "optimizer:", "evaluation and checkpoints:", "logging:"):
+        assert section in lines
+    flat = " ".join(text.split())
+    assert "(default: none)" not in flat and "default: none" not in flat
+    assert all(line.count("(default") <= 1 for line in flat.split("--"))
+    assert "--fsdp, --no-fsdp" in flat and "--step_in_backward, --no-step_in_backward" in flat
+    assert "[STEP_IN_BACKWARD]" not in text and "[FSDP]" not in text
+    assert f"one of {', '.join(available_methods())} (default dct_adamw)" in flat
+    assert "steps between validations; 0: only the final one (default 100)" in flat
+    assert "steps between checkpoints; 0: only the final one (default 100)" in flat
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], False), (["--fsdp"], True), (["--no-fsdp"], False), (["--fsdp", "false"], False), (["--fsdp=True"], True),
+     (["--fsdp", "--no-fsdp"], False)],
+)
+def test_switches_take_no_value_a_negation_or_an_explicit_value(argv, expected):
+    assert parse_config(argv).fsdp is expected
+
+
+def test_a_switch_set_to_true_round_trips_through_argv():
+    config = TrainConfig(activation_checkpointing=True, backward_projection=True, optimizer="dct_adamw")
+    assert parse_config(config_to_argv(config)) == config
+
+
+def test_resume_continues_in_the_checkpoint_folder_unless_renamed(tmp_path):
+    saved = resolve(TrainConfig(optimizer="adamw", save_dir="somewhere/else"), world_size=1)
+    folder = tmp_path / "moved_run" / "model_10"
+    folder.mkdir(parents=True)
+    saved.save_json(folder / "config.json")
+    assert parse_config(["--continue_from", str(folder)]).save_dir == str(tmp_path / "moved_run")
+    renamed = parse_config(["--continue_from", str(folder), "--run_name", "t_resumed"])
+    assert renamed.save_dir is None and resolve(renamed, world_size=1).save_dir == str(Path("runs") / "t_resumed")
+    explicit = parse_config(["--continue_from", str(folder), "--save_dir", str(tmp_path / "new")])
+    assert explicit.save_dir == str(tmp_path / "new")

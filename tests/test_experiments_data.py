@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import experiments.data_c4
 from experiments.corpus import VALIDATION_PLAYS, load_shakespeare, play_title  # noqa: E402
 from experiments.data import ChunkLoader, build_data, encode_documents, validation_chunks  # noqa: E402
 from experiments.data_c4 import DocumentLoader, pad_or_truncate, validation_batches  # noqa: E402
 from experiments.data_interface import DataSpec  # noqa: E402
+from experiments.errors import UsageError
 from experiments.tokenizer import ByteTokenizer, build_tokenizer  # noqa: E402
 
 
@@ -136,6 +138,7 @@ def test_c4_pipeline_runs_offline_on_an_in_memory_stream(monkeypatch, tmp_path):
         return datasets.Dataset.from_dict({"text": documents[split]}).to_iterable_dataset(num_shards=4)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(experiments.data_c4, "hub_unreachable", lambda: None)  # the hub is not asked
     spec = DataSpec("c4", "byte", max_length=24, batch_size=4, eval_tokens=100, seed=0, cache_dir=tmp_path)
     data = build_data(spec)
     assert ("allenai/c4", "en", "train", True) in requests and ("allenai/c4", "en", "validation", True) in requests
@@ -156,6 +159,32 @@ def test_c4_pipeline_runs_offline_on_an_in_memory_stream(monkeypatch, tmp_path):
         return {bytes(row[row < 256].tolist()) for _ in range(10) for row in loader.next_batch()}
 
     assert not first_tokens(0) & first_tokens(1)  # ranks read disjoint documents
+
+
+def test_c4_offline_is_one_usage_error_within_seconds(monkeypatch, tmp_path):
+    """``datasets`` retried five times and ended in a 14-frame traceback; the probe answers at once."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid:8443")
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(experiments.data_c4.socket, "create_connection", refuse)
+    spec = DataSpec("c4", "byte", max_length=24, batch_size=4, eval_tokens=100, seed=0, cache_dir=tmp_path)
+    with pytest.raises(UsageError) as refused:
+        build_data(spec)
+    assert str(refused.value) == (
+        "--dataset: c4 streams allenai/c4 from the Hugging Face Hub, but hub.invalid:8443 cannot be reached "
+        "(Network is unreachable); offline, train on the embedded corpus (--dataset shakespeare)"
+    )
+    assert calls == [(("hub.invalid", 8443), experiments.data_c4.PROBE_TIMEOUT_S)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="but HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; offline, train on"):
+        build_data(spec)
+    assert len(calls) == 1
 
 
 def test_hub_tokenizer_path_loads_a_saved_tokenizer(tmp_path):

@@ -83,6 +83,9 @@ FLAG_MISTAKES = [
     (["--log_every", "0"], "error: --log_every: expected an integer >= 1, got 0"),
     (["--optimizer", "adam_w"], "error: --optimizer: unknown optimizer: expected one of "
      f"{', '.join(available_methods())}, got 'adam_w' (did you mean 'adamw'?)"),
+    (["--optimizer", "sltrain"], "error: --optimizer: unknown optimizer: expected one of "
+     f"{', '.join(available_methods())}, got 'sltrain'; sltrain is a parameterization, not an optimizer: pass "
+     "--parameterization sltrain (with --optimizer adamw, for instance)"),
     (["--dataset", "wiki"], "error: --dataset: unknown dataset: expected one of shakespeare, c4, got 'wiki'"),
     (["--parameterization", "lora"], "error: --parameterization: unknown parameterization: expected one of auto, "
      "dense, sst, sltrain, got 'lora'"),
@@ -140,8 +143,10 @@ BUILD_MISTAKES = [
      r"of 1000000 sequences \(batch_size x world_size\) of length 32; expected a smaller batch_size or max_length"),
     (["--eval_tokens", "10"], r"error: --eval_tokens: 10 tokens give 0 validation sequences of length 32; expected "
      r"at least one per rank \(1\): eval_tokens >= max_length x world_size"),
-    (["--optimizer_kwargs", '{"foo": 1}'], r"error: --optimizer_kwargs: AdamW.__init__\(\) got an unexpected "
-     r"keyword argument 'foo'"),
+    (["--optimizer_kwargs", '{"foo": 1}'], r"error: --optimizer_kwargs: unknown key 'foo' for --optimizer adamw "
+     r"\(AdamW\); accepted keys: lr, betas, eps, weight_decay, amsgrad, .*"),
+    (["--optimizer", "dct_adamw", "--optimizer_kwargs", '{"rnk": 4}'], r"error: --optimizer_kwargs: unknown key "
+     r"'rnk' for --optimizer dct_adamw \(DCTProjAdam\); accepted keys: lr, .*\brank\b.* \(did you mean 'rank'\?\)"),
     (["--optimizer", "galore_adamw", "--rank", "0.25"], r"error: --rank: Invalid rank: 0\.25 \(expected an "),
     (["--optimizer", "sst_adamw", "--rank", "1000"], r"error: --rank: Invalid rank: 1000 \(expected an integer "),
     (["--optimizer", "dct_adamw", "--target_modules", "zzz"], r"error: --target_modules: Invalid target_modules: "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +144,23 @@ def test_stepping_in_backward_while_layers_recompute_follows_the_standard_loop()
             optimizer.zero_grad()
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(plain.parameters(), checkpointed.parameters()))
     assert not torch.equal(plain.lm_head.weight, _twins()[0].lm_head.weight)
+
+
+HF_BUILD = """
+import sys
+from experiments.model_factory import build_model
+build_model("llama_micro", "hf", tokenizer_vocab_size=259)
+print("torchao imported" if "torchao" in sys.modules else "torchao not imported")
+"""
+
+
+def test_hf_build_imports_no_torchao_and_prints_nothing():
+    """transformers imports torchao whenever it is installed (its import prints ``Failed to load
+    ..._C_mxfp8...so`` and pytree warnings); building the LLaMA must not."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed: nothing could import it")
+    completed = subprocess.run([sys.executable, "-c", HF_BUILD], cwd=Path(__file__).resolve().parents[1],
+                               capture_output=True, text=True, timeout=300, check=True)
+    assert completed.stdout.strip() == "torchao not imported"
+    assert completed.stderr == ""

@@ -136,3 +136,18 @@ def test_compare_writes_table_and_plot(tmp_path):
         assert len(row["lr_sweep"]) == 2 and row["curve"][-1][0] == 4
         assert row["final_val_loss"] == min(loss for _, loss in row["lr_sweep"])
     assert (tmp_path / "out" / "val_loss.png").stat().st_size > 0
+
+
+def test_runner_commands_carry_each_flag_once(capsys):
+    """The YAML's wandb_mode (online) and step count give way to the runner's --wandb_mode and the
+    flags after "--" instead of appearing twice in a command."""
+    main([str(REPO_ROOT / "experiments" / "sweeps" / "adamw_lr.yaml"), "--dry_run", "--wandb_mode", "disabled",
+          "--", "--num_training_steps", "20", "--galore_scale", "0.5"])
+    commands = [line.split("] ", 1)[1].split() for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(commands) == 4
+    for command in commands:
+        flags = [word.split("=", 1)[0] for word in command if word.startswith("--")]
+        assert len(flags) == len(set(flags)), flags
+        assert "--wandb_mode=disabled" in command and "--wandb_mode=online" not in command
+        assert "--num_training_steps=500" not in command and command[-4:] == [
+            "--num_training_steps", "20", "--galore_scale", "0.5"]

@@ -492,3 +492,28 @@ def test_activation_checkpointing_turns_on_hugging_face_gradient_checkpointing(t
         runs[flag] = (loss, [p.detach().clone() for p in run.model.parameters()])
     assert torch.equal(runs[True][0], runs[False][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_threads_flag_auto_takes_the_free_cores_and_respects_omp(restore_threads, monkeypatch):
+    from experiments.pretrain import configure_threads
+
+    cpu = torch.device("cpu")
+    assert configure_threads(TrainConfig(threads=1), cpu) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    torch.set_num_threads(4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))  # three of four cores busy
+    assert configure_threads(TrainConfig(), cpu) == 1
+    torch.set_num_threads(4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.0, 0.0))
+    assert configure_threads(TrainConfig(), cpu) == 3
+    torch.set_num_threads(4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stays
+    assert configure_threads(TrainConfig(), cpu) == 4

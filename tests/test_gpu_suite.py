@@ -18,7 +18,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUITE = REPO_ROOT / "experiments" / "bench" / "gpu_suite.sh"
 SLUG = "cpu_dry"  # the device part of every file name in dry mode
-MEMORY_BENCH_EXISTS = (REPO_ROOT / "experiments" / "bench" / "memory.py").exists()
 # What each step must leave in the output folder (besides its log).
 OUTPUTS = {
     "kernel_tests": [f"kernel_tests_{SLUG}.xml"],
@@ -26,7 +25,7 @@ OUTPUTS = {
     "kernels_bench": [f"kernels_bench_{SLUG}.csv"],
     "optimizer_step_float32": [f"optimizer_step_float32_{SLUG}.csv"],
     "optimizer_step_bfloat16": [f"optimizer_step_bfloat16_{SLUG}.csv"],
-    "memory_bench": [],
+    "memory_bench": [f"memory_bench_{SLUG}/results.md", f"memory_bench_{SLUG}/results.json"],
     "compare": [f"compare_{SLUG}/results.md", f"compare_{SLUG}/results.json", f"compare_{SLUG}/val_loss.png"],
 }
 
@@ -64,12 +63,10 @@ def test_every_step_ran_and_passed(dry_run):
     rows = summary_rows(out)
     assert list(rows) == list(OUTPUTS)
     for step, (status, exit_code, wall, budget, _) in rows.items():
-        if step == "memory_bench" and not MEMORY_BENCH_EXISTS:
-            assert status.startswith("skipped"), status
-            continue
         assert (status, exit_code) == ("ok", "0"), (step, status)
         assert 0 <= int(wall) <= int(budget)
-        assert (out / "logs" / f"{step}_{SLUG}.log").stat().st_size > 0
+        command = (out / "logs" / f"{step}_{SLUG}.log").read_text().splitlines()[0]
+        assert command.startswith("+ ") and not command.endswith("--help"), (step, command)  # it measured
     assert f"All {len(OUTPUTS)} steps passed" in completed.stdout  # the printed summary
 
 
@@ -80,6 +77,7 @@ def test_every_step_wrote_its_outputs(dry_run):
             assert (out / path).stat().st_size > 0, (step, path)
     # The sharded checkpoints were written (the step checks them), then removed: not results.
     assert not list((out / f"fsdp_smoke_{SLUG}").glob("model_*"))
+    assert not list((out / f"compare_{SLUG}" / "runs").glob("*/model_*"))  # each run's final checkpoint
     assert not (REPO_ROOT / "experiments" / "results" / SLUG).exists()
 
 
