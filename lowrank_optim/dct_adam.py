@@ -131,7 +131,6 @@ class DCTProjAdam(ProjectedAdamW):
 
     adam_form = AdamForm.TORCH
     side_key = "proj_side"
-    keys_added_later = {"basis": "cached"}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | float | None = 0.25,

@@ -63,7 +63,7 @@ from .rounding import rounding_generator
 from .selection import vocabulary_matrices
 from .sharding import Sharding, local, local_side, summed
 from .state_bytes import tensor_bytes
-from .state_io import restore_saved_dtypes
+from .state_io import STATE_FORMAT, check_state_format, restore_saved_dtypes
 from .summary import ProjectionRow, ProjectionSummary
 from .validation import (
     check_adamw_hyperparameters,
@@ -81,12 +81,6 @@ from .validation import (
 MOMENT_POLICIES = ("keep", "reset", "transport")
 BIAS_CORRECTIONS = ("step", "slot")
 TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused")
-_LEGACY_GROUP_KEYS = ("projection", "targets")     # group keys of checkpoints written before v0.2
-# Keys added after the first release, with the behaviour of the versions that did not have them.
-KEYS_ADDED_LATER = {"backend": "auto", "bias_correction": "step", "residual": "none", "moment_bits": None,
-                    "moment_block_size": None,
-                    "bf16_stochastic_round": False, "foreach": None, "maximize": False, "capturable": False,
-                    "differentiable": False, "fused": None}
 
 
 @dataclass(frozen=True)
@@ -126,7 +120,6 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
     adam_form: ClassVar[AdamForm]
     side_key: ClassVar[str]
     group_only_keys: ClassVar[tuple[str, ...]] = ()
-    keys_added_later: ClassVar[dict] = {}       # the subclass's own, as KEYS_ADDED_LATER
 
     def __init__(self, params, defaults: dict, *, skip_nonfinite: bool = False, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
@@ -580,13 +573,13 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
     def state_dict(self):
         state = super().state_dict()
         state["skipped_steps"] = self.skipped_steps
+        state["state_format"] = STATE_FORMAT
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load, keeping every saved state tensor's dtype (:mod:`lowrank_optim.state_io`)."""
-        groups = [{k: v for k, v in group.items() if k not in _LEGACY_GROUP_KEYS}
-                  for group in state_dict["param_groups"]]
-        state_dict = {**state_dict, "param_groups": groups}
+        """Load a state dict this version saved (:func:`~lowrank_optim.state_io.check_state_format`),
+        keeping every saved state tensor's dtype (:mod:`lowrank_optim.state_io`)."""
+        check_state_format(state_dict, set(self.defaults), type(self).__name__)
         super().load_state_dict(state_dict)
         restore_saved_dtypes(self, state_dict)
         self.skipped_steps = state_dict.get("skipped_steps", 0)
@@ -615,9 +608,6 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         self.refresh_stats = {}
         self._plans = {}             # resolved again (load_state_dict calls this with the new groups)
         self._refresh_offsets = {}
-        for group in self.param_groups:          # groups saved before these keys existed ran as:
-            for key, value in {**KEYS_ADDED_LATER, **self.keys_added_later}.items():
-                group.setdefault(key, value)
         self._plan_all(warn=False)
         if self.backward_projection and not self.__dict__.get("_hooks"):
             self._hooks = []

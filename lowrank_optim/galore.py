@@ -84,7 +84,6 @@ class GaLoreAdamW(ProjectedAdamW):
     adam_form = AdamForm.HF
     side_key = "proj_type"
     group_only_keys = ("rank",)
-    keys_added_later = {"projector": "svd"}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True,

@@ -1,4 +1,9 @@
-"""Loading optimizer state without torch's dtype casts.
+"""Loading optimizer state: only the format this version writes, without torch's dtype casts.
+
+**Format.** ``state_dict()["state_format"]`` is :data:`STATE_FORMAT`. This version loads the state
+dicts it saves (the promise), and one without the key, as ``torch.distributed.checkpoint`` rebuilds
+it from per-parameter entries; a state dict of another format, or whose param groups lack keys of
+this version, is refused with what it lacks (no defaults are guessed for an older layout).
 
 ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating parameter to the
 parameter's dtype (except ``"step"``): integer subspace indices and step counts would become
@@ -8,6 +13,23 @@ floats, fp32 moments of bf16 weights would become bf16. The library's optimizers
 from __future__ import annotations
 
 import torch
+
+STATE_FORMAT = 1
+
+
+def check_state_format(state_dict: dict, group_keys: set[str], optimizer_name: str) -> None:
+    """``ValueError`` naming what is wrong when ``state_dict`` is not of :data:`STATE_FORMAT` or a
+    saved param group lacks one of ``group_keys`` (module doc); nothing is loaded then."""
+    found = state_dict.get("state_format", STATE_FORMAT)
+    if found != STATE_FORMAT:
+        raise ValueError(f"Invalid state_dict: state_format {found!r} (this version of lowrank-optim loads format "
+                         f"{STATE_FORMAT}; load it with the version that saved it)")
+    for index, group in enumerate(state_dict["param_groups"]):
+        missing = sorted(group_keys - group.keys())
+        if missing:
+            raise ValueError(f"Invalid state_dict: param_groups[{index}] lacks {', '.join(map(repr, missing))} "
+                             f"(saved by another optimizer or another version of {optimizer_name}; this version "
+                             "loads the state dicts it saves)")
 
 
 def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:

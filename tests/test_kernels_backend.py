@@ -102,14 +102,19 @@ def test_explicit_triton_with_stochastic_rounding_is_refused_not_run_on_pytorch(
     optimizer(groups(torch.float32), backend="triton", bf16_stochastic_round=True)     # fp32: no rounding to do
 
 
-def test_checkpoint_without_backend_loads_as_auto():
+@pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])
+def test_the_state_format_is_written_and_another_one_is_refused(optimizer):
+    """This version loads what it saves, and a state dict without the key (as
+    torch.distributed.checkpoint rebuilds it); another format or a group lacking a key is refused."""
     model = make_model()
-    optimizer = DCTProjAdam(model.parameters(), lr=1e-3)
-    train(model, optimizer, 2)
-    saved = optimizer.state_dict()
-    for group in saved["param_groups"]:
-        del group["backend"]
-    restored = DCTProjAdam(model.parameters(), lr=1e-3, backend="torch")
-    restored.load_state_dict(saved)
-    assert all(group["backend"] == "auto" for group in restored.param_groups)
-    train(model, restored, 1, start=2)
+    trained = optimizer(model.parameters(), lr=1e-3)
+    train(model, trained, 2)
+    saved = trained.state_dict()
+    assert saved["state_format"] == 1
+    optimizer(model.parameters(), lr=1e-3).load_state_dict({k: v for k, v in saved.items() if k != "state_format"})
+    with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim loads "
+                                         r"format 1"):
+        optimizer(model.parameters(), lr=1e-3).load_state_dict({**saved, "state_format": 2})
+    groups = [{k: v for k, v in group.items() if k != "backend"} for group in saved["param_groups"]]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks 'backend'"):
+        optimizer(model.parameters(), lr=1e-3).load_state_dict({**saved, "param_groups": groups})
