@@ -260,7 +260,7 @@ class TrainConfig:
     save_every: int = _flag(
         100, "steps between checkpoints; 0: only the final one", type=int, valid=Interval.integers(0)
     )
-    keep_checkpoints: int = _flag(
+    keep_last: int = _flag(
         3, "checkpoints kept in save_dir, oldest deleted first, the newest never; 0: keep all", type=int,
         valid=Interval.integers(0),
     )

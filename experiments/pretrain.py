@@ -8,7 +8,7 @@ Flags: ``--help`` or ``experiments/config.py``.
 
 One optimizer step = ``gradient_accumulation`` micro-batches per process; the loop evaluates every
 ``eval_every`` steps, checkpoints atomically every ``save_every`` steps (``experiments/checkpoint.py``;
-the newest ``keep_checkpoints`` are kept) and ends with a validation, a final checkpoint and
+the newest ``keep_last`` are kept) and ends with a validation, a final checkpoint and
 ``loss_curve.png``; ``0`` for either period means at the end only. A run writes only into a folder of
 its own (``experiments/run_folder.py``). Ctrl-C (single process) stops after the current step with a
 final checkpoint and plot. It never waits for the device
@@ -304,7 +304,7 @@ def save_run(run: Run) -> None:
         )
     barrier(run.context)
     if run.context.is_main:
-        prune_checkpoints(run.config.save_dir, run.config.keep_checkpoints)
+        prune_checkpoints(run.config.save_dir, run.config.keep_last)
 
 
 def plot_title(config: TrainConfig) -> str:

@@ -6,7 +6,7 @@ there from a checkpoint older than the folder's latest is refused: the resumed r
 the later checkpoints (``--continue_from`` the latest, or a new ``--run_name``, resume into a
 folder of its own). A resumed run continues the folder's ``metrics.jsonl`` from its step: the rows
 logged after that checkpoint by the interrupted process are dropped, the resumed run logs those
-steps again. :func:`prune_checkpoints` applies ``--keep_checkpoints``.
+steps again. :func:`prune_checkpoints` applies ``--keep_last``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Run folders: a run never writes into another run's folder, never overwrites a checkpoint, never
-repeats a metrics row; ``--keep_checkpoints``; ``--save_every 0`` / ``--eval_every 0``; Ctrl-C."""
+repeats a metrics row; ``--keep_last``; ``--save_every 0`` / ``--eval_every 0``; Ctrl-C."""
 
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def test_resume_in_place_after_a_crash_continues_metrics_without_repeats(cache_d
 
 
 @pytest.mark.parametrize(("keep", "expected"), [(2, [5, 6]), (1, [6]), (0, [1, 2, 3, 4, 5, 6])])
-def test_keep_checkpoints_deletes_the_oldest_and_never_the_newest(keep, expected, cache_dir, tmp_path):
+def test_keep_last_deletes_the_oldest_and_never_the_newest(keep, expected, cache_dir, tmp_path):
     folder = tmp_path / "run"
-    main([*micro_flags(cache_dir, steps=6, save_every=1), "--save_dir", str(folder), "--keep_checkpoints", str(keep)])
+    main([*micro_flags(cache_dir, steps=6, save_every=1), "--save_dir", str(folder), "--keep_last", str(keep)])
     assert [step for step, _ in list_checkpoints(folder)] == expected
 
 
