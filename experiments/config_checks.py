@@ -23,7 +23,7 @@ from experiments.config import TrainConfig, check_values
 from experiments.data import DATASETS
 from experiments.distributed import check_fsdp_supported
 from experiments.errors import UsageError, expected_one_of
-from experiments.methods import available_methods, recipe_for, resolved_parameterization
+from experiments.methods import available_methods, info_for, resolved_parameterization
 from experiments.model import LlamaConfig
 from experiments.model_factory import read_model_config
 
@@ -68,7 +68,7 @@ def _check_model_config(config: TrainConfig) -> None:
 
 def _check_resume(config: TrainConfig) -> None:
     """``continue_from`` names a complete checkpoint of the kind the run writes, of a resumable optimizer."""
-    if not recipe_for(config.optimizer).resumable:
+    if not info_for(config.optimizer).resumable:
         raise UsageError(
             "--continue_from",
             f"runs of {config.optimizer} cannot be resumed: its optimizer state holds Python objects, which "
