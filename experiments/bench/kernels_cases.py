@@ -26,7 +26,7 @@ from lowrank_optim.kernels.dispatch import adam_moment_update, projected_weight_
 from lowrank_optim.geometry import compressed_size, projected_shape, resolve_side
 from lowrank_optim.projectors.dct_basis import dct_matrix
 
-from .kernels_timing import measure_ms
+from .common import measure_ms
 
 ADAM = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**10, bias_correction2=1 - 0.999**10)
 UPDATE = dict(lr=1e-3, scale=0.25, weight_decay=0.1)

@@ -7,7 +7,7 @@ backend), and the peer ``galore_torch.GaLoreAdamW`` when installed. Projected op
 GaLore recipe's rank on the attention and MLP weights; embeddings, head and norms get AdamW. A
 refresh step is one with ``update_proj_gap=1`` (a new subspace every step); an ordinary step one
 with the subspace fixed (``update_proj_gap=10⁹``, after the first step). Gradients are random and
-fixed; each step is timed whole (:func:`.kernels_timing.measure_ms`).
+fixed; each step is timed whole (:func:`.common.measure_ms`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 
-from .kernels_timing import measure_ms
+from .common import measure_ms
 
 ORDINARY_GAP = 10**9
 
