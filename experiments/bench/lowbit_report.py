@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.bench.common import write_text  # noqa: E402
 from experiments.plotting import plot_validation_curves, save_figure  # noqa: E402
 from experiments.results import compare  # noqa: E402
 
@@ -105,11 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     table = compare.markdown_table(list(ordered.values()), base, device.group(1) if device else "?", "; ".join(
         commands))
     table = table.replace("Command: `", "Commands (one process each, run side by side): `").replace("; ", "`; `")
-    args.out.mkdir(parents=True, exist_ok=True)
     text = ((f"{args.title}\n\n" if args.title else "") + table
             + "\n### Low-bit moments vs their 32-bit counterpart\n\n" + lowbit_table(ordered))
-    (args.out / "results.md").write_text(text, encoding="utf-8")
-    (args.out / "results.json").write_text(json.dumps(list(ordered.values()), indent=2) + "\n", encoding="utf-8")
+    write_text(args.out / "results.md", text)
+    write_text(args.out / "results.json", json.dumps(list(ordered.values()), indent=2) + "\n")
     title = f"validation loss, {base.model_config}, {base.num_training_steps} steps"
     plot_validation_curves({row["label"]: row["curve"] for row in ordered.values()}, args.out / "val_loss.png",
                            title=title)

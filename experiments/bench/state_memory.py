@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from experiments.bench.common import command_line, write_text
+from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, lowrank_param_groups
+from lowrank_optim import lowrank_param_groups
 
 # (label, config, GaLore recipe rank)
 MODELS: dict[str, tuple[str, int]] = {
@@ -56,25 +56,28 @@ GIB, GB = 2**30, 10**9
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A row of the table: which optimizer, projected or not, at which moment bits."""
+    """A row of the table: an optimizer of ``experiments.methods`` (registry or peer) at its moment bits."""
 
     label: str
-    family: str           # "plain" (AdamW on every parameter), "galore" or "dct"
+    optimizer: str
     bits: int | None
-    galore_8bit_class: bool = False  # GaLoreAdamW8bit (galore_torch's 8-bit constructor defaults)
+
+    @property
+    def projected(self) -> bool:
+        return bool(info_for(self.optimizer).projection_keys)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "adamw": MethodSpec("AdamW, float moments (2 × itemsize B/param)", "plain", None),
-    "adamw_8bit": MethodSpec("AdamW, 8-bit moments (library plain path)", "plain", 8),
-    "adamw_4bit": MethodSpec("AdamW, 4-bit moments (library plain path)", "plain", 4),
-    "galore": MethodSpec("GaLoreAdamW, float moments", "galore", None),
-    "galore_8bit": MethodSpec("GaLoreAdamW, moment_bits=8", "galore", 8),
-    "galore_adamw8bit": MethodSpec("GaLoreAdamW8bit", "galore", 8, galore_8bit_class=True),
-    "galore_4bit": MethodSpec("GaLoreAdamW, moment_bits=4", "galore", 4),
-    "dct": MethodSpec("DCTProjAdam, float moments", "dct", None),
-    "dct_8bit": MethodSpec("DCTProjAdam, moment_bits=8", "dct", 8),
-    "dct_4bit": MethodSpec("DCTProjAdam, moment_bits=4", "dct", 4),
+    "adamw": MethodSpec("AdamW, float moments (2 × itemsize B/param)", "lowrank_plain_adamw", None),
+    "adamw_8bit": MethodSpec("AdamW, 8-bit moments (library plain path)", "adamw8bit", 8),
+    "adamw_4bit": MethodSpec("AdamW, 4-bit moments (library plain path)", "adamw4bit", 4),
+    "galore": MethodSpec("GaLoreAdamW, float moments", "galore_adamw", None),
+    "galore_8bit": MethodSpec("GaLoreAdamW, moment_bits=8", "galore_adamw", 8),
+    "galore_adamw8bit": MethodSpec("GaLoreAdamW8bit", "galore_adamw8bit", 8),
+    "galore_4bit": MethodSpec("GaLoreAdamW, moment_bits=4", "galore_adamw", 4),
+    "dct": MethodSpec("DCTProjAdam, float moments", "dct_adamw", None),
+    "dct_8bit": MethodSpec("DCTProjAdam, moment_bits=8", "dct_adamw", 8),
+    "dct_4bit": MethodSpec("DCTProjAdam, moment_bits=4", "dct_adamw", 4),
 }
 
 # Anchors from the papers (as printed; not computed here). GaLore Table 2, bf16, optimizer states only.
@@ -112,18 +115,12 @@ def projected_weights(model: nn.Module, rank: int) -> list[tuple[str, nn.Paramet
 
 # ------------------------------------------------------------------------------------------ optimizers
 def build_optimizer(model: nn.Module, key: str, rank: int) -> torch.optim.Optimizer:
-    """The optimizer of method ``key`` over ``model`` (meta or real), as the tables count it."""
+    """The optimizer of method ``key`` over ``model`` (meta or real), as the tables count it:
+    projected methods over GaLore's recipe, the plain path over every named parameter."""
     spec = METHODS[key]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no parameter is projected" for the plain path: intended
-        if spec.family == "plain":
-            # DCTProjAdam projecting nothing is the library's plain AdamW (torch form).
-            return DCTProjAdam(model.named_parameters(), rank=None, moment_bits=spec.bits)
-        groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank)
-        if spec.galore_8bit_class:
-            return GaLoreAdamW8bit(groups)
-        cls = GaLoreAdamW if spec.family == "galore" else DCTProjAdam
-        return cls(groups, moment_bits=spec.bits)
+    params = (lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank) if spec.projected
+              else model.named_parameters())
+    return create_optimizer(spec.optimizer, params, moment_bits=spec.bits)
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -159,7 +156,7 @@ class StateBytes:
 def analytic_state_bytes(model: nn.Module, key: str, rank: int) -> tuple[int, int, int]:
     """(moments of projected weights, projection state, moments of plain parameters), counted here."""
     spec = METHODS[key]
-    projected = {} if spec.family == "plain" else {id(p): p for _, p in projected_weights(model, rank)}
+    projected = {} if not spec.projected else {id(p): p for _, p in projected_weights(model, rank)}
     moments_projected = projection = moments_plain = 0
     for param in model.parameters():
         itemsize = param.element_size()
@@ -170,7 +167,7 @@ def analytic_state_bytes(model: nn.Module, key: str, rank: int) -> tuple[int, in
         side = "right" if m >= n else "left"
         shape, layout = ((m, rank), "columns") if side == "right" else ((rank, n), "rows")
         moments_projected += 2 * moment_bytes(shape, layout, spec.bits, itemsize)
-        projection += rank * min(m, n) * itemsize if spec.family == "galore" else rank * 8 + 4
+        projection += rank * min(m, n) * itemsize if spec.optimizer.startswith("galore") else rank * 8 + 4
     return moments_projected, projection, moments_plain
 
 
@@ -183,7 +180,7 @@ def state_bytes(model: nn.Module, key: str, rank: int, *, check: bool = True) ->
     parts = analytic_state_bytes(model, key, rank)
     result = StateBytes(*parts, library=summary.state_bytes, parameters=sum(p.numel() for p in model.parameters()))
     if check:
-        expected = set() if METHODS[key].family == "plain" else {name for name, _ in projected_weights(model, rank)}
+        expected = set() if not METHODS[key].projected else {name for name, _ in projected_weights(model, rank)}
         got = {row.name for row in summary if row.projected}
         if got != expected:
             raise AssertionError(f"{key}: projected {sorted(got ^ expected)[:4]} … differ from the recipe's")
@@ -328,12 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", default="hf", choices=("hf", "native"))
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m experiments.bench.state_memory", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("experiments.bench.state_memory", argv)
     results = measure(args.models, args.dtypes, args.impl, args.methods)
     text = render(results, args.models, args.dtypes, args.methods, args.impl, command)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_text(args.out, text)
     print(text)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.common import command_line, device_label
+from experiments.bench.common import command_line, device_label, write_text
 from experiments.config import TrainConfig
 from experiments.logging_utils import METRICS_FILE, read_metrics
 from experiments.methods import info_for
@@ -192,12 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     base = base_config(args)
     rows = [run_method(key, METHODS[key], base, args.lr_factors, args.runs_dir) for key in args.methods]
 
-    args.out.mkdir(parents=True, exist_ok=True)
     command = command_line("experiments.results.compare", argv)
     device = device_label("cuda" if torch.cuda.is_available() else "cpu")
     table = markdown_table(rows, base, device, command)
-    (args.out / "results.md").write_text(table, encoding="utf-8")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    write_text(args.out / "results.md", table)
+    write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
     plot_validation_curves(
         {row["label"]: row["curve"] for row in rows},
         args.out / "val_loss.png",
