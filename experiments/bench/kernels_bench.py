@@ -34,8 +34,15 @@ import torch
 from lowrank_optim.kernels.backend import interpreting, triton_available
 
 from .common import copy_bandwidth_gbps, device_label
-from .kernels_cases import Settings, bench_fused_step, bench_moment_update, bench_selection
-from .kernels_optimizer_step import LLAMA_1B, LLAMA_SMOKE, bench_optimizer_step
+from .kernels_cases import (
+    LLAMA_1B,
+    LLAMA_SMOKE,
+    Settings,
+    bench_fused_step,
+    bench_moment_update,
+    bench_optimizer_step,
+    bench_selection,
+)
 
 # (hidden, intermediate) of the GaLore-protocol LLaMA sizes (ALGORITHMS.md §6).
 LLAMA_DIMS = {"60M": (512, 1376), "130M": (768, 2048), "350M": (1024, 2736), "1B": (2048, 5461), "7B": (4096, 11008)}
