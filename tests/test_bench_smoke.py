@@ -1,5 +1,6 @@
-"""experiments/bench/optimizer_step.py at a toy size (every candidate steps and is counted) and
-experiments/bench/lowbit_report.py over the committed compare outputs of results/lowbit_cpu."""
+"""Benchmarks at toy size: experiments/bench/optimizer_step.py (every candidate steps and is counted),
+lowbit_report.py over the committed compare outputs of results/lowbit_cpu, and communication.py
+--backward_projection on the micro LLaMA."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from experiments.bench import lowbit_report, optimizer_step
+from experiments.bench import communication, lowbit_report, optimizer_step
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "lowbit_cpu"
 
@@ -39,3 +40,14 @@ def test_lowbit_report_pairs_each_low_bit_row_with_its_counterpart(tmp_path):
     galore4 = rows["galore_4bit"]["final_val_loss"] / rows["galore_adamw"]["final_val_loss"] - 1
     assert f"{100 * galore4:+.2f}%" in next(line for line in paired if line.startswith("| GaLoreAdamW, 4-bit"))
     assert "goal" not in table
+
+
+def test_communication_under_backward_projection_is_less_than_ddp_after_the_first_step(capsys):
+    communication.main(["--backward_projection", "--model_config", "llama_micro", "--steps", "3"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DCT")
+            or line.startswith("| GaLore")]
+    assert len(rows) == 2
+    for row in rows:
+        ddp, first = (int(cell.removesuffix(" B").replace(",", "")) for cell in row[1:3])
+        assert first == ddp                                    # no subspace at the first step: every gradient
+        assert 0 < float(row[4].rstrip(" |")) < 1              # later steps: the projected accumulators
