@@ -26,8 +26,17 @@ import warnings
 import torch
 
 from experiments.bench.common import device_label, synchronize
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, create_optimizer, optimizer_state_bytes
+from lowrank_optim import create_optimizer, optimizer_state_bytes
 from lowrank_optim.registry import optimizer_info
+
+
+def _label(name: str, kwargs: dict) -> str:
+    return ", ".join([optimizer_info(name).label, *(f"{key}={value}" for key, value in kwargs.items())])
+
+
+def _projected(name: str, rank: int, gap: int, kwargs: dict):
+    """``factory(param)``: the registered optimizer ``name`` projecting ``param`` at ``rank``."""
+    return lambda p: create_optimizer(name, [{"params": [p], "rank": rank, "update_proj_gap": gap}], **kwargs)
 
 
 def _candidates(rank: int, torchao: bool = False):
@@ -57,23 +66,12 @@ def _candidates(rank: int, torchao: bool = False):
         except ImportError:
             print("torchao not installed: low-bit peer baseline skipped", file=sys.stderr)
     for kind, gap in (("refresh", 1), ("ordinary", 10**9)):
-        rows += [
-            ("DCTProjAdam", kind, lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g)),
-            *((f"DCTProjAdam, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: DCTProjAdam([p], rank=rank, update_proj_gap=g, moment_bits=b))
-              for bits in (8, 4)),
-            ("DCTProjAdam, residual=none", kind,
-             lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g, residual="none")),
-            ("GaLoreAdamW", kind, lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}])),
-            *((f"GaLoreAdamW, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
-                                                    moment_bits=b))
-              for bits in (8, 4)),
-        ]
-        if kind == "refresh":  # randomized SVD refresh next to the full-SVD one (another issue)
-            rows.append(("GaLoreAdamW, projector=randomized_svd", kind,
-                         lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
-                                                      projector="randomized_svd")))
+        variants = [("dct_adamw", {}), *(("dct_adamw", {"moment_bits": bits}) for bits in (8, 4)),
+                    ("dct_adamw", {"residual": "none"}),
+                    ("galore_adamw", {}), *(("galore_adamw", {"moment_bits": bits}) for bits in (8, 4))]
+        if kind == "refresh":  # randomized SVD refresh next to the full-SVD one
+            variants.append(("galore_adamw", {"projector": "randomized_svd"}))
+        rows += [(_label(name, kwargs), kind, _projected(name, rank, gap, kwargs)) for name, kwargs in variants]
         try:
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
