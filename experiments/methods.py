@@ -33,9 +33,9 @@ from lowrank_optim.validation import InvalidHyperparameter
 
 # Python's own message for a keyword a constructor does not take (a TypeError carries no key).
 _UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
-# Library checks that still raise a plain ValueError "Invalid <key>: ..." rather than
-# InvalidHyperparameter (lowrank_optim/rank.py, sst/sampling.py, modules.py, param_groups.py,
-# quantization/policy.py, sltrain/support.py): read the key from the message until they carry it.
+# Library checks outside lowrank_optim/validation.py that still raise a plain ValueError
+# "Invalid <key>: ..." (e.g. rank.py, quantization/policy.py, param_groups.py, sst/sampling.py,
+# sltrain/support.py): the key is read from the message until they raise InvalidHyperparameter.
 _PLAIN_INVALID_KEY = re.compile(r"^Invalid (\w+)")
 
 
