@@ -71,7 +71,9 @@ def _registered(name):
     return lambda model: (model, create_optimizer(name, model.parameters(), lr=1e-2, weight_decay=0.1))
 
 
-PLAIN_LOW_BIT = {"adamw8bit", "adamw4bit"}  # the library's plain AdamW path: no projected weight
+# The library's plain AdamW path: no projected weight. A tuple: every rank must train the setups in
+# the same order (DDP pairs collectives by order; a set's order changes with each process's hash seed).
+PLAIN_LOW_BIT = ("adamw8bit", "adamw4bit")
 SETUPS = {"adamw": _adamw, "galore_adamw": _galore, "dct_adamw": _dct, "sst_adamw": _sst, "sltrain": _sltrain,
           "galore_adamw8bit": _galore8bit, "dct_adamw_4bit": _dct4bit, **{n: _registered(n) for n in PLAIN_LOW_BIT}}
 # Quantized moments: wide enough that the embedding, head and projected moments (1100×4, 4×1100)
