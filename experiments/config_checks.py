@@ -77,15 +77,13 @@ def _check_resume(config: TrainConfig) -> None:
     check_checkpoint(resolve_checkpoint(config.continue_from), sharded=config.fsdp)
 
 
-BACKWARD_PROJECTION_OPTIMIZERS = ("dct_adamw", "galore_adamw")
-
-
 def _check_backward_projection(config: TrainConfig, parameterization: str, flag: str = "--backward_projection") -> None:
     """``--backward_projection`` (or ``flag``, a mode that implies it) projects gradients of the
     library's projected optimizers, on dense weights, without FSDP2 (which reduce-scatters full
-    gradients itself)."""
-    if config.optimizer not in BACKWARD_PROJECTION_OPTIMIZERS or parameterization != "dense":
-        raise UsageError(flag, f"needs the optimizer {' or '.join(BACKWARD_PROJECTION_OPTIMIZERS)} "
+    gradients itself): those whose ``OptimizerInfo.backward_projection`` is set."""
+    supported = [name for name in available_methods() if info_for(name).backward_projection]
+    if config.optimizer not in supported or parameterization != "dense":
+        raise UsageError(flag, f"needs the optimizer {' or '.join(supported)} "
                          f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "
                          f"{parameterization!r}")
     if config.fsdp:

@@ -26,8 +26,8 @@ class OptimizerInfo:
     ``model.parameters()``. ``config_keywords``: ``(constructor keyword, training-config field)``
     pairs. ``parameterization``: the model transform it trains (``dense``: none; ``sst``:
     :func:`lowrank_optim.convert_to_sst`). ``fsdp``: it steps FSDP2's DTensor shards
-    (:mod:`lowrank_optim.sharding`). ``resumable``: its state loads with
-    ``torch.load(weights_only=True)``.
+    (:mod:`lowrank_optim.sharding`). ``backward_projection``: it takes ``backward_projection=True``
+    and ``step_in_backward=True``. ``resumable``: its state loads with ``torch.load(weights_only=True)``.
     """
 
     label: str
@@ -35,6 +35,7 @@ class OptimizerInfo:
     config_keywords: tuple[tuple[str, str], ...] = ()
     parameterization: str = "dense"
     fsdp: bool = False
+    backward_projection: bool = False
     resumable: bool = True
 
 
@@ -45,9 +46,9 @@ _INFO: dict[str, OptimizerInfo] = {
     "adamw": OptimizerInfo("AdamW (torch.optim)", fsdp=True),
     "adamw8bit": OptimizerInfo("AdamW, 8-bit moments (library plain path)"),
     "adamw4bit": OptimizerInfo("AdamW, 4-bit moments (library plain path)"),
-    "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True),
+    "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True),
     "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
-    "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True),
+    "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
     "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
                                parameterization="sst"),
 }
