@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,13 @@ import torch
 from torch import nn
 
 from experiments.bench.common import command_line, write_text
+from experiments.bench.memory_worker import accumulator_shapes
+from experiments.bench.memory_worker import build_optimizer as build_configuration
 from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
-from lowrank_optim import lowrank_param_groups
+from lowrank_optim import DCTProjAdam, lowrank_param_groups
+from lowrank_optim.quantization import layout_for, moment_bits_for, moment_state_bytes
+from lowrank_optim.registry import plain_adamw
 
 # (label, config, GaLore recipe rank)
 MODELS: dict[str, tuple[str, int]] = {
@@ -196,6 +201,111 @@ def dct_basis_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> dict[int
     (lowrank_optim.projectors.dct_basis), not counting the Triton path's column-major copy."""
     sizes = sorted({min(p.shape) for _, p in projected_weights(model, rank)})
     return {size: size * size * (torch.empty((), dtype=dtype).element_size() + 8) for size in sizes}
+
+
+# ------------------------------------------------------------------------------------------ training state at 7B
+def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
+    """The DCT matrices a step of ``optimizer`` caches (``basis="cached"`` groups): per compressed
+    size, ``C`` in the gradient's dtype (projection, GEMM scoring) and in ``N``'s dtype (the weight
+    update: fp32 for quantized moments), once when the two agree. Triton's column-major copies
+    replace these one for one (:mod:`lowrank_optim.projectors.dct`)."""
+    copies = set()
+    params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
+    for row, (group, param) in zip(summary, params, strict=True):     # the summary lists them in this order
+        if not row.projected or group["basis"] != "cached":
+            continue
+        size = row.shape[1] if row.side == "right" else row.shape[0]
+        update_dtype = torch.float32 if group["moment_bits"] else group["moments_dtype"] or param.dtype
+        copies |= {(size, param.dtype), (size, update_dtype)}
+    return sum(size * size * dtype.itemsize for size, dtype in copies)
+
+
+def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) -> dict:
+    """Bytes per parameter of training state (weights, gradients, optimizer state, projection) on the
+    meta device, bf16 weights and gradients, for the configurations of ``python -m
+    experiments.bench.memory`` (:data:`experiments.bench.memory_worker.OPTIMIZERS`) at the recipe's gap."""
+    rows = []
+
+    def add(label, optimizer_of, grads_mode, note=""):
+        model = meta_model(config, torch.bfloat16, "native")   # a fresh model each: hooks belong to one optimizer
+        params = list(model.parameters())
+        numel = sum(p.numel() for p in params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer, projected = optimizer_of(model)
+        summary = optimizer.projection_summary()
+        state = summary.state_bytes
+        projection = 0
+        for row in summary:
+            if not row.projected:
+                continue
+            m, n = row.shape
+            shape = (m, row.rank) if row.side == "right" else (row.rank, n)
+            group = optimizer.param_groups[0]
+            bits = moment_bits_for(shape, group["moment_bits"])
+            moments = 2 * moment_state_bytes(shape, bits, layout_for(row.side), block_size=group["moment_block_size"],
+                                             float_dtype=torch.bfloat16)
+            projection += row.state_bytes - moments
+        subspaces = projection                      # held in the optimizer state (indices, P)
+        if isinstance(optimizer, DCTProjAdam):
+            projection += cached_dct_bytes(optimizer, summary)
+        projected_ids = {id(p) for p in projected}
+        plain_grads = sum(p.numel() * 2 for p in params if id(p) not in projected_ids)
+        accumulators = 0
+        if grads_mode == "full":
+            grads, grads_note = numel * 2, "every gradient, bf16"
+        elif grads_mode == "per_layer":
+            largest = max(p.numel() for p in projected) * 2
+            accumulators = sum(math.prod(shape) * 2 for shape in accumulator_shapes(optimizer))
+            grads = largest + accumulators + plain_grads
+            refreshing = math.ceil(len(projected) / gap)
+            grads_note = (f"largest projected weight's gradient {largest / GB:.3f} GB + accumulators "
+                          f"{accumulators / GB:.2f} GB + plain parameters' {plain_grads / GB:.2f} GB; a staggered "
+                          f"refresh step adds ≤ ⌈{len(projected)}/{gap}⌉ = {refreshing} full gradients "
+                          f"(≤ {refreshing * largest / numel:.3f} B/param)")
+        else:  # "hook": GaLore's per-layer script steps in the hook: one gradient of any parameter at a time
+            largest = max(p.numel() for p in params) * 2
+            grads, grads_note = largest, f"one parameter's gradient at a time (the largest, {largest / GB:.2f} GB)"
+        rows.append({"label": label, "parameters": numel, "weights": numel * 2, "gradients": grads,
+                     "accumulators": accumulators,
+                     "state": state - subspaces, "projection": projection, "grads_note": grads_note, "note": note})
+
+    def plain(bits=None, moments_dtype=None):
+        return lambda model: (plain_adamw(model.named_parameters(), moment_bits=bits, moments_dtype=moments_dtype), [])
+
+    def projected(key):
+        return lambda model: build_configuration(model, key, rank, gap)
+
+    add("AdamW, fp32 moments", plain(moments_dtype=torch.float32), "full",
+        "library plain path (= torch AdamW's moments; torch adds a 4-byte step per tensor)")
+    add("AdamW, bf16 moments", plain(), "full", "as above, moments in the weights' dtype")
+    add("8-bit AdamW-style (library plain path, moment_bits=8)", plain(bits=8), "full",
+        "create_optimizer(\"adamw8bit\", model.named_parameters())")
+    add(f"GaLoreAdamW r={rank}, bf16 (P in bf16)", projected("galore"), "full")
+    add("8-bit GaLore per-layer: GaLoreAdamW moment_bits=8 + backward_projection", projected("galore_8bit_bp"),
+        "per_layer")
+    add("DCTProjAdam 8-bit + backward projection (residual none)", projected("dct_8bit_bp"), "per_layer")
+    add("8-bit GaLore, step in backward: GaLoreAdamW moment_bits=8, step_in_backward=True",
+        projected("galore_8bit_sib"), "hook", "accumulation 1 (each parameter steps in its hook)")
+    add("DCTProjAdam 8-bit, step in backward (residual scaled)", projected("dct_8bit_sib"), "hook",
+        "accumulation 1; projection = the cached DCT matrices (per compressed size: bf16 for the projection, "
+        "fp32 for the weight update)")
+    add("DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
+        "as above, no DCT matrix stored: the r selected columns computed at each use (a transient of the size "
+        "of P, like the gradient); projection = the indices")
+
+    add("DCTProjAdam 8-bit in blocks of 2048, step in backward (residual scaled), basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated", moment_block_size=2048),
+        "hook", "as above, moment_block_size=2048 (the 8-bit optimizers paper's block; one fp32 scale per 2048 "
+        "values instead of 256)")
+    add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std', basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std", basis="generated"),
+        "hook", "the larger side compressed: moments of r·min(m, n) values (a cached basis would add C of 4096 and "
+        "11008: 0.123 B/param)")
+    for row in rows:
+        row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
+    return {"config": config, "rank": rank, "gap": gap, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ tables
