@@ -62,6 +62,9 @@ def _torchao(name: str) -> Callable[..., torch.optim.Optimizer]:
 
 @dataclass(frozen=True)
 class Peer:
+    """An optimizer the library does not register (another package's, or an old name): its factory
+    ``factory(params, **kwargs)`` and its :class:`~lowrank_optim.registry.OptimizerInfo`."""
+
     factory: Callable[..., torch.optim.Optimizer]
     info: OptimizerInfo
 
