@@ -26,7 +26,7 @@ from experiments.config import TrainConfig, check_values
 from experiments.data import DATASETS
 from experiments.distributed import check_fsdp_supported
 from experiments.errors import UsageError, expected_one_of
-from experiments.methods import PARAMETERIZATIONS, available_methods, recipe_for, resolved_parameterization
+from experiments.methods import PARAMETERIZATIONS, available_methods, info_for, resolved_parameterization
 from experiments.model import LlamaConfig
 from experiments.model_factory import read_model_config
 from experiments.run_folder import check_run_folder
@@ -81,7 +81,7 @@ def _check_model_config(config: TrainConfig) -> None:
 
 def _check_resume(config: TrainConfig) -> None:
     """``continue_from`` names a complete checkpoint of the kind the run writes, of a resumable optimizer."""
-    if not recipe_for(config.optimizer).resumable:
+    if not info_for(config.optimizer).resumable:
         raise UsageError(
             "--continue_from",
             f"runs of {config.optimizer} cannot be resumed: its optimizer state holds Python objects, which "
@@ -90,15 +90,13 @@ def _check_resume(config: TrainConfig) -> None:
     check_checkpoint(resolve_checkpoint(config.continue_from), sharded=config.fsdp)
 
 
-BACKWARD_PROJECTION_OPTIMIZERS = ("dct_adamw", "galore_adamw")
-
-
 def _check_backward_projection(config: TrainConfig, parameterization: str, flag: str = "--backward_projection") -> None:
     """``--backward_projection`` (or ``flag``, a mode that implies it) projects gradients of the
     library's projected optimizers, on dense weights, without FSDP2 (which reduce-scatters full
-    gradients itself)."""
-    if config.optimizer not in BACKWARD_PROJECTION_OPTIMIZERS or parameterization != "dense":
-        raise UsageError(flag, f"needs the optimizer {' or '.join(BACKWARD_PROJECTION_OPTIMIZERS)} "
+    gradients itself): those whose ``OptimizerInfo.backward_projection`` is set."""
+    supported = [name for name in available_methods() if info_for(name).backward_projection]
+    if config.optimizer not in supported or parameterization != "dense":
+        raise UsageError(flag, f"needs the optimizer {' or '.join(supported)} "
                          f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "
                          f"{parameterization!r}")
     if config.fsdp:

@@ -18,10 +18,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from experiments.errors import UsageError
+from lowrank_optim.registry import available_optimizers, optimizer_info
 from lowrank_optim.sharding import projection_shard_placement
-
-# What --fsdp trains: the optimizers whose steps work on DTensor shards (lowrank_optim.sharding).
-FSDP_OPTIMIZERS = ("adamw", "dct_adamw", "galore_adamw")
 
 
 @dataclass(frozen=True)
@@ -70,11 +68,13 @@ def setup_distributed(requested_device: str, fsdp: bool = False) -> DistributedC
 
 
 def check_fsdp_supported(optimizer: str, parameterization: str) -> None:
-    """Raise :class:`UsageError` unless ``--fsdp`` can train ``optimizer`` on ``parameterization``."""
-    if optimizer not in FSDP_OPTIMIZERS or parameterization != "dense":
+    """Raise :class:`UsageError` unless ``--fsdp`` can train ``optimizer`` on ``parameterization``:
+    the registry's optimizers whose steps work on DTensor shards (``OptimizerInfo.fsdp``)."""
+    supported = [name for name in available_optimizers() if optimizer_info(name).fsdp]
+    if optimizer not in supported or parameterization != "dense":
         raise UsageError(
             "--fsdp",
-            f"trains the optimizers {', '.join(FSDP_OPTIMIZERS)} with the dense parameterization; "
+            f"trains the optimizers {', '.join(supported)} with the dense parameterization; "
             f"got optimizer {optimizer!r}, parameterization {parameterization!r} (use DDP for those)",
         )
 

@@ -1,20 +1,17 @@
-"""From a run config to a (model, optimizer) pair: two small tables, no per-optimizer branching.
+"""From a run config to a (model, optimizer) pair: no per-optimizer branching.
 
 * :data:`PARAMETERIZATIONS` maps ``--parameterization`` to a model transform: ``dense`` (none),
   ``sst`` (``lowrank_optim.sst.convert_to_sst``), ``sltrain`` (``lowrank_optim.sltrain.convert_to_sltrain``).
-* :data:`RECIPES` says, for the optimizers that need more than ``lr``/``weight_decay``/``betas``/
-  ``eps``, which config fields go where: onto GaLore's projected param group
-  (``lowrank_optim.lowrank_param_groups``), into extra constructor keywords, and which
-  parameterization ``--parameterization auto`` picks. A registered optimizer without a recipe gets
-  the plain one, plus anything in ``--optimizer_kwargs``.
+* What each optimizer needs beyond ``lr``/``weight_decay``/``betas``/``eps`` comes from the
+  library's registry (:func:`lowrank_optim.registry.optimizer_info`): which config fields go onto
+  GaLore's projected param group (``lowrank_optim.lowrank_param_groups``), which into constructor
+  keywords, and which parameterization ``--parameterization auto`` picks; plus anything in
+  ``--optimizer_kwargs``.
 
-Optimizers come from ``lowrank_optim``'s registry, plus :data:`BASELINE_OPTIMIZERS` for peer
-packages used as benchmark baselines (``galore_torch_adamw`` = ``galore_torch.GaLoreAdamW``).
-
-The library validates hyperparameters when a model is converted or an optimizer built, raising a
-``ValueError`` that names the key (``Invalid rank: ...``); such an error, or a keyword the optimizer
-does not take, becomes a :class:`~experiments.errors.UsageError` of the flag that set the key
-(``--optimizer_kwargs`` for its keys).
+Optimizer names are the registry's, plus :data:`PEER_OPTIMIZERS`, the one place that extends it
+with the peer packages used as benchmark baselines (``galore_torch_adamw`` =
+``galore_torch.GaLoreAdamW``; ``torchao_adamw8bit``/``torchao_adamw4bit`` = ``torchao.optim``'s) and
+the old name ``lowrank_plain_adamw`` of the library's plain AdamW path.
 """
 
 from __future__ import annotations
@@ -31,11 +28,15 @@ import lowrank_optim.sltrain
 import lowrank_optim.sst  # noqa: F401  (registers "sst_adamw")
 from experiments.config import TrainConfig, flag_fields
 from experiments.errors import UsageError, expected_one_of
+from lowrank_optim.registry import OptimizerInfo, optimizer_info, plain_adamw
+from lowrank_optim.validation import InvalidHyperparameter
 
-# How the library's messages name the key at fault (lowrank_optim/validation.py: "Invalid <key>: ..."),
-# and Python's own message for a keyword a constructor does not take.
-_INVALID_KEY = re.compile(r"^Invalid (\w+)")
+# Python's own message for a keyword a constructor does not take (a TypeError carries no key).
 _UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
+# Library checks outside lowrank_optim/validation.py that still raise a plain ValueError
+# "Invalid <key>: ..." (e.g. rank.py, quantization/policy.py, param_groups.py, sst/sampling.py,
+# sltrain/support.py): the key is read from the message until they raise InvalidHyperparameter.
+_PLAIN_INVALID_KEY = re.compile(r"^Invalid (\w+)")
 
 
 def _galore_torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
@@ -48,60 +49,52 @@ def _galore_torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
     return GaLoreAdamW(params, **kwargs)
 
 
-BASELINE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "galore_torch_adamw": _galore_torch_adamw,
-    # The library's plain AdamW path (torch form): DCTProjAdam over model.parameters() with rank None
-    # projects nothing; ``moment_bits`` (8/4) in --optimizer_kwargs quantizes its moments.
-    "lowrank_plain_adamw": lambda params, **kwargs: lowrank_optim.DCTProjAdam(params, **{"rank": None, **kwargs}),
+def _torchao(name: str) -> Callable[..., torch.optim.Optimizer]:
+    def factory(params, **kwargs) -> torch.optim.Optimizer:
+        try:
+            import torchao.optim
+        except ImportError:
+            raise UsageError("--optimizer", f"torchao_{name.lower()} needs the torchao package") from None
+        return getattr(torchao.optim, name)(params, **kwargs)
+
+    return factory
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An optimizer the library does not register (another package's, or an old name): its factory
+    ``factory(params, **kwargs)`` and its :class:`~lowrank_optim.registry.OptimizerInfo`."""
+
+    factory: Callable[..., torch.optim.Optimizer]
+    info: OptimizerInfo
+
+
+PEER_OPTIMIZERS: dict[str, Peer] = {
+    # galore_torch keeps a projector object in its state: not loadable with weights_only=True.
+    "galore_torch_adamw": Peer(_galore_torch_adamw, OptimizerInfo(
+        "galore_torch GaLoreAdamW (peer)", ("rank", "update_proj_gap", "scale", "proj_type"), resumable=False)),
+    **{f"torchao_adamw{bits}bit": Peer(_torchao(f"AdamW{bits}bit"), OptimizerInfo(f"torchao AdamW{bits}bit (peer)"))
+       for bits in (8, 4)},
+    # The old name of the library's plain path (``adamw8bit``/``adamw4bit`` with float moments by default).
+    "lowrank_plain_adamw": Peer(plain_adamw, OptimizerInfo("AdamW (library plain path)")),
 }
 
 
 def available_methods() -> list[str]:
     """Every optimizer name ``--optimizer`` accepts."""
-    return sorted(set(lowrank_optim.available_optimizers()) | set(BASELINE_OPTIMIZERS))
+    return sorted(set(lowrank_optim.available_optimizers()) | set(PEER_OPTIMIZERS))
+
+
+def info_for(name: str) -> OptimizerInfo:
+    """:class:`~lowrank_optim.registry.OptimizerInfo` of ``name`` (peer or library)."""
+    return PEER_OPTIMIZERS[name].info if name in PEER_OPTIMIZERS else optimizer_info(name)
 
 
 def create_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
-    """``name`` from the baselines table or the library registry (which names the known ones)."""
-    factory = BASELINE_OPTIMIZERS.get(name)
-    if factory is not None:
-        return factory(params, **kwargs)
+    """``name`` from the peers or the library registry (which names the known ones)."""
+    if name in PEER_OPTIMIZERS:
+        return PEER_OPTIMIZERS[name].factory(params, **kwargs)
     return lowrank_optim.create_optimizer(name, params, **kwargs)
-
-
-@dataclass(frozen=True)
-class OptimizerRecipe:
-    """How config fields reach one optimizer.
-
-    ``projection_keys``: config fields set on the projected param group (``rank`` first); empty
-    means the optimizer gets ``model.parameters()``. ``keyword_fields``: ``(keyword, config field)``
-    pairs passed to the constructor. ``parameterization``: the model transform for ``auto``.
-    Fields whose value is ``None`` are left out, so the optimizer's own default applies.
-    ``resumable``: the optimizer's state loads with ``torch.load(weights_only=True)``.
-    """
-
-    projection_keys: tuple[str, ...] = ()
-    keyword_fields: tuple[tuple[str, str], ...] = ()
-    parameterization: str = "dense"
-    resumable: bool = True
-
-
-_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
-RECIPES: dict[str, OptimizerRecipe] = {
-    "galore_adamw": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
-    "galore_adamw8bit": OptimizerRecipe(projection_keys=(*_GALORE_KEYS, "moments")),
-    # galore_torch keeps a projector object in its state.
-    "galore_torch_adamw": OptimizerRecipe(projection_keys=_GALORE_KEYS, resumable=False),
-    "dct_adamw": OptimizerRecipe(projection_keys=("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")),
-    "sst_adamw": OptimizerRecipe(
-        keyword_fields=(("update_interval", "sst_interval"), ("seed", "seed")), parameterization="sst"
-    ),
-}
-PLAIN_RECIPE = OptimizerRecipe()
-
-
-def recipe_for(optimizer: str) -> OptimizerRecipe:
-    return RECIPES.get(optimizer, PLAIN_RECIPE)
 
 
 def _sst(model: nn.Module, config: TrainConfig) -> nn.Module:
@@ -127,9 +120,9 @@ PARAMETERIZATIONS: dict[str, Callable[[nn.Module, TrainConfig], nn.Module]] = {
 
 
 def resolved_parameterization(config: TrainConfig) -> str:
-    """``config.parameterization``, with ``auto`` replaced by what the optimizer's recipe needs."""
+    """``config.parameterization``, with ``auto`` replaced by what the optimizer needs."""
     if config.parameterization == "auto":
-        return recipe_for(config.optimizer).parameterization
+        return info_for(config.optimizer).parameterization
     if config.parameterization not in PARAMETERIZATIONS:
         raise UsageError(
             "--parameterization",
@@ -138,14 +131,22 @@ def resolved_parameterization(config: TrainConfig) -> str:
     return config.parameterization
 
 
+def _key_of(error: Exception) -> str | None:
+    """The hyperparameter ``error`` is about: ``.key`` of the library's :class:`InvalidHyperparameter`."""
+    if isinstance(error, InvalidHyperparameter):
+        return error.key
+    pattern = _UNEXPECTED_KEYWORD if isinstance(error, TypeError) else _PLAIN_INVALID_KEY
+    match = pattern.search(str(error))
+    return match.group(1) if match else None
+
+
 def _flag_of_library_error(error: Exception, config: TrainConfig) -> UsageError:
     """``error`` of the library (or of a constructor call) as a :class:`UsageError` of the flag at fault."""
     message = str(error)
-    match = _INVALID_KEY.match(message) or _UNEXPECTED_KEYWORD.search(message)
-    key = match.group(1) if match else None
+    key = _key_of(error)
     if key in config.optimizer_kwargs:
         return UsageError("--optimizer_kwargs", message)
-    flag = dict(recipe_for(config.optimizer).keyword_fields).get(key, key)  # SST's update_interval: --sst_interval
+    flag = dict(info_for(config.optimizer).config_keywords).get(key, key)  # SST's update_interval: --sst_interval
     if flag in {field.name for field in flag_fields()}:
         return UsageError(f"--{flag}", message)
     if config.optimizer_kwargs:
@@ -165,13 +166,14 @@ def apply_parameterization(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def optimizer_kwargs(config: TrainConfig) -> dict:
-    """Constructor keywords: lr and weight decay, betas/eps when set, recipe fields, --optimizer_kwargs."""
+    """Constructor keywords: lr and weight decay, betas/eps when set, the optimizer's config keywords,
+    --optimizer_kwargs."""
     kwargs: dict = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.betas is not None:
         kwargs["betas"] = tuple(config.betas)
     if config.eps is not None:
         kwargs["eps"] = config.eps
-    for keyword, field in recipe_for(config.optimizer).keyword_fields:
+    for keyword, field in info_for(config.optimizer).config_keywords:
         if getattr(config, field) is not None:
             kwargs[keyword] = getattr(config, field)
     if config.step_in_backward:
@@ -193,7 +195,7 @@ def optimizer_kwargs(config: TrainConfig) -> dict:
 
 def optimizer_params(model: nn.Module, config: TrainConfig):
     """``model.parameters()``, or GaLore's two param groups for a projected optimizer."""
-    keys = recipe_for(config.optimizer).projection_keys
+    keys = info_for(config.optimizer).projection_keys
     if not keys:
         return model.parameters()
     projection = {key: getattr(config, key) for key in keys if key != "rank" and getattr(config, key) is not None}

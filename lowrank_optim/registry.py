@@ -1,29 +1,78 @@
 """Optimizers by name: ``create_optimizer("dct_adamw", model.parameters(), lr=1e-3)``.
 
 Each optimizer class registers itself with :func:`register_optimizer`; the training script and the
-benchmarks look names up here, never through an if/elif chain.
+benchmarks look names up here, never through an if/elif chain. :func:`optimizer_info` says what a
+caller needs to know to build one from a training config (:class:`OptimizerInfo`): the library's
+names are described in :data:`_INFO` below, the one table of them; another registration passes its
+own ``info``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """How to build a registered optimizer, beyond ``lr``/``weight_decay``/``betas``/``eps``.
+
+    ``label``: its name in tables. ``projection_keys``: the keys of the projected param group of
+    :func:`lowrank_optim.lowrank_param_groups` it takes (``rank`` first); empty: it takes
+    ``model.parameters()``. ``config_keywords``: ``(constructor keyword, training-config field)``
+    pairs. ``parameterization``: the model transform it trains (``dense``: none; ``sst``:
+    :func:`lowrank_optim.convert_to_sst`). ``fsdp``: it steps FSDP2's DTensor shards
+    (:mod:`lowrank_optim.sharding`). ``backward_projection``: it takes ``backward_projection=True``
+    and ``step_in_backward=True``. ``resumable``: its state loads with ``torch.load(weights_only=True)``.
+    """
+
+    label: str
+    projection_keys: tuple[str, ...] = ()
+    config_keywords: tuple[tuple[str, str], ...] = ()
+    parameterization: str = "dense"
+    fsdp: bool = False
+    backward_projection: bool = False
+    resumable: bool = True
+
+
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "moments")
+DCT_KEYS = ("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")
+
+_INFO: dict[str, OptimizerInfo] = {
+    "adamw": OptimizerInfo("AdamW (torch.optim)", fsdp=True),
+    "adamw8bit": OptimizerInfo("AdamW, 8-bit moments (library plain path)"),
+    "adamw4bit": OptimizerInfo("AdamW, 4-bit moments (library plain path)"),
+    "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True),
+    "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
+    "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
+    "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
+                               parameterization="sst"),
+}
 _REGISTRY: dict[str, OptimizerFactory] = {}
 
 
-def register_optimizer(name: str, factory: OptimizerFactory) -> None:
-    """Make ``factory(params, **kwargs)`` available as ``create_optimizer(name, ...)``."""
+def register_optimizer(name: str, factory: OptimizerFactory, info: OptimizerInfo | None = None) -> None:
+    """Make ``factory(params, **kwargs)`` available as ``create_optimizer(name, ...)``; ``info``
+    describes it (default: a plain optimizer labelled ``name``; the library's own are in ``_INFO``)."""
     if name in _REGISTRY and _REGISTRY[name] is not factory:
         raise ValueError(f"optimizer name {name!r} is already registered to {_REGISTRY[name]!r}")
     _REGISTRY[name] = factory
+    if info is not None:
+        _INFO[name] = info
 
 
 def available_optimizers() -> list[str]:
     """The registered names, sorted."""
     return sorted(_REGISTRY)
+
+
+def optimizer_info(name: str) -> OptimizerInfo:
+    """How ``name`` is built (:class:`OptimizerInfo`)."""
+    return _INFO.get(name) or OptimizerInfo(label=name)
 
 
 def create_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Optimizer:
@@ -37,4 +86,14 @@ def create_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Optim
     return factory(params, **kwargs)
 
 
+def plain_adamw(params: Iterable, **kwargs) -> torch.optim.Optimizer:
+    """The library's plain AdamW: ``DCTProjAdam`` projecting nothing (``rank=None``), whose
+    ``moment_bits`` (None, 8 or 4) quantizes every moment; same update as ``torch.optim.AdamW``."""
+    with warnings.catch_warnings():  # "no parameter is projected ... this is plain AdamW": intended
+        warnings.filterwarnings("ignore", message=".*no parameter is projected")
+        return create_optimizer("dct_adamw", params, **{"rank": None, **kwargs})
+
+
 register_optimizer("adamw", torch.optim.AdamW)
+register_optimizer("adamw8bit", lambda params, **kwargs: plain_adamw(params, **{"moment_bits": 8, **kwargs}))
+register_optimizer("adamw4bit", lambda params, **kwargs: plain_adamw(params, **{"moment_bits": 4, **kwargs}))

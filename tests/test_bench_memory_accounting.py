@@ -33,10 +33,10 @@ def test_meta_count_equals_the_state_after_a_real_step(key):
 
 
 def test_cached_dct_bytes_are_the_matrices_a_step_builds():
-    """experiments/bench/memory.py's count of the cached DCT matrices (7B table) against the cache
+    """state_memory's count of the cached DCT matrices (the 7B table of bench/memory) against the cache
     two real steps of bf16 weights with 8-bit moments fill: C in bf16 (the projection of the second
     step; the first, a refresh, has R from the selection's FFT) and fp32 (the weight update)."""
-    from experiments.bench.memory import cached_dct_bytes
+    from experiments.bench.state_memory import cached_dct_bytes
     from lowrank_optim import DCTProjAdam
     from lowrank_optim.projectors.dct_basis import dct_matrix
 
@@ -59,7 +59,7 @@ def test_cached_dct_bytes_are_the_matrices_a_step_builds():
 
 
 def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
-    from experiments.bench.memory import seven_b_table
+    from experiments.bench.state_memory import seven_b_table
 
     rows = seven_b_table()["rows"]
     for row in rows:

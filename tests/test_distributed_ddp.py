@@ -29,6 +29,7 @@ from lowrank_optim import (
     available_optimizers,
     convert_to_sltrain,
     convert_to_sst,
+    create_optimizer,
 )
 
 STEPS = 6
@@ -66,11 +67,18 @@ def _dct4bit(model):
     return model, DCTProjAdam(model.named_parameters(), lr=1e-2, update_proj_gap=2, rank=4, moment_bits=4)
 
 
+def _registered(name):
+    return lambda model: (model, create_optimizer(name, model.parameters(), lr=1e-2, weight_decay=0.1))
+
+
+# The library's plain AdamW path: no projected weight. A tuple: every rank must train the setups in
+# the same order (DDP pairs collectives by order; a set's order changes with each process's hash seed).
+PLAIN_LOW_BIT = ("adamw8bit", "adamw4bit")
 SETUPS = {"adamw": _adamw, "galore_adamw": _galore, "dct_adamw": _dct, "sst_adamw": _sst, "sltrain": _sltrain,
-          "galore_adamw8bit": _galore8bit, "dct_adamw_4bit": _dct4bit}
+          "galore_adamw8bit": _galore8bit, "dct_adamw_4bit": _dct4bit, **{n: _registered(n) for n in PLAIN_LOW_BIT}}
 # Quantized moments: wide enough that the embedding, head and projected moments (1100×4, 4×1100)
 # reach the 4096 values below which moments stay in float.
-LOW_BIT = {"galore_adamw8bit", "dct_adamw_4bit"}
+LOW_BIT = {"galore_adamw8bit", "dct_adamw_4bit", *PLAIN_LOW_BIT}
 LOW_BIT_MODEL = dict(vocab=300, d=16, hidden=1100)
 # A code that rounds the other way after the rank-averaged gradient's last-bit difference moves a
 # moment by one quantization step, so the half-batch twin agrees to the step's size, not to 1e-10.
@@ -124,6 +132,9 @@ def test_low_bit_setups_really_hold_quantized_moments(ddp_results, name):
     state = ddp_results[name][0]["optimizer"]["state"]
     assert any("exp_avg_codes" in entry and "proj_indices" not in entry and "proj_matrix" not in entry
                for entry in state.values())                                   # plain (embedding, head)
+    if name in PLAIN_LOW_BIT:
+        assert not any("proj_indices" in entry or "proj_matrix" in entry for entry in state.values())
+        return
     assert any("exp_avg_codes" in entry and ("proj_indices" in entry or "proj_matrix" in entry)
                for entry in state.values())                                   # projected
 

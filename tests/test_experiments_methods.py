@@ -7,6 +7,7 @@ import torch
 
 import lowrank_optim.registry  # noqa: E402
 from experiments.config import TrainConfig  # noqa: E402
+from experiments.errors import UsageError  # noqa: E402
 from experiments.logging_utils import projection_health  # noqa: E402
 from experiments.memory import optimizer_state_bytes  # noqa: E402
 from experiments.methods import (  # noqa: E402
@@ -17,6 +18,7 @@ from experiments.methods import (  # noqa: E402
     optimizer_params,
 )
 from experiments.model import Llama, LlamaConfig  # noqa: E402
+from lowrank_optim.validation import InvalidHyperparameter  # noqa: E402
 
 SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
@@ -99,3 +101,27 @@ def test_projection_health_averages_refresh_stats():
     Refreshing.refresh_stats = {}
     assert projection_health(Refreshing()) == {}
     assert projection_health(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == {}
+
+
+def test_a_library_error_names_the_flag_of_its_key_whatever_its_message(monkeypatch):
+    def refuses(params, **kwargs):
+        raise InvalidHyperparameter("update_proj_gap", 0, "a message that names no key")
+
+    monkeypatch.setitem(lowrank_optim.registry._REGISTRY, "refuses_for_test", refuses)
+    with pytest.raises(UsageError) as error:
+        build_optimizer(Llama(SMALL), TrainConfig(optimizer="refuses_for_test"))
+    assert (error.value.source, error.value.message) == ("--update_proj_gap", "a message that names no key")
+    with pytest.raises(UsageError) as error:     # a key the user set in --optimizer_kwargs
+        build_optimizer(Llama(SMALL), TrainConfig(optimizer="refuses_for_test",
+                                                  optimizer_kwargs={"update_proj_gap": 0}))
+    assert error.value.source == "--optimizer_kwargs"
+
+
+def test_the_plain_low_bit_adamw_is_reached_by_name():
+    optimizer = build_optimizer(Llama(SMALL), TrainConfig(optimizer="adamw8bit"))
+    assert optimizer.param_groups[0]["moment_bits"] == 8
+    assert not any(row.projected for row in optimizer.projection_summary())
+    old_name = build_optimizer(Llama(SMALL), TrainConfig(optimizer="lowrank_plain_adamw",
+                                                         optimizer_kwargs={"moment_bits": 4}))
+    assert old_name.param_groups[0]["moment_bits"] == 4
+    assert {"adamw8bit", "adamw4bit", "galore_adamw8bit", "lowrank_plain_adamw"} <= set(available_methods())

@@ -1,5 +1,6 @@
 """Which parameters DCTProjAdam projects; GaLore's lowrank_param_groups; the registry."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 from toy import make_model, train
 
 import lowrank_optim
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups, register_optimizer, registry
+from lowrank_optim.registry import OptimizerInfo, optimizer_info
 
 
 def _projected_names(model, optimizer):
@@ -125,3 +127,31 @@ def test_registry():
     with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; known optimizers: adamw, "):
         lowrank_optim.create_optimizer("adam", model.parameters())
     assert lowrank_optim.DCTAdamW is DCTProjAdam
+
+
+def test_registry_names_the_plain_low_bit_adamw_and_describes_every_name():
+    assert {"galore_adamw8bit", "adamw8bit", "adamw4bit"} <= set(lowrank_optim.available_optimizers())
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the plain path's "no parameter is projected" is not shown
+        optimizer = lowrank_optim.create_optimizer("adamw8bit", model.parameters(), lr=1e-3)
+    assert isinstance(optimizer, DCTProjAdam)
+    assert optimizer.param_groups[0]["moment_bits"] == 8 and optimizer.param_groups[0]["rank"] is None
+    assert not any(row.projected for row in optimizer.projection_summary())
+    four = lowrank_optim.create_optimizer("adamw4bit", model.parameters(), moment_bits=None)   # kwargs win
+    assert four.param_groups[0]["moment_bits"] is None
+    for name in lowrank_optim.available_optimizers():
+        assert optimizer_info(name).label != name, f"{name} has no entry in the registry's table"
+    assert optimizer_info("galore_adamw").projection_keys[0] == "rank"
+    assert optimizer_info("sst_adamw").parameterization == "sst"
+
+
+def test_a_registration_can_describe_itself():
+    info = OptimizerInfo("SGD for a test", fsdp=True)
+    register_optimizer("sgd_for_registry_test", torch.optim.SGD, info)
+    try:
+        assert optimizer_info("sgd_for_registry_test") is info
+    finally:
+        registry._REGISTRY.pop("sgd_for_registry_test")
+        registry._INFO.pop("sgd_for_registry_test")
+    assert optimizer_info("not_registered") == OptimizerInfo("not_registered")

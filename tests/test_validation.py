@@ -1,9 +1,12 @@
 """Every hyperparameter error names the value; bad gradients leave everything untouched."""
+import pickle
+
 import pytest
 import torch
 from toy import make_model, projected_groups
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.validation import InvalidHyperparameter
 
 BAD_COMMON = [
     ("lr", -1.0, r"Invalid lr: -1\.0"),
@@ -179,3 +182,25 @@ def test_skip_nonfinite_handles_every_float_dtype(dtype):
     with pytest.warns(RuntimeWarning, match="step skipped"):
         optimizer.step()
     assert optimizer.skipped_steps == 1
+
+
+CARRIED = [({"lr": -1.0}, "lr", -1.0), ({"betas": (0.9, 1.0)}, "betas", (0.9, 1.0)),
+           ({"update_proj_gap": 0}, "update_proj_gap", 0), ({"score": "l3"}, "score", "l3"),
+           ({"fused": True}, "fused", True)]
+
+
+@pytest.mark.parametrize(("kwargs", "key", "value"), CARRIED)
+def test_errors_carry_the_key_and_the_value(kwargs, key, value):
+    with pytest.raises(InvalidHyperparameter) as error:
+        DCTProjAdam(make_model().parameters(), **kwargs)
+    assert isinstance(error.value, ValueError)
+    assert (error.value.key, error.value.value) == (key, value)
+    assert str(error.value).startswith(f"Invalid {key}")
+    copy = pickle.loads(pickle.dumps(error.value))       # e.g. from a worker process
+    assert (type(copy), copy.key, copy.value, str(copy)) == (InvalidHyperparameter, key, value, str(error.value))
+
+
+def test_an_unknown_group_key_is_the_key_of_the_error():
+    with pytest.raises(InvalidHyperparameter) as error:
+        DCTProjAdam([{"params": list(make_model().parameters()), "update_proj_gapp": 3}])
+    assert (error.value.key, error.value.value) == ("update_proj_gapp", 3)

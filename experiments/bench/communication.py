@@ -1,7 +1,11 @@
-"""What the optimizers send over the network on an FSDP2-sharded LLaMA decoder layer, measured.
+"""What the optimizers send over the network, measured on one LLaMA decoder layer.
 
-    python -m experiments.bench.communication                      # llama_1b, 2 gloo processes
+    python -m experiments.bench.communication                      # FSDP2: llama_1b, 2 gloo processes
     python -m experiments.bench.communication --model_config llama_micro --world_size 2
+    python -m experiments.bench.communication --backward_projection   # DDP vs backward projection
+    python -m experiments.bench.communication --backward_projection --model_config llama_micro
+
+FSDP2 (the default):
 
 One decoder layer of ``--model_config`` is sharded by ``fully_shard`` with
 :func:`lowrank_optim.sharding.projection_shard_placement`; random gradients are set and
@@ -10,6 +14,14 @@ refresh step and an ordinary step. Every collective the optimizers issue goes th
 :class:`lowrank_optim.sharding.Sharding`, whose methods are counted here (calls and payload
 elements and bytes per rank). FSDP2's own traffic (all-gather of the parameters and
 reduce-scatter of the gradients) is the same for every optimizer and listed for scale.
+
+``--backward_projection``: DDP all-reduces every gradient in full each step. Under
+``backward_projection=True`` with a ``process_group`` the optimizer all-reduces, once per step, the
+projected accumulators (``m×r``) of its projected weights, the full gradients of the weights whose
+staggered refresh is due and the plain gradients (``optimizer.communicated_bytes``, the payload
+entering the collectives, per rank). One process (gloo, world size 1) runs ``--steps`` steps of one
+decoder layer on random inputs with ``update_proj_gap = --gap`` (rank: ``--rank`` of the
+smallest side, 512 for llama_1b); the payload does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from torch.distributed.fsdp import fully_shard
 
 from experiments.model import DecoderLayer, LlamaConfig
 from experiments.model_factory import config_path
-from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups
 from lowrank_optim.sharding import Sharding, projection_shard_placement
 
 COUNTED = {"sum_": "all-reduce", "max_": "all-reduce", "broadcast_": "broadcast", "gather": "all-gather"}
@@ -50,9 +62,14 @@ def _counting(traffic: Counter):
         setattr(Sharding, name, wrap(name, original))
 
 
+def _rank(layer, rank_fraction: float) -> int:
+    """GaLore's integer rank: ``rank_fraction`` of the smallest side of the layer's weights."""
+    return int(rank_fraction * min(min(p.shape) for p in layer.parameters() if p.ndim == 2))
+
+
 def _optimizers(layer, rank_fraction: float):
     weights = [p for p in layer.parameters() if p.ndim == 2]
-    rank = int(rank_fraction * min(min(p.shape) for p in weights))
+    rank = _rank(layer, rank_fraction)
     rest = [p for p in layer.parameters() if p.ndim != 2]
     return {
         "DCTProjAdam (defaults)": lambda: DCTProjAdam(layer.parameters(), rank=rank_fraction),
@@ -111,12 +128,72 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ------------------------------------------------------------------------------------------ backward projection
+def _backward_optimizers(layer, rank_fraction: float, gap: int) -> dict:
+    rank = _rank(layer, rank_fraction)
+    groups = lambda: lowrank_param_groups(layer, target_modules=("attn", "mlp"), rank=rank, update_proj_gap=gap)
+    common = dict(backward_projection=True, process_group=dist.group.WORLD)
+    return {"DCTProjAdam": lambda: DCTProjAdam(groups(), residual="none", **common),
+            "GaLoreAdamW": lambda: GaLoreAdamW(groups(), **common)}
+
+
+def measure_backward_projection(model_config: str, rank_fraction: float, gap: int, steps: int,
+                                tokens: int) -> list[dict]:
+    """DDP's payload per step (every gradient) against the optimizers' under backward projection."""
+    values = json.loads(config_path(model_config).read_text())
+    config = LlamaConfig.from_dict({**values, "vocab_size": values.get("vocab_size") or 256})
+    rows = []
+    for name in ("DCTProjAdam", "GaLoreAdamW"):
+        torch.manual_seed(0)
+        layer = DecoderLayer(config)                # a fresh layer: one optimizer hooks its parameters
+        full = sum(p.numel() * p.element_size() for p in layer.parameters())
+        optimizer = _backward_optimizers(layer, rank_fraction, gap)[name]()
+        sent = []
+        for step in range(steps):
+            x = torch.randn(1, tokens, config.hidden_size, generator=torch.Generator().manual_seed(step))
+            layer(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sent.append(optimizer.communicated_bytes)
+        rows.append({"optimizer": name, "ddp_bytes": full, "first_step": sent[0], "max_later": max(sent[1:]),
+                     "min_later": min(sent[1:]), "mean_later": sum(sent[1:]) / len(sent[1:])})
+    return rows
+
+
+def backward_projection(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ.setdefault("OMP_NUM_THREADS", "2")
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0, world_size=1)
+        try:
+            rows = measure_backward_projection(args.model_config, args.rank, args.gap, args.steps, args.tokens)
+        finally:
+            dist.destroy_process_group()
+    print(f"One {args.model_config} decoder layer, rank {args.rank} × the smallest side, update_proj_gap "
+          f"{args.gap}, {args.steps} steps; payload per rank per step\n")
+    print("| optimizer | DDP (every gradient, full) | first step | later steps: min / mean / max "
+          "| later ÷ DDP (mean) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['optimizer']} | {row['ddp_bytes']:,} B | {row['first_step']:,} B | {row['min_later']:,} / "
+              f"{row['mean_later']:,.0f} / {row['max_later']:,} B | {row['mean_later'] / row['ddp_bytes']:.3f} |")
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench.communication", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", default="llama_1b")
-    parser.add_argument("--world_size", type=int, default=2)
     parser.add_argument("--rank", type=float, default=0.25, help="rank as a fraction of the smaller side")
-    args = parser.parse_args()
+    parser.add_argument("--world_size", type=int, default=2, help="FSDP2: processes")
+    parser.add_argument("--backward_projection", action="store_true",
+                        help="measure DDP against backward projection instead of FSDP2")
+    parser.add_argument("--gap", type=int, default=200, help="--backward_projection: update_proj_gap")
+    parser.add_argument("--steps", type=int, default=8, help="--backward_projection: steps")
+    parser.add_argument("--tokens", type=int, default=16, help="--backward_projection: tokens per step")
+    args = parser.parse_args(argv)
+    if args.backward_projection:
+        backward_projection(args)
+        return
     result = measure(args.model_config, args.world_size, args.rank)
     print(json.dumps({"weights": result["weights"], "placements": result["placements"]}, indent=1))
     print(report(result))

@@ -59,34 +59,29 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from experiments.bench.common import REPO, command_line, git_head, library_dirty, library_hash, load_average, machine
 from experiments.bench.memory_worker import (
     DTYPES,
     OPTIMIZERS,
     TARGET_MODULES,
-    accumulator_shapes,
-    build_optimizer,
     expected_refreshing,
 )
-from experiments.model_factory import build_model, read_model_config
-from lowrank_optim import DCTProjAdam, lowrank_param_groups
-from lowrank_optim.quantization import layout_for, moment_bits_for, moment_state_bytes
+from experiments.bench.state_memory import meta_model, seven_b_table
+from experiments.model_factory import read_model_config
+from lowrank_optim import lowrank_param_groups
 
-REPO = Path(__file__).resolve().parents[2]
 MIB, GB = 2**20, 10**9
 
 
@@ -110,9 +105,6 @@ REFERENCE = "adamw_fused"
 PHASES = ("first", "ordinary", "refresh", "stress")
 PHASE_TITLES = {"first": "first step", "ordinary": "ordinary step", "refresh": "refresh step",
                 "stress": f"refresh stress (gap {STRESS_GAP})"}
-# Measured before this work (the issue; MEMORY.md): CPU peak RSS, LLaMA-350M bf16, batch 1×128, 2 steps.
-BEFORE_350M = {"adamw_fused": 2301, "galore": 1771, "dct": 1688}
-GOAL_RATIO_350M, GOAL_BYTES_7B, ANCHOR_GALORE_8BIT_PER_LAYER = 0.40, 2.6, 2.85
 
 
 @dataclass(frozen=True)
@@ -127,7 +119,7 @@ class Run:
 def projected_count(model: str) -> int:
     """How many weights GaLore's recipe projects in ``model`` (counted on the meta device)."""
     spec = MODELS[model]
-    groups = lowrank_param_groups(meta_llama(spec.config, DTYPES[spec.dtype]), target_modules=TARGET_MODULES,
+    groups = lowrank_param_groups(meta_model(spec.config, DTYPES[spec.dtype], "native"), target_modules=TARGET_MODULES,
                                   rank=spec.rank)
     return len(groups[0]["params"])
 
@@ -144,7 +136,7 @@ def plan_runs(models: list[str], keys: list[str], stress: list[str]) -> list[Run
         backward_steps = max(3, first_staggered_refresh(projected_count(model), BACKWARD_GAP))
         for key in keys:
             spec = OPTIMIZERS[key]
-            if spec.family == "torch":
+            if not spec.projected:
                 runs.append(Run(model, key, "main", BACKWARD_GAP, 2))
             elif spec.deferred:
                 runs.append(Run(model, key, "main", BACKWARD_GAP, backward_steps))
@@ -191,7 +183,7 @@ def select_phases(key: str, main: dict, stress: dict | None) -> dict:
         return phases
     steps = main["steps"]
     phases["first"], phases["ordinary"] = steps[0], steps[1]
-    if spec.family != "torch":
+    if spec.projected:
         if spec.deferred:
             candidates = [s for s in steps[1:] if s["expected_refreshing"] > 0]
             if candidates:
@@ -217,7 +209,7 @@ def check(key: str, main: dict, stress: dict | None, phases: dict) -> list[str]:
             problems.append("VmHWM reset not verified: phase peaks are whole-run peaks")
         count = result["projected_weights"]
         for s in result["steps"]:
-            if spec.family == "torch":
+            if not spec.projected:
                 continue
             # step in backward: every parameter stepped and freed its gradient in its hook
             want = 0 if spec.in_backward else s["expected_refreshing"] if spec.backward else count
@@ -236,120 +228,6 @@ def check(key: str, main: dict, stress: dict | None, phases: dict) -> list[str]:
     if spec.deferred and "ordinary" in phases and phases["ordinary"]["expected_refreshing"] != 0:
         problems.append("the ordinary step refreshes weights under the staggered schedule")
     return problems
-
-
-# ------------------------------------------------------------------------------------------ 7B
-def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
-    """The DCT matrices a step of ``optimizer`` caches (``basis="cached"`` groups): per compressed
-    size, ``C`` in the gradient's dtype (projection, GEMM scoring) and in ``N``'s dtype (the weight
-    update: fp32 for quantized moments), once when the two agree. Triton's column-major copies
-    replace these one for one (:mod:`lowrank_optim.projectors.dct`)."""
-    copies = set()
-    params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
-    for row, (group, param) in zip(summary, params, strict=True):     # the summary lists them in this order
-        if not row.projected or group["basis"] != "cached":
-            continue
-        size = row.shape[1] if row.side == "right" else row.shape[0]
-        update_dtype = torch.float32 if group["moment_bits"] else group["moments_dtype"] or param.dtype
-        copies |= {(size, param.dtype), (size, update_dtype)}
-    return sum(size * size * dtype.itemsize for size, dtype in copies)
-
-
-def meta_llama(config: str, dtype: torch.dtype):
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            return build_model(config, "native", 32000)
-    finally:
-        torch.set_default_dtype(default)
-
-
-def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = BACKWARD_GAP) -> dict:
-    """Bytes per parameter of training state on the meta device (bf16 weights and gradients)."""
-    rows = []
-
-    def add(label, optimizer_of, grads_mode, note=""):
-        model = meta_llama(config, torch.bfloat16)   # a fresh model each: hooks belong to one optimizer
-        params = list(model.parameters())
-        numel = sum(p.numel() for p in params)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optimizer, projected = optimizer_of(model)
-        summary = optimizer.projection_summary()
-        state = summary.state_bytes
-        projection = 0
-        for row in summary:
-            if not row.projected:
-                continue
-            m, n = row.shape
-            shape = (m, row.rank) if row.side == "right" else (row.rank, n)
-            group = optimizer.param_groups[0]
-            bits = moment_bits_for(shape, group["moment_bits"])
-            moments = 2 * moment_state_bytes(shape, bits, layout_for(row.side), block_size=group["moment_block_size"],
-                                             float_dtype=torch.bfloat16)
-            projection += row.state_bytes - moments
-        subspaces = projection                      # held in the optimizer state (indices, P)
-        if isinstance(optimizer, DCTProjAdam):
-            projection += cached_dct_bytes(optimizer, summary)
-        projected_ids = {id(p) for p in projected}
-        plain_grads = sum(p.numel() * 2 for p in params if id(p) not in projected_ids)
-        accumulators = 0
-        if grads_mode == "full":
-            grads, grads_note = numel * 2, "every gradient, bf16"
-        elif grads_mode == "per_layer":
-            largest = max(p.numel() for p in projected) * 2
-            accumulators = sum(math.prod(shape) * 2 for shape in accumulator_shapes(optimizer))
-            grads = largest + accumulators + plain_grads
-            refreshing = math.ceil(len(projected) / gap)
-            grads_note = (f"largest projected weight's gradient {largest / GB:.3f} GB + accumulators "
-                          f"{accumulators / GB:.2f} GB + plain parameters' {plain_grads / GB:.2f} GB; a staggered "
-                          f"refresh step adds ≤ ⌈{len(projected)}/{gap}⌉ = {refreshing} full gradients "
-                          f"(≤ {refreshing * largest / numel:.3f} B/param)")
-        else:  # "hook": GaLore's per-layer script steps in the hook: one gradient of any parameter at a time
-            largest = max(p.numel() for p in params) * 2
-            grads, grads_note = largest, f"one parameter's gradient at a time (the largest, {largest / GB:.2f} GB)"
-        rows.append({"label": label, "parameters": numel, "weights": numel * 2, "gradients": grads,
-                     "accumulators": accumulators,
-                     "state": state - subspaces, "projection": projection, "grads_note": grads_note, "note": note})
-
-    def plain(bits=None, moments_dtype=None):
-        return lambda model: (DCTProjAdam(model.named_parameters(), rank=None, moment_bits=bits,
-                                          moments_dtype=moments_dtype), [])
-
-    def projected(key):
-        return lambda model: build_optimizer(model, key, rank, gap)
-
-    add("AdamW, fp32 moments", plain(moments_dtype=torch.float32), "full",
-        "library plain path (= torch AdamW's moments; torch adds a 4-byte step per tensor)")
-    add("AdamW, bf16 moments", plain(), "full", "as above, moments in the weights' dtype")
-    add("8-bit AdamW-style (library plain path, moment_bits=8)", plain(bits=8), "full",
-        "DCTProjAdam(model.named_parameters(), rank=None, moment_bits=8)")
-    add(f"GaLoreAdamW r={rank}, bf16 (P in bf16)", projected("galore"), "full")
-    add("8-bit GaLore per-layer: GaLoreAdamW moment_bits=8 + backward_projection", projected("galore_8bit_bp"),
-        "per_layer")
-    add("DCTProjAdam 8-bit + backward projection (residual none)", projected("dct_8bit_bp"), "per_layer")
-    add("8-bit GaLore, step in backward: GaLoreAdamW moment_bits=8, step_in_backward=True",
-        projected("galore_8bit_sib"), "hook", "accumulation 1 (each parameter steps in its hook)")
-    add("DCTProjAdam 8-bit, step in backward (residual scaled)", projected("dct_8bit_sib"), "hook",
-        "accumulation 1; projection = the cached DCT matrices (per compressed size: bf16 for the projection, "
-        "fp32 for the weight update)")
-    add("DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
-        lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
-        "as above, no DCT matrix stored: the r selected columns computed at each use (a transient of the size "
-        "of P, like the gradient); projection = the indices")
-
-    add("DCTProjAdam 8-bit in blocks of 2048, step in backward (residual scaled), basis='generated'",
-        lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, basis="generated", moment_block_size=2048),
-        "hook", "as above, moment_block_size=2048 (the 8-bit optimizers paper's block; one fp32 scale per 2048 "
-        "values instead of 256)")
-    add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std', basis='generated'",
-        lambda model: build_optimizer(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std", basis="generated"),
-        "hook", "the larger side compressed: moments of r·min(m, n) values (a cached basis would add C of 4096 and "
-        "11008: 0.123 B/param)")
-    for row in rows:
-        row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
-    return {"config": config, "rank": rank, "gap": gap, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ render
@@ -396,7 +274,7 @@ def best_line(derived: dict) -> tuple[str, dict | None]:
     for model, rows in derived.items():
         for key, row in rows.items():
             value = row["ratios"].get("ordinary")
-            if OPTIMIZERS[key].family == "torch" or value is None:
+            if not OPTIMIZERS[key].projected or value is None:
                 continue
             if best is None or value < best["ratio"]:
                 best = {"model": model, "key": key, "ratio": value}
@@ -441,13 +319,6 @@ def notes(derived: dict) -> list[str]:
                        f"step = {_mib(held)} MiB = {held / held_ref:.2f}× AdamW(fused)'s {_mib(held_ref)} MiB; "
                        f"with zero transients and its baseline the peak would be "
                        f"{(held + row['main']['baseline']) / r['peak']:.2f}× AdamW(fused)'s peak.")
-        if ref and "ordinary" in ref["phases"] and model == "350M":
-            c = ref["phases"]["ordinary"]["components"]
-            out.append(f"- {title}: AdamW(fused)'s weights + gradients + bf16 moments alone are "
-                       f"{_mib(c['weights'] + c['gradients'] + c['state'])} MiB, above the "
-                       f"{BEFORE_350M[REFERENCE]} MiB "
-                       "measured before this work, so that earlier number cannot have been the peak of a whole "
-                       "step under this accounting (its protocol is not recorded here).")
         whole = [(OPTIMIZERS[k].label, row) for k, row in rows.items() if OPTIMIZERS[k].deferred
                  and "first" in row["phases"] and "ordinary" in row["phases"]]
         if whole:
@@ -458,15 +329,6 @@ def notes(derived: dict) -> list[str]:
                        f"{_mib(row['phases']['ordinary']['peak'])} MiB at an ordinary step).")
     out.append("")
     return out
-
-
-def _goal_cells(row: dict) -> str:
-    """The measured cells of a row of the goals table: whole run, ordinary step, above baseline."""
-    ratios = row["ratios"]
-    return (f"{_mib(row['main']['whole_run_peak'])} MiB ({ratios.get('whole_run') or 0:.2f}×) | "
-            f"{_mib(row['phases']['ordinary']['peak'])} MiB ({ratios['ordinary']:.2f}×) | "
-            f"{_mib(row['phases']['ordinary']['peak'] - row['main']['baseline'])} MiB "
-            f"({ratios.get('ordinary_above_baseline') or 0:.2f}×) |")
 
 
 def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
@@ -505,8 +367,8 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
                     cells.append("—")
                     continue
                 value = row["ratios"].get(name)
-                count = "" if OPTIMIZERS[key].family == "torch" else f" [{record['full_projected_grads']}]"
-                gap = "" if name in ("first", "ordinary") or OPTIMIZERS[key].family == "torch" \
+                count = "" if not OPTIMIZERS[key].projected else f" [{record['full_projected_grads']}]"
+                gap = "" if name in ("first", "ordinary") or not OPTIMIZERS[key].projected \
                     else f" gap {record['gap']}"
                 cells.append(f"{_mib(record['peak'])} ({value:.2f}×){count}{gap}")
             whole = row["main"]["whole_run_peak"]
@@ -529,7 +391,7 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
                 c = record["components"]
                 base = (row["stress"] if name == "stress" else row["main"])["baseline"]
                 where = f"step {record['step']}" + (
-                    "" if OPTIMIZERS[key].family == "torch" else f", gap {record['gap']}")
+                    "" if not OPTIMIZERS[key].projected else f", gap {record['gap']}")
                 out.append(
                     f"| {OPTIMIZERS[key].label} | {PHASE_TITLES[name]} ({where}) | "
                     f"{record['full_projected_grads']} | {_mib(c['weights'])} | {_mib(c['gradients'])} "
@@ -543,35 +405,6 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
                 "step's peak ≥ what it held before): " + ("all passed." if not problems else "")]
         out += [f"- {OPTIMIZERS[key].label}: {p}" for key, p in problems]
         out.append("")
-    if "350M" in derived:
-        rows = derived["350M"]
-        out += ["## Against the goals", "",
-                "| | before this work (issue; whole run, 2 steps) | measured now: whole run | ordinary step | "
-                "ordinary step, above baseline |",
-                "|---|---|---|---|---|"]
-        for key, before in BEFORE_350M.items():
-            row = rows.get(key)
-            if row is None or "error" in row["main"]:
-                continue
-            out.append(f"| {OPTIMIZERS[key].label} | {before} MiB ({before / BEFORE_350M[REFERENCE]:.2f}×) | "
-                       + _goal_cells(row))
-        for key in ("adamw_fused_ckpt", "galore_8bit_bp", "dct_8bit_bp", "galore_sib", "galore_8bit_sib", "dct_sib",
-                    "dct_8bit_sib", "galore_8bit_sib_ckpt", "dct_8bit_sib_ckpt"):
-            row = rows.get(key)
-            if row is None or "error" in row["main"]:
-                continue
-            out.append(f"| {OPTIMIZERS[key].label} | — | " + _goal_cells(row))
-        measured = [(row["ratios"]["ordinary"], row["ratios"].get("whole_run"), key) for key, row in rows.items()
-                    if OPTIMIZERS[key].family != "torch" and row["ratios"].get("ordinary") is not None]
-        if measured:
-            value, whole, key = min(measured)
-            above = rows[key]["ratios"].get("ordinary_above_baseline") or 0
-            out += ["", f"Goal: LLaMA-350M bf16 peak ≤ {GOAL_RATIO_350M:.2f}× AdamW(fused). Best ordinary step: "
-                    f"{OPTIMIZERS[key].label}, {value:.2f}× ({'met' if value <= GOAL_RATIO_350M else 'not met'}) "
-                    f"of the process's peak RSS; {above:.2f}× "
-                    f"({'met' if above <= GOAL_RATIO_350M else 'not met'}) above each process's baseline "
-                    "(interpreter, torch and libraries: what CUDA's max_memory_allocated would leave out); "
-                    f"its whole-run peak {whole or 0:.2f}×.", ""]
     out += notes(derived)
     if seven_b is not None:
         out += [f"## LLaMA-7B: bytes per parameter of training state (meta device, bf16 weights, rank "
@@ -591,15 +424,12 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
         best_row = min(default_side, key=lambda r: r["total"])
         larger = [r for r in seven_b["rows"] if "reverse_std" in r["label"]]
         n = galore["parameters"]
-        out += ["", f"Anchor (MEMORY.md): 8-bit GaLore per-layer, r 1024, 7B: {ANCHOR_GALORE_8BIT_PER_LAYER} "
-                f"bytes/param of training state [A] (1.88 GB bf16 P). Here: weights + 8-bit GaLore state = "
+        out += ["", f"Weights + 8-bit GaLore state = "
                 f"{(galore['weights'] + galore['state'] + galore['projection']) / n:.3f} B/param (P "
                 f"{galore['projection'] / GB:.2f} GB). With backward projection stepped in opt.step() the "
                 f"accumulators stay (exact accumulation and clipping): DCTProjAdam 8-bit "
                 f"{dct['total'] / n:.3f} B/param, of which bf16 accumulators {dct['accumulators'] / n:.3f}. "
-                f"Goal ≤ {GOAL_BYTES_7B} B/param: best with the default sides {best_row['label']}, "
-                f"{best_row['total'] / n:.3f} B/param "
-                f"({'met' if best_row['total'] / n <= GOAL_BYTES_7B else 'not met'})"
+                f"Least with the default sides: {best_row['label']}, {best_row['total'] / n:.3f} B/param"
                 + "".join(f"; {r['label']}: {r['total'] / n:.3f} B/param (its quality is measured in the README, "
                           "section Memory)" for r in larger) + ".", ""]
     out += [best]
@@ -607,56 +437,6 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        mem = next(line for line in open("/proc/meminfo", encoding="utf-8") if line.startswith("MemTotal"))
-        mem_gib = int(mem.split()[1]) / 2**20
-    except (OSError, StopIteration):
-        mem_gib = float("nan")
-    return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.platform()}"
-
-
-def _load() -> str:
-    try:
-        return " ".join(open("/proc/loadavg", encoding="ascii").read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _library_hash() -> str:
-    digest = hashlib.sha256()
-    for folder in ("lowrank_optim", "kernels"):
-        for path in sorted((REPO / folder).rglob("*.py")):
-            digest.update(str(path.relative_to(REPO)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _library_dirty() -> str:
-    """Whether ``git status`` (read-only) shows changes under lowrank_optim/ or kernels/."""
-    try:
-        status = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim", "kernels"], cwd=REPO,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if status.returncode != 0:
-        return "unknown"
-    return "yes" if status.stdout.strip() else "no"
-
-
-def _git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "n/a"
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
-
-
 def rerender(path: Path, recompute_7b: bool = False) -> None:
     """results.md again from a results.json this script wrote (same tables, no measurement);
     ``recompute_7b``: the LLaMA-7B accounting (meta device) again with the current library, into both files."""
@@ -709,8 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads == 0:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     out_dir = args.out or REPO / "experiments" / "results" / f"memory_{args.device}"
-    command = " ".join(["python -m experiments.bench.memory", *(sys.argv[1:] if argv is None else argv)])
-    started, load_start = time.perf_counter(), _load()
+    command = command_line("experiments.bench.memory", argv)
+    started, load_start = time.perf_counter(), load_average()
 
     runs = plan_runs(args.models, args.configs, [k for k in args.stress if OPTIMIZERS[k].backward])
     results: dict[tuple, dict] = {}
@@ -731,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     first = next((r for r in results.values() if "error" not in r), {})
     meta = {
         "command": command, "device": args.device, "wall_seconds": time.perf_counter() - started,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "torch": torch.__version__, "python": platform.python_version(),
         "peak_method": first.get("peak_method", "n/a") + (
             ", reset verified in every worker" if all(r.get("peak_reset_verified") for r in results.values())
@@ -740,8 +520,8 @@ def main(argv: list[str] | None = None) -> None:
         "malloc_note": (f"workers run with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (RSS follows live "
                         "tensors; glibc's default dynamic threshold keeps freed buffers resident and adds "
                         "history-dependent slack)" if args.malloc_mmap_threshold else "glibc malloc defaults"),
-        "load_start": load_start, "load_end": _load(), "git_head": _git_head(), "library_hash": _library_hash(),
-        "library_dirty": _library_dirty(),
+        "load_start": load_start, "load_end": load_average(), "git_head": git_head(), "library_hash": library_hash(),
+        "library_dirty": library_dirty(),
         "protocol": {"backward_gap": BACKWARD_GAP, "standard_gap": STANDARD_GAP, "stress_gap": STRESS_GAP,
                      "batch": args.batch, "seq": args.seq, "models": {k: asdict(MODELS[k]) for k in args.models}},
     }

@@ -49,9 +49,10 @@ from dataclasses import dataclass
 import torch
 
 from experiments.model_factory import build_model, read_model_config
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups, optimizer_state_bytes
+from lowrank_optim import create_optimizer, lowrank_param_groups, optimizer_state_bytes
 from lowrank_optim.backward_projection import stagger_offset
 from lowrank_optim.gradient_stand_ins import GradientStandIn, ProjectedGradient
+from lowrank_optim.registry import optimizer_info
 from lowrank_optim.state_bytes import tensor_bytes
 
 TARGET_MODULES = ("attn", "mlp")
@@ -62,12 +63,17 @@ MIB = 2**20
 @dataclass(frozen=True)
 class OptimizerSpec:
     label: str
-    family: str                 # "torch" (torch.optim.AdamW), "galore" or "dct"
+    optimizer: str              # the registry's name: "adamw" (torch.optim.AdamW), "galore_adamw" or "dct_adamw"
     bits: int | None = None     # moment_bits
     backward: bool = False      # backward_projection
     fused: bool = False         # torch AdamW: fused=True (else foreach=True)
     in_backward: bool = False   # step_in_backward (implies backward projection; one backward pass per step)
     checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
+
+    @property
+    def projected(self) -> bool:
+        """Built over GaLore's param groups (``lowrank_param_groups``)."""
+        return bool(optimizer_info(self.optimizer).projection_keys)
 
     @property
     def deferred(self) -> bool:
@@ -76,27 +82,28 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw_foreach": OptimizerSpec("torch AdamW (foreach)", "torch"),
-    "adamw_fused": OptimizerSpec("torch AdamW (fused)", "torch", fused=True),
-    "galore": OptimizerSpec("GaLoreAdamW", "galore"),
-    "galore_8bit": OptimizerSpec("GaLoreAdamW 8-bit", "galore", 8),
-    "galore_bp": OptimizerSpec("GaLoreAdamW + backward projection", "galore", None, True),
-    "galore_8bit_bp": OptimizerSpec("GaLoreAdamW 8-bit + backward projection", "galore", 8, True),
-    "dct": OptimizerSpec("DCTProjAdam (residual scaled)", "dct"),
-    "dct_8bit": OptimizerSpec("DCTProjAdam 8-bit (residual scaled)", "dct", 8),
-    "dct_bp": OptimizerSpec("DCTProjAdam + backward projection (residual none)", "dct", None, True),
-    "dct_8bit_bp": OptimizerSpec("DCTProjAdam 8-bit + backward projection (residual none)", "dct", 8, True),
-    "adamw_fused_ckpt": OptimizerSpec("torch AdamW (fused) + activation checkpointing", "torch", fused=True,
+    "adamw_foreach": OptimizerSpec("torch AdamW (foreach)", "adamw"),
+    "adamw_fused": OptimizerSpec("torch AdamW (fused)", "adamw", fused=True),
+    "galore": OptimizerSpec("GaLoreAdamW", "galore_adamw"),
+    "galore_8bit": OptimizerSpec("GaLoreAdamW 8-bit", "galore_adamw", 8),
+    "galore_bp": OptimizerSpec("GaLoreAdamW + backward projection", "galore_adamw", None, True),
+    "galore_8bit_bp": OptimizerSpec("GaLoreAdamW 8-bit + backward projection", "galore_adamw", 8, True),
+    "dct": OptimizerSpec("DCTProjAdam (residual scaled)", "dct_adamw"),
+    "dct_8bit": OptimizerSpec("DCTProjAdam 8-bit (residual scaled)", "dct_adamw", 8),
+    "dct_bp": OptimizerSpec("DCTProjAdam + backward projection (residual none)", "dct_adamw", None, True),
+    "dct_8bit_bp": OptimizerSpec("DCTProjAdam 8-bit + backward projection (residual none)", "dct_adamw", 8, True),
+    "adamw_fused_ckpt": OptimizerSpec("torch AdamW (fused) + activation checkpointing", "adamw", fused=True,
                                       checkpointing=True),
-    "galore_sib": OptimizerSpec("GaLoreAdamW + step in backward", "galore", None, True, in_backward=True),
-    "galore_8bit_sib": OptimizerSpec("GaLoreAdamW 8-bit + step in backward", "galore", 8, True, in_backward=True),
-    "dct_sib": OptimizerSpec("DCTProjAdam + step in backward (residual scaled)", "dct", None, True, in_backward=True),
-    "dct_8bit_sib": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled)", "dct", 8, True,
+    "galore_sib": OptimizerSpec("GaLoreAdamW + step in backward", "galore_adamw", None, True, in_backward=True),
+    "galore_8bit_sib": OptimizerSpec("GaLoreAdamW 8-bit + step in backward", "galore_adamw", 8, True, in_backward=True),
+    "dct_sib": OptimizerSpec("DCTProjAdam + step in backward (residual scaled)", "dct_adamw", None, True,
+                             in_backward=True),
+    "dct_8bit_sib": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled)", "dct_adamw", 8, True,
                                   in_backward=True),
     "galore_8bit_sib_ckpt": OptimizerSpec("GaLoreAdamW 8-bit + step in backward + activation checkpointing",
-                                          "galore", 8, True, in_backward=True, checkpointing=True),
+                                          "galore_adamw", 8, True, in_backward=True, checkpointing=True),
     "dct_8bit_sib_ckpt": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled) + activation "
-                                       "checkpointing", "dct", 8, True, in_backward=True, checkpointing=True),
+                                       "checkpointing", "dct_adamw", 8, True, in_backward=True, checkpointing=True),
 }
 
 
@@ -164,18 +171,16 @@ def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int, **ove
     """The optimizer ``key`` over ``model`` (``overrides``: more constructor keywords of a projected
     one), and the parameters it projects (empty for torch AdamW)."""
     spec = OPTIMIZERS[key]
-    if spec.family == "torch":
+    if not spec.projected:
         kwargs = {"fused": True} if spec.fused else {"foreach": True}
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, **kwargs), []
+        return create_optimizer(spec.optimizer, model.parameters(), lr=1e-3, **kwargs), []
     groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=gap)
     projected = [param for _, param in groups[0]["params"]]
     kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward,
                   step_in_backward=spec.in_backward, **overrides)
-    if spec.family == "galore":
-        return GaLoreAdamW(groups, **kwargs), projected
-    if spec.deferred:
+    if spec.deferred and spec.optimizer == "dct_adamw":
         kwargs["residual"] = "none"          # required with backward projection (the hooks free G)
-    return DCTProjAdam(groups, **kwargs), projected
+    return create_optimizer(spec.optimizer, groups, **kwargs), projected
 
 
 def expected_refreshing(step: int, count: int, gap: int, backward: bool) -> int:
@@ -328,7 +333,7 @@ def run(args) -> dict:
               f"{t2 - t0:.1f} s", file=sys.stderr, flush=True)
 
     return {
-        "optimizer": args.optimizer, "label": spec.label, "family": spec.family, "moment_bits": spec.bits,
+        "optimizer": args.optimizer, "label": spec.label, "registry_name": spec.optimizer, "moment_bits": spec.bits,
         "backward_projection": spec.backward, "model": args.model, "dtype": args.dtype, "rank": args.rank,
         "update_proj_gap": args.gap, "batch": args.batch, "seq": args.seq, "device": str(device),
         "torch": torch.__version__, "peak_method": meter.method, "peak_reset_verified": meter.reset_verified,

@@ -9,7 +9,7 @@ a device synchronisation around every step; the candidates' steps are interleave
 Ratios are taken within this run only.
 
 Low-bit rows: DCTProjAdam and GaLoreAdamW with ``moment_bits`` 8 and 4 next to their float rows, and
-the library's plain AdamW path with 8-/4-bit moments (``DCTProjAdam(rank=None, moment_bits=b)``);
+the library's plain AdamW path with 8-/4-bit moments (registered ``adamw8bit``/``adamw4bit``);
 ``GaLoreAdamW(projector="randomized_svd")`` refresh next to the full-SVD one; ``--torchao`` adds
 torchao's ``AdamW8bit``/``AdamW4bit`` (off by default: their compiled step needs seconds to build).
 """
@@ -25,13 +25,22 @@ import warnings
 
 import torch
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, optimizer_state_bytes
+from experiments.bench.common import device_label, synchronize
+from lowrank_optim import create_optimizer, optimizer_state_bytes
+from lowrank_optim.registry import optimizer_info
+
+
+def _label(name: str, kwargs: dict) -> str:
+    return ", ".join([optimizer_info(name).label, *(f"{key}={value}" for key, value in kwargs.items())])
+
+
+def _projected(name: str, rank: int, gap: int, kwargs: dict):
+    """``factory(param)``: the registered optimizer ``name`` projecting ``param`` at ``rank``."""
+    return lambda p: create_optimizer(name, [{"params": [p], "rank": rank, "update_proj_gap": gap}], **kwargs)
 
 
 def _candidates(rank: int, torchao: bool = False):
     """(label, kind, factory) with kind 'refresh' or 'ordinary'; factory(param) -> optimizer."""
-    warnings.filterwarnings("ignore", message=".*no parameter is projected.*")  # the plain-path rows: intended
-
     def galore_torch(gap):
         from galore_torch import GaLoreAdamW as PeerGaLore
 
@@ -45,8 +54,8 @@ def _candidates(rank: int, torchao: bool = False):
         ("torch.optim.AdamW (foreach)", "ordinary", lambda p: torch.optim.AdamW([p], foreach=True)),
         ("torch.optim.AdamW (fused)", "ordinary", lambda p: torch.optim.AdamW([p], fused=True)),
         # The library's plain AdamW path (DCTProjAdam projecting nothing) with low-bit moments.
-        *((f"AdamW, {bits}-bit moments (library plain path)", "ordinary",
-           lambda p, b=bits: DCTProjAdam([p], rank=None, moment_bits=b)) for bits in (8, 4)),
+        *((optimizer_info(name).label, "ordinary", lambda p, n=name: create_optimizer(n, [p]))
+          for name in ("adamw8bit", "adamw4bit")),
     ]
     if torchao:  # opt-in: torchao's step is torch.compile'd (seconds of compilation before timing)
         try:
@@ -57,23 +66,12 @@ def _candidates(rank: int, torchao: bool = False):
         except ImportError:
             print("torchao not installed: low-bit peer baseline skipped", file=sys.stderr)
     for kind, gap in (("refresh", 1), ("ordinary", 10**9)):
-        rows += [
-            ("DCTProjAdam", kind, lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g)),
-            *((f"DCTProjAdam, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: DCTProjAdam([p], rank=rank, update_proj_gap=g, moment_bits=b))
-              for bits in (8, 4)),
-            ("DCTProjAdam, residual=none", kind,
-             lambda p, g=gap: DCTProjAdam([p], rank=rank, update_proj_gap=g, residual="none")),
-            ("GaLoreAdamW", kind, lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}])),
-            *((f"GaLoreAdamW, moment_bits={bits}", kind,
-               lambda p, g=gap, b=bits: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
-                                                    moment_bits=b))
-              for bits in (8, 4)),
-        ]
-        if kind == "refresh":  # randomized SVD refresh next to the full-SVD one (another issue)
-            rows.append(("GaLoreAdamW, projector=randomized_svd", kind,
-                         lambda p, g=gap: GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": g}],
-                                                      projector="randomized_svd")))
+        variants = [("dct_adamw", {}), *(("dct_adamw", {"moment_bits": bits}) for bits in (8, 4)),
+                    ("dct_adamw", {"residual": "none"}),
+                    ("galore_adamw", {}), *(("galore_adamw", {"moment_bits": bits}) for bits in (8, 4))]
+        if kind == "refresh":  # randomized SVD refresh next to the full-SVD one
+            variants.append(("galore_adamw", {"projector": "randomized_svd"}))
+        rows += [(_label(name, kwargs), kind, _projected(name, rank, gap, kwargs)) for name, kwargs in variants]
         try:
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
@@ -81,45 +79,26 @@ def _candidates(rank: int, torchao: bool = False):
     return rows
 
 
-def _state_bytes(optimizer) -> int:
-    """``optimizer_state_bytes``; for torchao's tensor-subclass state (which it cannot count: "invalid
-    python storage"), the bytes of the subclasses' inner tensors (experiments/bench/lowbit_compare.py)."""
-    try:
-        return optimizer_state_bytes(optimizer)
-    except RuntimeError:
-        from experiments.bench.lowbit_compare import _flatten
-        from lowrank_optim.state_bytes import _tensors
-
-        storages = {}
-        for tensor in _tensors(optimizer.state, set()):
-            for inner in _flatten(tensor):
-                storages[inner.untyped_storage().data_ptr(), inner.device] = inner.untyped_storage().nbytes()
-        return sum(storages.values())
-
-
 def _interleaved_medians(optimizers: list, device: str, repeats: int) -> list[float]:
     """Median seconds per step of each optimizer, the steps of all optimizers interleaved (one step
     of each per round) so that machine drift and order effects hit every candidate alike."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     for optimizer in optimizers:
         for _ in range(3):  # warm-up: state allocation, first selection, thread pool
             optimizer.step()
     times: list[list[float]] = [[] for _ in optimizers]
     for _ in range(repeats):
         for optimizer, samples in zip(optimizers, times):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             optimizer.step()
-            sync()
+            synchronize(device)
             samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench.optimizer_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=2, default=[4096, 1024])
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -144,15 +123,13 @@ def main(argv=None) -> None:
     seconds = _interleaved_medians(optimizers, args.device, args.repeats)
     rows = [
         dict(optimizer=label, step=kind, ms=s * 1e3,
-             state_bytes=None if label == "galore_torch.GaLoreAdamW" else _state_bytes(optimizer))
+             state_bytes=None if label == "galore_torch.GaLoreAdamW" else optimizer_state_bytes(optimizer))
         for (label, kind, _), optimizer, s in zip(candidates, optimizers, seconds)
     ]
 
     adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch.optim.AdamW (default)")
     svd_refresh_ms = next(r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh")
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device = device_label(args.device)
     print(f"\n{args.shape[0]}×{args.shape[1]} {args.dtype}, rank {args.rank}, {device}, torch {torch.__version__}\n")
     print("| optimizer | step | ms | × AdamW (default) | GaLoreAdamW refresh ÷ this | state bytes |")
     print("|---|---|---|---|---|---|")

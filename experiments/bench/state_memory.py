@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experiments.bench.common import command_line, write_text
+from experiments.bench.memory_worker import accumulator_shapes
+from experiments.bench.memory_worker import build_optimizer as build_configuration
+from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, lowrank_param_groups
+from lowrank_optim import DCTProjAdam, lowrank_param_groups
+from lowrank_optim.quantization import layout_for, moment_bits_for, moment_state_bytes
+from lowrank_optim.registry import plain_adamw
 
 # (label, config, GaLore recipe rank)
 MODELS: dict[str, tuple[str, int]] = {
@@ -56,25 +61,28 @@ GIB, GB = 2**30, 10**9
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A row of the table: which optimizer, projected or not, at which moment bits."""
+    """A row of the table: an optimizer of ``experiments.methods`` (registry or peer) at its moment bits."""
 
     label: str
-    family: str           # "plain" (AdamW on every parameter), "galore" or "dct"
+    optimizer: str
     bits: int | None
-    galore_8bit_class: bool = False  # GaLoreAdamW8bit (galore_torch's 8-bit constructor defaults)
+
+    @property
+    def projected(self) -> bool:
+        return bool(info_for(self.optimizer).projection_keys)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "adamw": MethodSpec("AdamW, float moments (2 × itemsize B/param)", "plain", None),
-    "adamw_8bit": MethodSpec("AdamW, 8-bit moments (library plain path)", "plain", 8),
-    "adamw_4bit": MethodSpec("AdamW, 4-bit moments (library plain path)", "plain", 4),
-    "galore": MethodSpec("GaLoreAdamW, float moments", "galore", None),
-    "galore_8bit": MethodSpec("GaLoreAdamW, moment_bits=8", "galore", 8),
-    "galore_adamw8bit": MethodSpec("GaLoreAdamW8bit", "galore", 8, galore_8bit_class=True),
-    "galore_4bit": MethodSpec("GaLoreAdamW, moment_bits=4", "galore", 4),
-    "dct": MethodSpec("DCTProjAdam, float moments", "dct", None),
-    "dct_8bit": MethodSpec("DCTProjAdam, moment_bits=8", "dct", 8),
-    "dct_4bit": MethodSpec("DCTProjAdam, moment_bits=4", "dct", 4),
+    "adamw": MethodSpec("AdamW, float moments (2 × itemsize B/param)", "lowrank_plain_adamw", None),
+    "adamw_8bit": MethodSpec("AdamW, 8-bit moments (library plain path)", "adamw8bit", 8),
+    "adamw_4bit": MethodSpec("AdamW, 4-bit moments (library plain path)", "adamw4bit", 4),
+    "galore": MethodSpec("GaLoreAdamW, float moments", "galore_adamw", None),
+    "galore_8bit": MethodSpec("GaLoreAdamW, moment_bits=8", "galore_adamw", 8),
+    "galore_adamw8bit": MethodSpec("GaLoreAdamW8bit", "galore_adamw8bit", 8),
+    "galore_4bit": MethodSpec("GaLoreAdamW, moment_bits=4", "galore_adamw", 4),
+    "dct": MethodSpec("DCTProjAdam, float moments", "dct_adamw", None),
+    "dct_8bit": MethodSpec("DCTProjAdam, moment_bits=8", "dct_adamw", 8),
+    "dct_4bit": MethodSpec("DCTProjAdam, moment_bits=4", "dct_adamw", 4),
 }
 
 # Anchors from the papers (as printed; not computed here). GaLore Table 2, bf16, optimizer states only.
@@ -112,18 +120,12 @@ def projected_weights(model: nn.Module, rank: int) -> list[tuple[str, nn.Paramet
 
 # ------------------------------------------------------------------------------------------ optimizers
 def build_optimizer(model: nn.Module, key: str, rank: int) -> torch.optim.Optimizer:
-    """The optimizer of method ``key`` over ``model`` (meta or real), as the tables count it."""
+    """The optimizer of method ``key`` over ``model`` (meta or real), as the tables count it:
+    projected methods over GaLore's recipe, the plain path over every named parameter."""
     spec = METHODS[key]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no parameter is projected" for the plain path: intended
-        if spec.family == "plain":
-            # DCTProjAdam projecting nothing is the library's plain AdamW (torch form).
-            return DCTProjAdam(model.named_parameters(), rank=None, moment_bits=spec.bits)
-        groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank)
-        if spec.galore_8bit_class:
-            return GaLoreAdamW8bit(groups)
-        cls = GaLoreAdamW if spec.family == "galore" else DCTProjAdam
-        return cls(groups, moment_bits=spec.bits)
+    params = (lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank) if spec.projected
+              else model.named_parameters())
+    return create_optimizer(spec.optimizer, params, moment_bits=spec.bits)
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -159,7 +161,7 @@ class StateBytes:
 def analytic_state_bytes(model: nn.Module, key: str, rank: int) -> tuple[int, int, int]:
     """(moments of projected weights, projection state, moments of plain parameters), counted here."""
     spec = METHODS[key]
-    projected = {} if spec.family == "plain" else {id(p): p for _, p in projected_weights(model, rank)}
+    projected = {} if not spec.projected else {id(p): p for _, p in projected_weights(model, rank)}
     moments_projected = projection = moments_plain = 0
     for param in model.parameters():
         itemsize = param.element_size()
@@ -170,7 +172,7 @@ def analytic_state_bytes(model: nn.Module, key: str, rank: int) -> tuple[int, in
         side = "right" if m >= n else "left"
         shape, layout = ((m, rank), "columns") if side == "right" else ((rank, n), "rows")
         moments_projected += 2 * moment_bytes(shape, layout, spec.bits, itemsize)
-        projection += rank * min(m, n) * itemsize if spec.family == "galore" else rank * 8 + 4
+        projection += rank * min(m, n) * itemsize if spec.optimizer.startswith("galore") else rank * 8 + 4
     return moments_projected, projection, moments_plain
 
 
@@ -183,7 +185,7 @@ def state_bytes(model: nn.Module, key: str, rank: int, *, check: bool = True) ->
     parts = analytic_state_bytes(model, key, rank)
     result = StateBytes(*parts, library=summary.state_bytes, parameters=sum(p.numel() for p in model.parameters()))
     if check:
-        expected = set() if METHODS[key].family == "plain" else {name for name, _ in projected_weights(model, rank)}
+        expected = set() if not METHODS[key].projected else {name for name, _ in projected_weights(model, rank)}
         got = {row.name for row in summary if row.projected}
         if got != expected:
             raise AssertionError(f"{key}: projected {sorted(got ^ expected)[:4]} … differ from the recipe's")
@@ -199,6 +201,111 @@ def dct_basis_bytes(model: nn.Module, rank: int, dtype: torch.dtype) -> dict[int
     (lowrank_optim.projectors.dct_basis), not counting the Triton path's column-major copy."""
     sizes = sorted({min(p.shape) for _, p in projected_weights(model, rank)})
     return {size: size * size * (torch.empty((), dtype=dtype).element_size() + 8) for size in sizes}
+
+
+# ------------------------------------------------------------------------------------------ training state at 7B
+def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
+    """The DCT matrices a step of ``optimizer`` caches (``basis="cached"`` groups): per compressed
+    size, ``C`` in the gradient's dtype (projection, GEMM scoring) and in ``N``'s dtype (the weight
+    update: fp32 for quantized moments), once when the two agree. Triton's column-major copies
+    replace these one for one (:mod:`lowrank_optim.projectors.dct`)."""
+    copies = set()
+    params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
+    for row, (group, param) in zip(summary, params, strict=True):     # the summary lists them in this order
+        if not row.projected or group["basis"] != "cached":
+            continue
+        size = row.shape[1] if row.side == "right" else row.shape[0]
+        update_dtype = torch.float32 if group["moment_bits"] else group["moments_dtype"] or param.dtype
+        copies |= {(size, param.dtype), (size, update_dtype)}
+    return sum(size * size * dtype.itemsize for size, dtype in copies)
+
+
+def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) -> dict:
+    """Bytes per parameter of training state (weights, gradients, optimizer state, projection) on the
+    meta device, bf16 weights and gradients, for the configurations of ``python -m
+    experiments.bench.memory`` (:data:`experiments.bench.memory_worker.OPTIMIZERS`) at the recipe's gap."""
+    rows = []
+
+    def add(label, optimizer_of, grads_mode, note=""):
+        model = meta_model(config, torch.bfloat16, "native")   # a fresh model each: hooks belong to one optimizer
+        params = list(model.parameters())
+        numel = sum(p.numel() for p in params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer, projected = optimizer_of(model)
+        summary = optimizer.projection_summary()
+        state = summary.state_bytes
+        projection = 0
+        for row in summary:
+            if not row.projected:
+                continue
+            m, n = row.shape
+            shape = (m, row.rank) if row.side == "right" else (row.rank, n)
+            group = optimizer.param_groups[0]
+            bits = moment_bits_for(shape, group["moment_bits"])
+            moments = 2 * moment_state_bytes(shape, bits, layout_for(row.side), block_size=group["moment_block_size"],
+                                             float_dtype=torch.bfloat16)
+            projection += row.state_bytes - moments
+        subspaces = projection                      # held in the optimizer state (indices, P)
+        if isinstance(optimizer, DCTProjAdam):
+            projection += cached_dct_bytes(optimizer, summary)
+        projected_ids = {id(p) for p in projected}
+        plain_grads = sum(p.numel() * 2 for p in params if id(p) not in projected_ids)
+        accumulators = 0
+        if grads_mode == "full":
+            grads, grads_note = numel * 2, "every gradient, bf16"
+        elif grads_mode == "per_layer":
+            largest = max(p.numel() for p in projected) * 2
+            accumulators = sum(math.prod(shape) * 2 for shape in accumulator_shapes(optimizer))
+            grads = largest + accumulators + plain_grads
+            refreshing = math.ceil(len(projected) / gap)
+            grads_note = (f"largest projected weight's gradient {largest / GB:.3f} GB + accumulators "
+                          f"{accumulators / GB:.2f} GB + plain parameters' {plain_grads / GB:.2f} GB; a staggered "
+                          f"refresh step adds ≤ ⌈{len(projected)}/{gap}⌉ = {refreshing} full gradients "
+                          f"(≤ {refreshing * largest / numel:.3f} B/param)")
+        else:  # "hook": GaLore's per-layer script steps in the hook: one gradient of any parameter at a time
+            largest = max(p.numel() for p in params) * 2
+            grads, grads_note = largest, f"one parameter's gradient at a time (the largest, {largest / GB:.2f} GB)"
+        rows.append({"label": label, "parameters": numel, "weights": numel * 2, "gradients": grads,
+                     "accumulators": accumulators,
+                     "state": state - subspaces, "projection": projection, "grads_note": grads_note, "note": note})
+
+    def plain(bits=None, moments_dtype=None):
+        return lambda model: (plain_adamw(model.named_parameters(), moment_bits=bits, moments_dtype=moments_dtype), [])
+
+    def projected(key):
+        return lambda model: build_configuration(model, key, rank, gap)
+
+    add("AdamW, fp32 moments", plain(moments_dtype=torch.float32), "full",
+        "library plain path (= torch AdamW's moments; torch adds a 4-byte step per tensor)")
+    add("AdamW, bf16 moments", plain(), "full", "as above, moments in the weights' dtype")
+    add("8-bit AdamW-style (library plain path, moment_bits=8)", plain(bits=8), "full",
+        "create_optimizer(\"adamw8bit\", model.named_parameters())")
+    add(f"GaLoreAdamW r={rank}, bf16 (P in bf16)", projected("galore"), "full")
+    add("8-bit GaLore per-layer: GaLoreAdamW moment_bits=8 + backward_projection", projected("galore_8bit_bp"),
+        "per_layer")
+    add("DCTProjAdam 8-bit + backward projection (residual none)", projected("dct_8bit_bp"), "per_layer")
+    add("8-bit GaLore, step in backward: GaLoreAdamW moment_bits=8, step_in_backward=True",
+        projected("galore_8bit_sib"), "hook", "accumulation 1 (each parameter steps in its hook)")
+    add("DCTProjAdam 8-bit, step in backward (residual scaled)", projected("dct_8bit_sib"), "hook",
+        "accumulation 1; projection = the cached DCT matrices (per compressed size: bf16 for the projection, "
+        "fp32 for the weight update)")
+    add("DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
+        "as above, no DCT matrix stored: the r selected columns computed at each use (a transient of the size "
+        "of P, like the gradient); projection = the indices")
+
+    add("DCTProjAdam 8-bit in blocks of 2048, step in backward (residual scaled), basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated", moment_block_size=2048),
+        "hook", "as above, moment_block_size=2048 (the 8-bit optimizers paper's block; one fp32 scale per 2048 "
+        "values instead of 256)")
+    add("DCTProjAdam 8-bit, step in backward, proj_side='reverse_std', basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std", basis="generated"),
+        "hook", "the larger side compressed: moments of r·min(m, n) values (a cached basis would add C of 4096 and "
+        "11008: 0.123 B/param)")
+    for row in rows:
+        row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
+    return {"config": config, "rank": rank, "gap": gap, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -328,12 +435,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", default="hf", choices=("hf", "native"))
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m experiments.bench.state_memory", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("experiments.bench.state_memory", argv)
     results = measure(args.models, args.dtypes, args.impl, args.methods)
     text = render(results, args.models, args.dtypes, args.methods, args.impl, command)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_text(args.out, text)
     print(text)
 
 

@@ -1,14 +1,14 @@
 """Compare the methods on one model, one corpus and one token budget: a markdown table and a plot.
 
-    python -m experiments.results.compare                      # every available method, CPU size
+    python -m experiments.results.compare                      # every method, CPU size
     python -m experiments.results.compare --methods adamw galore_torch_adamw --lr_factors 0.3 1 3
 
 Each method trains the same model on the same data for the same number of steps, at its own
 learning rate (:data:`METHODS`; ``--lr_factors`` multiplies it for a small sweep, and the best final
 validation loss per method is reported). Outputs in ``--out``: ``results.md`` (table with optimizer
 state bytes and tokens/s beside each method), ``val_loss.png`` (validation loss vs step) and
-``results.json``; the runs themselves go to ``--runs_dir``. Methods whose optimizer is not
-registered are listed as skipped.
+``results.json``; the runs themselves go to ``--runs_dir``. Labels are the registry's
+(``OptimizerInfo.label``); peers (galore_torch, torchao) need their package installed.
 """
 
 from __future__ import annotations
@@ -17,71 +17,80 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from experiments.bench.common import command_line, device_label, write_text
 from experiments.config import TrainConfig
 from experiments.logging_utils import METRICS_FILE, read_metrics
-from experiments.methods import available_methods
+from experiments.methods import info_for
 from experiments.plotting import plot_validation_curves
 from experiments.pretrain import train
 
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the comparison: config overrides and the learning rate it runs at."""
+    """A row of the comparison: the optimizer, the learning rate it runs at, more config overrides,
+    and what the row's label adds to the optimizer's (``note``), or replaces it with (``label``)."""
 
-    label: str
+    optimizer: str
     lr: float
     overrides: dict = field(default_factory=dict)
+    note: str = ""
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        base = self.label or info_for(self.optimizer).label
+        return f"{base}, {self.note}" if self.note else base
 
 
 # Starting learning rates (``--lr_factors`` sweeps around them). On llama_tiny (results/cpu_tiny) a
 # 0.3x/1x/3x sweep put AdamW's best near 1e-3 and the projected methods' best (scale 0.25) at 3e-2,
 # the top of that sweep; the DCT default (scaled residual) measured 1.6644 at 1e-2 and 1.6417 at 3e-2.
-# SST and SLTrain (B, A, S trained with plain AdamW) start from 3e-3, untuned.
+# SST and SLTrain (B, A, S trained with plain AdamW) start from 3e-3, untuned. Low-bit moments
+# (``moment_bits``: projected and plain parameters alike) run at the lr of their 32-bit counterpart.
 METHODS: dict[str, Method] = {
-    "adamw": Method("AdamW (full rank)", 1e-3, {"optimizer": "adamw"}),
-    "galore_adamw": Method("GaLoreAdamW", 3e-2, {"optimizer": "galore_adamw"}),
-    "galore_torch_adamw": Method("galore_torch GaLoreAdamW (peer)", 3e-2, {"optimizer": "galore_torch_adamw"}),
-    "dct_default": Method("DCTProjAdam (defaults: l2/transport + scaled residual)", 3e-2, {"optimizer": "dct_adamw"}),
+    "adamw": Method("adamw", 1e-3, label="AdamW (full rank)"),
+    "galore_adamw": Method("galore_adamw", 3e-2),
+    "galore_torch_adamw": Method("galore_torch_adamw", 3e-2),
+    "dct_default": Method("dct_adamw", 3e-2, note="defaults: l2/transport + scaled residual"),
     **{
-        f"dct_{score}_{moments}": Method(
-            f"DCTProjAdam {score}/{moments}, no residual",
-            3e-2,
-            {"optimizer": "dct_adamw", "score": score, "moments": moments, "optimizer_kwargs": {"residual": "none"}},
-        )
+        f"dct_{score}_{moments}": Method("dct_adamw", 3e-2, {"score": score, "moments": moments,
+                                                            "optimizer_kwargs": {"residual": "none"}},
+                                         note=f"{score}/{moments}, no residual")
         for score in ("l2", "l1")
         for moments in ("keep", "reset", "transport")
     },
-    # Low-bit moments (``moment_bits``: projected and plain parameters alike), each at the lr of its
-    # 32-bit counterpart. ``adamw_lib*``: the library's plain AdamW path (DCTProjAdam projecting
-    # nothing, torch form); ``torchao_*``: torchao's AdamW8bit / AdamW4bit (peer baselines).
     **{
-        f"{key}_{bits}bit": Method(
-            f"{label}, {bits}-bit moments", 3e-2, {"optimizer": optimizer, "optimizer_kwargs": {"moment_bits": bits}}
-        )
-        for key, label, optimizer in (("dct", "DCTProjAdam (defaults)", "dct_adamw"),
-                                      ("galore", "GaLoreAdamW", "galore_adamw"))
+        f"{key}_{bits}bit": Method(optimizer, 3e-2, {"optimizer_kwargs": {"moment_bits": bits}},
+                                   note=f"{bits}-bit moments")
+        for key, optimizer in (("dct", "dct_adamw"), ("galore", "galore_adamw"))
         for bits in (8, 4)
     },
-    "adamw_lib": Method("AdamW (library plain path, 32-bit)", 1e-3, {"optimizer": "lowrank_plain_adamw"}),
-    **{
-        f"adamw_lib_{bits}bit": Method(
-            f"AdamW (library plain path), {bits}-bit moments", 1e-3,
-            {"optimizer": "lowrank_plain_adamw", "optimizer_kwargs": {"moment_bits": bits}},
-        )
-        for bits in (8, 4)
-    },
-    "torchao_adamw8bit": Method("torchao AdamW8bit (peer)", 1e-3, {"optimizer": "torchao_adamw8bit"}),
-    "torchao_adamw4bit": Method("torchao AdamW4bit (peer)", 1e-3, {"optimizer": "torchao_adamw4bit"}),
-    "sst": Method("SST", 3e-3, {"optimizer": "sst_adamw"}),
-    "sltrain": Method("SLTrain", 3e-3, {"optimizer": "adamw", "parameterization": "sltrain"}),
+    "adamw_lib": Method("lowrank_plain_adamw", 1e-3, note="32-bit"),
+    "adamw_lib_8bit": Method("adamw8bit", 1e-3),
+    "adamw_lib_4bit": Method("adamw4bit", 1e-3),
+    "torchao_adamw8bit": Method("torchao_adamw8bit", 1e-3),
+    "torchao_adamw4bit": Method("torchao_adamw4bit", 1e-3),
+    "sst": Method("sst_adamw", 3e-3),
+    "sltrain": Method("adamw", 3e-3, {"parameterization": "sltrain"}, label="SLTrain"),
 }
+
+
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the budget every method shares (model, steps, batch, rank, evaluation, seed)."""
+    parser.add_argument("--model_config", default="llama_tiny")
+    parser.add_argument("--num_training_steps", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--update_proj_gap", type=int, default=200)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--eval_tokens", type=int, default=65_536)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
@@ -111,7 +120,8 @@ def run_method(key: str, method: Method, base: TrainConfig, lr_factors: list[flo
     for factor in lr_factors:
         lr = method.lr * factor
         name = f"{key}-lr{lr:.0e}"
-        config = dataclasses.replace(base, lr=lr, run_name=name, save_dir=str(runs_dir / name), **method.overrides)
+        config = dataclasses.replace(base, optimizer=method.optimizer, lr=lr, run_name=name,
+                                     save_dir=str(runs_dir / name), **method.overrides)
         result = train(config)
         sweep.append(
             {
@@ -128,13 +138,13 @@ def run_method(key: str, method: Method, base: TrainConfig, lr_factors: list[flo
     best = min(sweep, key=lambda run: (math.isnan(run["final_val_loss"]), run["final_val_loss"]))
     return {
         "key": key,
-        "label": method.label,
+        "label": method.title,
         **best,
         "lr_sweep": [(run["lr"], run["final_val_loss"]) for run in sweep],
     }
 
 
-def markdown_table(rows: list[dict], skipped: list[str], base: TrainConfig, device: str, command: str) -> str:
+def markdown_table(rows: list[dict], base: TrainConfig, device: str, command: str) -> str:
     """The results table; optimizer state is also given relative to AdamW when AdamW ran."""
     adamw_bytes = next((row["optimizer_state_bytes"] for row in rows if row["key"] == "adamw"), None)
     tokens = base.num_training_steps * base.batch_size * base.max_length
@@ -157,15 +167,7 @@ def markdown_table(rows: list[dict], skipped: list[str], base: TrainConfig, devi
             f"| {row['optimizer_state_bytes'] / 2**20:.2f} MiB | {ratio} | {row['tokens_per_second']:.0f} "
             f"| {row['trainable_parameters'] / 1e6:.2f}M | {sweep} |"
         )
-    if skipped:
-        lines += ["", f"Not run (optimizer not registered): {', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
-
-
-def device_description() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,34 +184,19 @@ def main(argv: list[str] | None = None) -> None:
         default=[1.0],
         help="multiply each method's lr by these factors and keep the best (default: 1)",
     )
-    parser.add_argument("--model_config", default="llama_tiny")
-    parser.add_argument("--num_training_steps", type=int, default=1000)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--update_proj_gap", type=int, default=200)
-    parser.add_argument("--eval_every", type=int, default=100)
-    parser.add_argument("--eval_tokens", type=int, default=65_536)
-    parser.add_argument("--seed", type=int, default=0)
+    add_budget_flags(parser)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "cpu_tiny")
     parser.add_argument("--runs_dir", type=Path, default=Path("runs") / "compare")
     args = parser.parse_args(argv)
 
     base = base_config(args)
-    registered = set(available_methods())
-    rows, skipped = [], []
-    for key in args.methods:
-        method = METHODS[key]
-        if method.overrides["optimizer"] not in registered:
-            skipped.append(key)
-            continue
-        rows.append(run_method(key, method, base, args.lr_factors, args.runs_dir))
+    rows = [run_method(key, METHODS[key], base, args.lr_factors, args.runs_dir) for key in args.methods]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m experiments.results.compare", *(sys.argv[1:] if argv is None else argv)])
-    table = markdown_table(rows, skipped, base, device_description(), command)
-    (args.out / "results.md").write_text(table, encoding="utf-8")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    command = command_line("experiments.results.compare", argv)
+    device = device_label("cuda" if torch.cuda.is_available() else "cpu")
+    table = markdown_table(rows, base, device, command)
+    write_text(args.out / "results.md", table)
+    write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
     plot_validation_curves(
         {row["label"]: row["curve"] for row in rows},
         args.out / "val_loss.png",
