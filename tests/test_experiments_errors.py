@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli import refusal
 from torch import nn
 
 from experiments import methods
@@ -39,17 +40,6 @@ def tiny_flags(workdir: Path, name: str = "run") -> list[str]:
         "--wandb_mode", "disabled", "--device", "cpu", "--cache_dir", str(workdir / "cache"),
         "--save_dir", str(workdir / name),
     ]  # fmt: skip
-
-
-def refusal(argv: list[str], capsys) -> str:
-    """Run ``main(argv)``, which must exit with status 2; return its only line of stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 FLAG_MISTAKES = [

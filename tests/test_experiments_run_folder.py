@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from cli import refusal
 
 from experiments.checkpoint import list_checkpoints
 from experiments.logging_utils import METRICS_FILE
@@ -50,16 +51,6 @@ def repeated(folder: Path) -> list[tuple[int, str]]:
 
 def digest(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
-
-
-def refusal(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def test_resume_under_a_new_run_name_leaves_the_old_run_untouched(cache_dir, tmp_path, monkeypatch):
