@@ -33,10 +33,6 @@ from lowrank_optim.validation import InvalidHyperparameter
 
 # Python's own message for a keyword a constructor does not take (a TypeError carries no key).
 _UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
-# Library checks outside lowrank_optim/validation.py that still raise a plain ValueError
-# "Invalid <key>: ..." (e.g. rank.py, quantization/policy.py, param_groups.py, sst/sampling.py,
-# sltrain/support.py): the key is read from the message until they raise InvalidHyperparameter.
-_PLAIN_INVALID_KEY = re.compile(r"^Invalid (\w+)")
 
 
 def _galore_torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
@@ -132,11 +128,11 @@ def resolved_parameterization(config: TrainConfig) -> str:
 
 
 def _key_of(error: Exception) -> str | None:
-    """The hyperparameter ``error`` is about: ``.key`` of the library's :class:`InvalidHyperparameter`."""
+    """The hyperparameter ``error`` is about: ``.key`` of the library's :class:`InvalidHyperparameter`,
+    or the keyword of Python's own TypeError for a keyword a constructor does not take."""
     if isinstance(error, InvalidHyperparameter):
         return error.key
-    pattern = _UNEXPECTED_KEYWORD if isinstance(error, TypeError) else _PLAIN_INVALID_KEY
-    match = pattern.search(str(error))
+    match = _UNEXPECTED_KEYWORD.search(str(error)) if isinstance(error, TypeError) else None
     return match.group(1) if match else None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from .validation import InvalidHyperparameter
+
 
 def clip_grad_norm_(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -18,7 +20,7 @@ def clip_grad_norm_(optimizer: torch.optim.Optimizer, max_norm: float, norm_type
     gradients of its parameters. Call it after the last ``backward()`` of the step, before ``step()``.
     """
     if max_norm < 0 or not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool):
-        raise ValueError(f"Invalid max_norm: {max_norm!r} (expected a number >= 0)")
+        raise InvalidHyperparameter("max_norm", max_norm, f"Invalid max_norm: {max_norm!r} (expected a number >= 0)")
     if any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("clip_grad_norm_: FSDP2-sharded parameters need the norm over all shards; use "
                          "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which reduces over them")

@@ -66,6 +66,7 @@ from .state_bytes import tensor_bytes
 from .state_io import STATE_FORMAT, check_state_format, restore_saved_dtypes
 from .summary import ProjectionRow, ProjectionSummary
 from .validation import (
+    InvalidHyperparameter,
     check_adamw_hyperparameters,
     check_bool,
     check_choice,
@@ -132,16 +133,19 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         check_bool("step_in_backward", step_in_backward)
         check_positive_int("accumulation_steps", accumulation_steps)
         if accumulation_steps != 1 and not step_in_backward:
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (only with step_in_backward=True, "
-                             "whose hooks must know which backward pass ends a step; otherwise accumulate as "
-                             "usual and call step() once per window)")
+            raise InvalidHyperparameter("accumulation_steps", accumulation_steps, (
+                f"Invalid accumulation_steps: {accumulation_steps!r} (only with step_in_backward=True, whose hooks "
+                "must know which backward pass ends a step; otherwise accumulate as usual and call step() once "
+                "per window)"))
         if step_in_backward and skip_nonfinite:
-            raise ValueError("Invalid skip_nonfinite: True with step_in_backward=True (each parameter is "
-                             "updated in the backward pass, before all gradients are known to be finite)")
+            raise InvalidHyperparameter("skip_nonfinite", skip_nonfinite, (
+                "Invalid skip_nonfinite: True with step_in_backward=True (each parameter is updated in the "
+                "backward pass, before all gradients are known to be finite)"))
         backward_projection = backward_projection or step_in_backward
         if process_group is not None and not backward_projection:
-            raise ValueError(f"Invalid process_group: {process_group!r} (only with backward_projection=True, where "
-                             "the optimizer all-reduces the projected gradients; otherwise wrap the model in DDP)")
+            raise InvalidHyperparameter("process_group", process_group, (
+                f"Invalid process_group: {process_group!r} (only with backward_projection=True, where the optimizer "
+                "all-reduces the projected gradients; otherwise wrap the model in DDP)"))
         defaults = dict(defaults, foreach=foreach, maximize=maximize, capturable=capturable,
                         differentiable=differentiable, fused=fused)
         self.skip_nonfinite = skip_nonfinite
@@ -197,7 +201,10 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         check_positive_real("scale", group["scale"])
         check_choice("moments", group["moments"], MOMENT_POLICIES)
         check_float_dtype_or_none("moments_dtype", group["moments_dtype"])
-        check_backend(group["backend"])
+        try:
+            check_backend(group["backend"])          # lowrank_optim.kernels knows nothing of the library's errors
+        except ValueError as error:
+            raise InvalidHyperparameter("backend", group["backend"], str(error)) from None
         check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
         check_choice("residual", group["residual"], RESIDUALS)
         check_moment_bits(group["moment_bits"])

@@ -9,7 +9,7 @@ from .projectors import projectors_of
 from .quantization import MIN_QUANTIZED_NUMEL
 from .rank import check_rank, resolve_rank
 from .registry import register_optimizer
-from .validation import check_bool, check_choice
+from .validation import InvalidHyperparameter, check_bool, check_choice
 
 GALORE_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -157,8 +157,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                         is_paged=(is_paged, (False,)))
         for name, (value, choices) in accepted.items():
             if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-                raise ValueError(f"Invalid {name}: {value!r} (GaLoreAdamW8bit supports only "
-                                 f"{' or '.join(map(repr, choices))})")
+                raise InvalidHyperparameter(name, value, f"Invalid {name}: {value!r} (GaLoreAdamW8bit supports only "
+                                            f"{' or '.join(map(repr, choices))})")
         kwargs.setdefault("moment_bits", 8)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 

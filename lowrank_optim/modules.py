@@ -29,6 +29,8 @@ from collections.abc import Collection
 
 from torch import nn
 
+from .validation import InvalidHyperparameter
+
 ALL_LINEAR = "all-linear"
 _NAMES_SHOWN = 6
 
@@ -53,14 +55,16 @@ def select_linear_modules(model: nn.Module, target_modules: TargetModules) -> li
         selected = [(name, m) for name, m in linears if is_selected(name)]
         for name, module in selected:
             if type(module) is not nn.Linear:
-                raise ValueError(
+                raise InvalidHyperparameter(
+                    "target_modules", target_modules,
                     f"Invalid target_modules: {target_modules!r} matches {name!r}, a {type(module).__name__} "
                     "(a subclass of nn.Linear); only plain nn.Linear modules are selected: narrow target_modules"
                 )
     if not selected:
         names = [name for name, _ in linears]
         shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
-        raise ValueError(
+        raise InvalidHyperparameter(
+            "target_modules", target_modules,
             f"Invalid target_modules: {target_modules!r} matches no nn.Linear of the model "
             f"({_describe(target_modules)}); its nn.Linear modules: [{shown}] ({len(names)} in all)"
         )
@@ -90,18 +94,21 @@ def _name_rule(target_modules: TargetModules):
         try:
             pattern = re.compile(target_modules)
         except re.error as error:
-            raise ValueError(
+            raise InvalidHyperparameter(
+                "target_modules", target_modules,
                 f"Invalid target_modules: {target_modules!r} (a single string is a regular expression: {error})"
             ) from None
         return lambda name: pattern.fullmatch(name) is not None
     if not isinstance(target_modules, Collection):
-        raise ValueError(
+        raise InvalidHyperparameter(
+            "target_modules", target_modules,
             f"Invalid target_modules: {target_modules!r} (expected a collection of name parts, a regular "
             f"expression or {ALL_LINEAR!r})"
         )
     parts = tuple(target_modules)
     if not parts or not all(isinstance(part, str) and part for part in parts):
-        raise ValueError(f"Invalid target_modules: {target_modules!r} (expected non-empty strings)")
+        raise InvalidHyperparameter("target_modules", target_modules,
+                                    f"Invalid target_modules: {target_modules!r} (expected non-empty strings)")
     return lambda name: any(part in name for part in parts)
 
 

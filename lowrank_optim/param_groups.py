@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .modules import TargetModules, select_linear_modules
+from .validation import InvalidHyperparameter
 
 
 def lowrank_param_groups(model: torch.nn.Module, target_modules: TargetModules = ("attn", "mlp"),
@@ -27,8 +28,9 @@ def lowrank_param_groups(model: torch.nn.Module, target_modules: TargetModules =
             projected_ids.add(id(module.weight))
             projected.append((f"{module_name}.weight", module.weight))
     if not projected:
-        raise ValueError(f"Invalid target_modules: {target_modules!r} selects only nn.Linear modules whose weight "
-                         "is frozen (requires_grad=False)")
+        raise InvalidHyperparameter("target_modules", target_modules, (
+            f"Invalid target_modules: {target_modules!r} selects only nn.Linear modules whose weight is frozen "
+            "(requires_grad=False)"))
     rest = [(name, p) for name, p in model.named_parameters()
             if p.requires_grad and id(p) not in projected_ids]
     groups = [{"params": projected, "rank": rank, **projection_kwargs}]

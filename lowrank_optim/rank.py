@@ -3,21 +3,24 @@ from __future__ import annotations
 
 from numbers import Real
 
+from .validation import InvalidHyperparameter
+
 
 def check_rank(rank, allow_fraction: bool = True) -> None:
     """``None`` (not projected), an int ≥ 1 or, with ``allow_fraction``, a float in (0, 1]."""
     if rank is None:
         return
     if isinstance(rank, bool):
-        raise ValueError(f"Invalid rank: {rank!r} (expected an int >= 1 or a fraction in (0, 1])")
+        raise InvalidHyperparameter("rank", rank,
+                                    f"Invalid rank: {rank!r} (expected an int >= 1 or a fraction in (0, 1])")
     if isinstance(rank, int):
         if rank < 1:
-            raise ValueError(f"Invalid rank: {rank!r} (expected an int >= 1)")
+            raise InvalidHyperparameter("rank", rank, f"Invalid rank: {rank!r} (expected an int >= 1)")
         return
     if allow_fraction and isinstance(rank, Real) and 0.0 < rank <= 1.0:
         return
     expected = "an int >= 1 or a fraction in (0, 1]" if allow_fraction else "an int >= 1"
-    raise ValueError(f"Invalid rank: {rank!r} (expected {expected})")
+    raise InvalidHyperparameter("rank", rank, f"Invalid rank: {rank!r} (expected {expected})")
 
 
 def resolve_rank(rank: int | float, shape) -> int:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from toy import make_model, projected_groups
 
+import lowrank_optim
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 from lowrank_optim.validation import InvalidHyperparameter
 
@@ -204,3 +205,30 @@ def test_an_unknown_group_key_is_the_key_of_the_error():
     with pytest.raises(InvalidHyperparameter) as error:
         DCTProjAdam([{"params": list(make_model().parameters()), "update_proj_gapp": 3}])
     assert (error.value.key, error.value.value) == ("update_proj_gapp", 3)
+
+
+def _linear_model():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("build, key, value", [
+    (lambda: DCTProjAdam(make_model().parameters(), rank=0), "rank", 0),
+    (lambda: DCTProjAdam(make_model().parameters(), moment_bits=3), "moment_bits", 3),
+    (lambda: DCTProjAdam(make_model().parameters(), moment_block_size=100), "moment_block_size", 100),
+    (lambda: DCTProjAdam(make_model().parameters(), backend="gpu"), "backend", "gpu"),
+    (lambda: DCTProjAdam(make_model().parameters(), accumulation_steps=2), "accumulation_steps", 2),
+    (lambda: DCTProjAdam(make_model().parameters(), step_in_backward=True, skip_nonfinite=True, residual="none"),
+     "skip_nonfinite", True),
+    (lambda: lowrank_optim.GaLoreAdamW8bit(make_model().parameters(), amsgrad=True), "amsgrad", True),
+    (lambda: lowrank_optim.lowrank_param_groups(_linear_model(), target_modules=("attn",)), "target_modules",
+     ("attn",)),
+    (lambda: lowrank_optim.convert_to_sst(_linear_model(), rank=9, target_modules=("0",)), "rank", 9),
+    (lambda: lowrank_optim.SSTAdamW(make_model().parameters(), sampling="x"), "sampling", "x"),
+    (lambda: lowrank_optim.clip_grad_norm_(DCTProjAdam(make_model().parameters()), -1.0), "max_norm", -1.0),
+])
+def test_library_errors_outside_validation_carry_their_key(build, key, value):
+    """The training script names the flag from ``.key``, never from the message's text."""
+    with pytest.raises(InvalidHyperparameter) as error:
+        build()
+    assert (error.value.key, error.value.value) == (key, value)
+    assert str(error.value).startswith(f"Invalid {key}: ")

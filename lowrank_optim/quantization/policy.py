@@ -23,6 +23,7 @@ from lowrank_optim.kernels.quantized_moment_update import (
     check_block_size,
     storage_shapes,
 )
+from lowrank_optim.validation import InvalidHyperparameter
 
 MOMENT_BITS = (None, 8, 4)
 MIN_QUANTIZED_NUMEL = 4096
@@ -32,7 +33,8 @@ DEFAULT_BLOCK_SIZES = {8: 256, 4: 128}
 def check_moment_bits(moment_bits) -> None:
     """ValueError naming the value unless it is None, 8 or 4."""
     if moment_bits not in MOMENT_BITS or isinstance(moment_bits, bool):
-        raise ValueError(f"Invalid moment_bits: {moment_bits!r} (expected None, 8 or 4)")
+        raise InvalidHyperparameter("moment_bits", moment_bits,
+                                    f"Invalid moment_bits: {moment_bits!r} (expected None, 8 or 4)")
 
 
 def check_moment_block_size(block_size) -> None:
@@ -43,8 +45,8 @@ def check_moment_block_size(block_size) -> None:
     try:
         check_block_size(block_size)
     except ValueError:
-        raise ValueError(f"Invalid moment_block_size: {block_size!r} (expected None or a power of two from 8 "
-                         "to 4096)") from None
+        raise InvalidHyperparameter("moment_block_size", block_size, f"Invalid moment_block_size: {block_size!r} "
+                                    "(expected None or a power of two from 8 to 4096)") from None
 
 
 def default_block_size(bits: int) -> int:

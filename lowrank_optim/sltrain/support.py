@@ -26,6 +26,8 @@ from numbers import Real
 
 import torch
 
+from ..validation import InvalidHyperparameter
+
 _INT32_MAX = torch.iinfo(torch.int32).max
 
 
@@ -37,7 +39,8 @@ def check_density(density) -> None:
         or not math.isfinite(density)
         or not 0.0 < density <= 1.0
     ):
-        raise ValueError(f"Invalid density: {density!r} (expected a number with 0 < density <= 1)")
+        raise InvalidHyperparameter("density", density,
+                                    f"Invalid density: {density!r} (expected a number with 0 < density <= 1)")
 
 
 def support_size(out_features: int, in_features: int, density: float) -> int:

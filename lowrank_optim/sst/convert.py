@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modules import TargetModules, replace_submodule, select_linear_modules
+from ..validation import InvalidHyperparameter
 from .layer import SSTLinear
 
 
@@ -28,7 +29,8 @@ def convert_to_sst(model: nn.Module, rank: int, target_modules: TargetModules = 
     for name, module in matches:
         spectral_size = min(module.in_features, module.out_features)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= spectral_size:
-            raise ValueError(
+            raise InvalidHyperparameter(
+                "rank", rank,
                 f"Invalid rank: {rank!r} (expected an integer with 1 <= rank <= {spectral_size} = "
                 f"min(in_features, out_features) of {name!r})"
             )

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from ..validation import InvalidHyperparameter
 from .enhanced_gradient import spectral_linear
 from .parameter_owners import SST_ROLES, record_owner
 
@@ -40,7 +41,8 @@ class SSTLinear(nn.Module):
         super().__init__()
         spectral_size = min(in_features, out_features)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= spectral_size:
-            raise ValueError(
+            raise InvalidHyperparameter(
+                "rank", rank,
                 f"Invalid rank: {rank!r} (expected an integer with 1 <= rank <= "
                 f"min(in_features, out_features) = {spectral_size})"
             )

@@ -34,6 +34,7 @@ from ..registry import register_optimizer
 from ..rounding import rounding_generator
 from ..state_io import restore_saved_dtypes
 from ..validation import (
+    InvalidHyperparameter,
     check_adamw_hyperparameters,
     check_bool,
     check_choice,
@@ -317,7 +318,7 @@ def _check_group_hyperparameters(group: dict) -> None:
 
 def _check_non_negative_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 0)")
+        raise InvalidHyperparameter(name, value, f"Invalid {name}: {value!r} (expected an integer >= 0)")
 
 
 register_optimizer("sst_adamw", SSTAdamW)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import InvalidHyperparameter
+
 SAMPLING_SCHEMES = ("s", "mixed")
 
 
@@ -27,7 +29,7 @@ def sampling_probabilities(s: torch.Tensor, scheme: str) -> torch.Tensor:
     """
     if scheme not in SAMPLING_SCHEMES:
         choices = ", ".join(map(repr, SAMPLING_SCHEMES))
-        raise ValueError(f"Invalid sampling: {scheme!r} (expected one of {choices})")
+        raise InvalidHyperparameter("sampling", scheme, f"Invalid sampling: {scheme!r} (expected one of {choices})")
     weights = s.detach().to(device="cpu", dtype=torch.float64)
     if weights.ndim != 1 or weights.numel() == 0:
         raise ValueError(f"Invalid s: shape {tuple(s.shape)} (expected a non-empty vector)")
