@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 from experiments.bench import communication, lowbit_report, optimizer_step
@@ -51,3 +52,16 @@ def test_communication_under_backward_projection_is_less_than_ddp_after_the_firs
         ddp, first = (int(cell.removesuffix(" B").replace(",", "")) for cell in row[1:3])
         assert first == ddp                                    # no subspace at the first step: every gradient
         assert 0 < float(row[4].rstrip(" |")) < 1              # later steps: the projected accumulators
+
+
+def test_communication_counts_the_collectives_of_the_optimizer_step_under_fsdp2():
+    """Counted through torch's dispatcher: GaLore's refresh all-gathers every weight whole (fp32),
+    DCT without the residual sends nothing at an ordinary step."""
+    result = communication.measure("llama_micro", 2, 0.25)
+    steps = result["optimizers"]
+    galore = next(counts for label, counts in steps.items() if label.startswith("GaLoreAdamW") and "refresh" in label)
+    whole_weights = sum(math.prod(shape) for shape in result["weights"].values()) * 4
+    assert (galore["all-gather calls"], galore["all-gather bytes"]) == (len(result["weights"]), whole_weights)
+    assert galore["broadcast calls"] == len(result["weights"])
+    assert steps["DCTProjAdam residual=none: ordinary step"] == {}
+    assert steps["DCTProjAdam residual=none: refresh step"]["all-reduce calls"] > 0

@@ -11,8 +11,9 @@ One decoder layer of ``--model_config`` is sharded by ``fully_shard`` with
 :func:`lowrank_optim.sharding.projection_shard_placement`; random gradients are set and
 ``DCTProjAdam`` (default rank 1/4) and ``GaLoreAdamW`` (same rank, attn+mlp weights) each take a
 refresh step and an ordinary step. Every collective the optimizers issue goes through
-:class:`lowrank_optim.sharding.Sharding`, whose methods are counted here (calls and payload
-elements and bytes per rank). FSDP2's own traffic (all-gather of the parameters and
+:class:`lowrank_optim.sharding.Sharding`; they are counted here through torch's dispatcher
+(:class:`CollectiveTraffic`, a ``TorchDispatchMode`` around each step: calls and payload bytes
+per rank), with nothing of the library patched. FSDP2's own traffic (all-gather of the parameters and
 reduce-scatter of the gradients) is the same for every optimizer and listed for scale.
 
 ``--backward_projection``: DDP all-reduces every gradient in full each step. Under
@@ -36,30 +37,37 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.model import DecoderLayer, LlamaConfig
 from experiments.model_factory import config_path
 from lowrank_optim import DCTProjAdam, GaLoreAdamW, lowrank_param_groups
-from lowrank_optim.sharding import Sharding, projection_shard_placement
+from lowrank_optim.sharding import projection_shard_placement
 
-COUNTED = {"sum_": "all-reduce", "max_": "all-reduce", "broadcast_": "broadcast", "gather": "all-gather"}
+COLLECTIVES = {"c10d.allreduce_.default": "all-reduce", "c10d.broadcast_.default": "broadcast",
+               "_c10d_functional.all_gather_into_tensor.default": "all-gather"}
+NOT_COLLECTIVES = {"_c10d_functional.wait_tensor.default", "_c10d_functional._wrap_tensor_autograd.default"}
 
 
-def _counting(traffic: Counter):
-    """Wrap Sharding's collectives so each call adds its payload to ``traffic``."""
-    originals = {name: getattr(Sharding, name) for name in COUNTED}
+class CollectiveTraffic(TorchDispatchMode):
+    """The collectives issued inside it, seen through torch's dispatcher (c10d's in-place
+    collectives and the functional ones DTensor uses): ``traffic[(kind, "calls" | "bytes")]``,
+    the payload per rank (an all-gather's is the whole gathered tensor). A collective of another
+    kind is counted under its operator name."""
 
-    def wrap(name, original):
-        def counted(self, tensor, *args):
-            if self.is_split:
-                numel = self.shape.numel() if name == "gather" else tensor.numel()
-                traffic[(COUNTED[name], "calls")] += 1
-                traffic[(COUNTED[name], "bytes")] += numel * tensor.element_size()
-            return original(self, tensor, *args)
-        return counted
+    def __init__(self) -> None:
+        super().__init__()
+        self.traffic: Counter = Counter()
 
-    for name, original in originals.items():
-        setattr(Sharding, name, wrap(name, original))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if func.namespace in ("c10d", "_c10d_functional") and name not in NOT_COLLECTIVES:
+            kind = COLLECTIVES.get(name, name)
+            tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            payload = sum(t.numel() * t.element_size() for t in tensors)
+            self.traffic[(kind, "calls")] += 1
+            self.traffic[(kind, "bytes")] += payload * (args[1] if kind == "all-gather" else 1)
+        return func(*args, **(kwargs or {}))
 
 
 def _rank(layer, rank_fraction: float) -> int:
@@ -86,16 +94,14 @@ def _worker(rank: int, world_size: int, rendezvous: str, model_config: str, rank
     torch.manual_seed(0)
     layer = fully_shard(DecoderLayer(config), shard_placement_fn=projection_shard_placement(world_size))
     traffic_by_optimizer = {}
-    traffic: Counter = Counter()
-    _counting(traffic)
     for label, build in _optimizers(layer, rank_fraction).items():
         optimizer = build()
         for kind in ("refresh step", "ordinary step"):
             for param in layer.parameters():
                 param.grad = torch.randn_like(param)
-            traffic.clear()
-            optimizer.step()
-            traffic_by_optimizer[f"{label}: {kind}"] = {f"{op} {unit}": n for (op, unit), n in traffic.items()}
+            with CollectiveTraffic() as counted:
+                optimizer.step()
+            traffic_by_optimizer[f"{label}: {kind}"] = {f"{op} {unit}": n for (op, unit), n in counted.traffic.items()}
     fsdp_bytes = sum(p.numel() * p.element_size() for p in layer.parameters()) * (world_size - 1) // world_size
     if rank == 0:
         with open(out, "w") as file:
@@ -120,8 +126,8 @@ def report(result: dict) -> str:
     lines = ["| optimizer: step | collectives the optimizer issues (payload per rank; an all-gather's payload "
              "is the whole matrix) |", "|---|---|"]
     for label, traffic in result["optimizers"].items():
-        parts = [f"{traffic[f'{op} calls']} {op} of {traffic[f'{op} bytes']:,} B"
-                 for op in ("all-reduce", "all-gather", "broadcast") if f"{op} calls" in traffic]
+        operators = [key.removesuffix(" calls") for key in traffic if key.endswith(" calls")]
+        parts = [f"{traffic[f'{op} calls']} {op} of {traffic[f'{op} bytes']:,} B" for op in operators]
         lines.append(f"| {label} | {'; '.join(parts) or 'none'} |")
     lines.append(f"\nFSDP2 itself, every step and any optimizer: all-gather of the parameters and reduce-scatter "
                  f"of the gradients, each {result['fsdp_per_step_each_way_bytes']:,} B received/sent per rank.")
