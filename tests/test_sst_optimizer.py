@@ -408,6 +408,18 @@ def test_load_state_dict_requires_the_sst_entry():
         optimizer.load_state_dict(state_dict)
 
 
+def test_the_state_format_is_written_and_another_one_is_refused():
+    model = _model()
+    optimizer = SSTAdamW(model.parameters())
+    saved = optimizer.state_dict()
+    assert saved["state_format"] == 1
+    with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim"):
+        SSTAdamW(model.parameters()).load_state_dict({**saved, "state_format": 2})
+    groups = [{k: v for k, v in group.items() if k != "sampling"} for group in saved["param_groups"]]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks 'sampling'"):
+        SSTAdamW(model.parameters()).load_state_dict({**saved, "param_groups": groups})
+
+
 def test_parameters_replaced_by_the_model_are_refused():
     model = _model()
     stale = list(model.parameters())

@@ -32,7 +32,7 @@ from ..plain_adamw import as_float, plain_adamw_step_
 from ..quantization import check_moment_bits
 from ..registry import register_optimizer
 from ..rounding import rounding_generator
-from ..state_io import restore_saved_dtypes
+from ..state_io import STATE_FORMAT, check_state_format, restore_saved_dtypes
 from ..validation import (
     InvalidHyperparameter,
     check_adamw_hyperparameters,
@@ -152,9 +152,12 @@ class SSTAdamW(Optimizer):
             self.param_groups.pop()
             raise
 
+    @torch._disable_dynamo        # eager inside torch.compile, as ProjectedAdamW.step (lowrank_optim.engine)
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimization step; after every ``update_interval``-th, resample (and maybe re-SVD)."""
+        """One optimization step; after every ``update_interval``-th, resample (and maybe re-SVD).
+        ``torch.compile(opt.step)`` runs it eagerly: traced, its Python step counter and sampling
+        generator made the compiled trajectory diverge from the eager one."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -268,10 +271,12 @@ class SSTAdamW(Optimizer):
         state_dict = super().state_dict()
         state_dict["sst"] = {"step": self._sst_step, "generator_state": self._generator.get_state()}
         state_dict["skipped_steps"] = self.skipped_steps
+        state_dict["state_format"] = STATE_FORMAT
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a :meth:`state_dict`, keeping every saved state tensor's dtype.
+        """Load a :meth:`state_dict` this version saved (:func:`~lowrank_optim.state_io.check_state_format`),
+        keeping every saved state tensor's dtype.
 
         ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating parameter to
         the parameter's dtype, the int64 step counts included; they are restored afterwards.
@@ -281,6 +286,7 @@ class SSTAdamW(Optimizer):
                 "Invalid state_dict: no 'sst' entry (schedule step and sampling generator state); "
                 "it was not saved by SSTAdamW.state_dict()"
             )
+        check_state_format(state_dict, set(self.defaults), type(self).__name__)
         state_dict = dict(state_dict)
         sst = state_dict.pop("sst")
         super().load_state_dict(state_dict)
