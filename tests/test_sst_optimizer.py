@@ -11,6 +11,7 @@ from lowrank_optim import create_optimizer, optimizer_state_bytes
 from lowrank_optim.moments import Moments
 from lowrank_optim.sst import SSTAdamW, SSTLinear, convert_to_sst, sst_layers
 from lowrank_optim.sst.adam_update import adamw_with_step_counts_
+from lowrank_optim.sst.optimizer import SST_GROUP_KEYS
 from lowrank_optim.sst.resample import carry_over_columns_
 
 RANK = 4  # attn: m=16, n=24, k=16; mlp: m=40, n=16, k=16; mlp_gate: m=6, n=40, k=6 (round of 2)
@@ -411,8 +412,12 @@ def test_load_state_dict_requires_the_sst_entry():
 def test_the_state_format_is_written_and_another_one_is_refused():
     model = _model()
     optimizer = SSTAdamW(model.parameters())
+    assert set(optimizer.defaults) == set(SST_GROUP_KEYS)          # the keys a saved group must have
     saved = optimizer.state_dict()
     assert saved["state_format"] == 1
+    reloaded = SSTAdamW(model.parameters())
+    reloaded.load_state_dict(saved)          # torch's __setstate__ adds "differentiable" to defaults, not groups:
+    reloaded.load_state_dict(reloaded.state_dict())       # a second load still works (Trainer's resume does it)
     with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim"):
         SSTAdamW(model.parameters()).load_state_dict({**saved, "state_format": 2})
     groups = [{k: v for k, v in group.items() if k != "sampling"} for group in saved["param_groups"]]

@@ -117,7 +117,7 @@ class SSTAdamW(Optimizer):
         seed: int = 0,
         skip_nonfinite: bool = False,
     ) -> None:
-        defaults = dict(
+        defaults = dict(  # the keys of SST_GROUP_KEYS
             lr=lr,
             betas=betas,
             eps=eps,
@@ -286,7 +286,8 @@ class SSTAdamW(Optimizer):
                 "Invalid state_dict: no 'sst' entry (schedule step and sampling generator state); "
                 "it was not saved by SSTAdamW.state_dict()"
             )
-        check_state_format(state_dict, set(self.defaults), type(self).__name__)
+        # the constructor's keys: torch's __setstate__ adds "differentiable" to defaults (not to groups)
+        check_state_format(state_dict, set(SST_GROUP_KEYS), type(self).__name__)
         state_dict = dict(state_dict)
         sst = state_dict.pop("sst")
         super().load_state_dict(state_dict)
@@ -320,6 +321,10 @@ def _check_group_hyperparameters(group: dict) -> None:
     _check_non_negative_int("rewarmup_steps", group["rewarmup_steps"])
     check_moment_bits(group["moment_bits"])
     check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
+
+
+SST_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "update_interval", "resvd_interval", "sampling",
+                  "rewarmup_steps", "moment_bits", "bf16_stochastic_round")
 
 
 def _check_non_negative_int(name: str, value) -> None:
