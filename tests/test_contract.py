@@ -3,7 +3,8 @@ configurations, alone and under the in-backward modes it allows): the same tests
 
 * a zero-gradient step at lr 0 moves nothing and creates the complete state (torchtitan's
   checkpointing builds the state that way and loads only the keys that exist after it);
-* the state dict survives ``torch.load(weights_only=True)`` with every dtype;
+* the state dict survives ``torch.load(weights_only=True)`` with every dtype, carries its format,
+  loads again after a load, and another format is refused;
 * resuming from a checkpoint taken before a refresh is bit-identical to the uninterrupted run;
 * ``copy.deepcopy`` and ``pickle`` give an optimizer that continues the same trajectory;
 * ``torch.compile(opt.step)`` equals eager;
@@ -84,6 +85,28 @@ def test_the_state_dict_survives_a_weights_only_load_with_its_dtypes(name, mode)
     assert original["state"].keys() == restored["state"].keys()
     for index in original["state"]:
         _assert_same_state(original["state"][index], restored["state"][index])
+
+
+@pytest.mark.parametrize("name, mode", CASES, ids=case_ids(CASES))
+def test_the_state_format_is_written_loaded_again_and_another_one_refused(name, mode):
+    """This version loads what it saves, again after a load (torch's ``__setstate__`` adds keys to
+    ``defaults`` but not to groups; the Trainer's resume loads twice) and without the key (as
+    torch.distributed.checkpoint rebuilds a state dict); another format or a group lacking a key
+    is refused by name."""
+    model, optimizer = _build(name, mode)
+    _train(model, optimizer, 2)
+    saved = optimizer.state_dict()
+    assert saved["state_format"] == 1
+    reloaded = _build(name, mode, seed=1)[1]
+    reloaded.load_state_dict(saved)
+    reloaded.load_state_dict(reloaded.state_dict())
+    _build(name, mode, seed=1)[1].load_state_dict({k: v for k, v in saved.items() if k != "state_format"})
+    with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim loads "
+                                         r"format 1"):
+        _build(name, mode, seed=1)[1].load_state_dict({**saved, "state_format": 2})
+    groups = [{k: v for k, v in group.items() if k != "eps"} for group in saved["param_groups"]]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks 'eps'"):
+        _build(name, mode, seed=1)[1].load_state_dict({**saved, "param_groups": groups})
 
 
 @pytest.mark.parametrize("name, mode", CASES, ids=case_ids(CASES))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from lowrank_optim.kernels.backend import resolve_backend
-from toy import make_model, train
+from toy import make_model
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 from lowrank_optim.kernels import backend as backend_module
@@ -100,21 +100,3 @@ def test_explicit_triton_with_stochastic_rounding_is_refused_not_run_on_pytorch(
         optimizer(groups(torch.bfloat16), backend="triton", bf16_stochastic_round=True)
     optimizer(groups(torch.bfloat16), backend="auto", bf16_stochastic_round=True)
     optimizer(groups(torch.float32), backend="triton", bf16_stochastic_round=True)     # fp32: no rounding to do
-
-
-@pytest.mark.parametrize("optimizer", [DCTProjAdam, GaLoreAdamW])
-def test_the_state_format_is_written_and_another_one_is_refused(optimizer):
-    """This version loads what it saves, and a state dict without the key (as
-    torch.distributed.checkpoint rebuilds it); another format or a group lacking a key is refused."""
-    model = make_model()
-    trained = optimizer(model.parameters(), lr=1e-3)
-    train(model, trained, 2)
-    saved = trained.state_dict()
-    assert saved["state_format"] == 1
-    optimizer(model.parameters(), lr=1e-3).load_state_dict({k: v for k, v in saved.items() if k != "state_format"})
-    with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim loads "
-                                         r"format 1"):
-        optimizer(model.parameters(), lr=1e-3).load_state_dict({**saved, "state_format": 2})
-    groups = [{k: v for k, v in group.items() if k != "backend"} for group in saved["param_groups"]]
-    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks 'backend'"):
-        optimizer(model.parameters(), lr=1e-3).load_state_dict({**saved, "param_groups": groups})
