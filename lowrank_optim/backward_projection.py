@@ -60,53 +60,23 @@ do not wrap the model in ``DistributedDataParallel`` (its buckets would keep ful
 """
 from __future__ import annotations
 
-import functools
-import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .gradient_stand_ins import ProjectedGradient, SteppedGradient
-from .projectors import stored_subspace
 from .sharding import local
-from .validation import param_label
+from .validation import InvalidHyperparameter, check_bool, check_positive_int, param_label
 
-# Parameters whose gradients are projected (or stepped) in the backward pass, so that a second
-# optimizer cannot hook them too: id -> weak reference (a WeakSet would compare tensors with ==).
-_PROJECTED_IN_BACKWARD: dict[int, weakref.ref] = {}
-
-
-def _is_projected_in_backward(param: torch.Tensor) -> bool:
-    entry = _PROJECTED_IN_BACKWARD.get(id(param))
-    return entry is not None and entry() is param
+if TYPE_CHECKING:
+    from .engine import ProjectedAdamW
 
 
 def stagger_offset(position: int, count: int, gap: int) -> int:
     """``o_j = ⌊j·T/W⌋``: the refresh phase of the ``position``-th of ``count`` projected weights."""
     return position * gap // max(count, 1)
-
-
-def register(params: list[torch.Tensor], hook, labels: list[str]) -> list:
-    """Register ``hook(param)`` after each parameter's gradient accumulation; the handles. A
-    parameter already projected by another optimizer is refused (both would replace its gradient)."""
-    for param, label in zip(params, labels):
-        if _is_projected_in_backward(param):
-            raise ValueError(f"{label}: its gradient is already projected in the backward pass by another optimizer; "
-                             "call that optimizer's stop_backward_projection() first")
-    handles = []
-    for param in params:
-        _PROJECTED_IN_BACKWARD[id(param)] = weakref.ref(param)
-        handles.append(param.register_post_accumulate_grad_hook(hook))
-    return handles
-
-
-def unregister(params: list[torch.Tensor], handles: list) -> None:
-    """Remove the hooks of :func:`register`."""
-    for handle in handles:
-        handle.remove()
-    for param in params:
-        _PROJECTED_IN_BACKWARD.pop(id(param), None)
 
 
 def synchronize(tensors: list[torch.Tensor], group) -> int:
@@ -141,153 +111,203 @@ class Window:
         return bool(self.backward_passes or self.stepped)
 
 
-class BackwardProjection:
-    """The optimizer side of the mode, mixed into :class:`lowrank_optim.engine.ProjectedAdamW`:
-    hooks, accumulators, the accumulation window of ``step_in_backward`` and the all-reduces. It
-    uses the engine's per-parameter steps (``_work_item``, ``_step_parameter``, ``_projector``,
-    ``_needs_refresh``, ``_plan``)."""
+class InBackward:
+    """``backward_projection`` or ``step_in_backward`` for one optimizer (module doc).
 
-    def _start_backward_projection(self) -> None:
-        """Check the groups, hook every projected parameter (every parameter under
-        ``step_in_backward``), broadcast the parameters of a process group (module
-        :mod:`lowrank_optim.backward_projection`)."""
+    Built on the optimizer's per-parameter API only (:meth:`~lowrank_optim.engine.ProjectedAdamW.plan_of`,
+    :meth:`~lowrank_optim.engine.ProjectedAdamW.gradient_projection`,
+    :meth:`~lowrank_optim.engine.ProjectedAdamW.step_parameter`,
+    :meth:`~lowrank_optim.engine.ProjectedAdamW.stagger_refreshes`): the optimizer holds it and calls
+    :meth:`before_step` at :meth:`step`, :meth:`gradients_zeroed` at ``zero_grad`` and
+    :meth:`check_new_group` at ``add_param_group``. The hooks live on the parameters; which
+    parameters are hooked is read from their hooks, so two optimizers never project one gradient."""
+
+    @staticmethod
+    def settings(*, backward_projection: bool, step_in_backward: bool, accumulation_steps: int, process_group,
+                 skip_nonfinite: bool) -> dict | None:
+        """The keywords of :class:`InBackward` for an optimizer's constructor keywords, checked
+        (``ValueError`` naming the keyword); None when neither mode is asked for."""
+        check_bool("backward_projection", backward_projection)
+        check_bool("step_in_backward", step_in_backward)
+        check_positive_int("accumulation_steps", accumulation_steps)
+        if accumulation_steps != 1 and not step_in_backward:
+            raise InvalidHyperparameter("accumulation_steps", accumulation_steps, (
+                f"Invalid accumulation_steps: {accumulation_steps!r} (only with step_in_backward=True, whose hooks "
+                "must know which backward pass ends a step; otherwise accumulate as usual and call step() once "
+                "per window)"))
+        if step_in_backward and skip_nonfinite:
+            raise InvalidHyperparameter("skip_nonfinite", skip_nonfinite, (
+                "Invalid skip_nonfinite: True with step_in_backward=True (each parameter is updated in the "
+                "backward pass, before all gradients are known to be finite)"))
+        if process_group is not None and not (backward_projection or step_in_backward):
+            raise InvalidHyperparameter("process_group", process_group, (
+                f"Invalid process_group: {process_group!r} (only with backward_projection=True, where the optimizer "
+                "all-reduces the projected gradients; otherwise wrap the model in DDP)"))
+        if not (backward_projection or step_in_backward):
+            return None
+        return dict(step_in_backward=step_in_backward, accumulation_steps=accumulation_steps,
+                    process_group=process_group)
+
+    def __init__(self, optimizer: ProjectedAdamW, *, step_in_backward: bool, accumulation_steps: int = 1,
+                 process_group=None):
+        self.optimizer = optimizer
+        self.step_in_backward = step_in_backward
+        self.accumulation_steps = accumulation_steps
+        self.process_group = process_group
+        self.communicated_bytes = 0          # sent into all-reduces by this rank at the last step
+        self._window = Window()
+        self._synchronized = False
+        self._params = [param for group in optimizer.param_groups for param in group["params"]
+                        if step_in_backward or optimizer.plan_of(param).projected]
+        self._check_parameters()
+        optimizer.stagger_refreshes(not (step_in_backward and accumulation_steps == 1))
+        self._handles = [param.register_post_accumulate_grad_hook(self._hook) for param in self._params]
+        if process_group is not None:
+            broadcast_parameters([p for group in optimizer.param_groups for p in group["params"]], process_group)
+
+    def _label(self, param: torch.Tensor) -> str:
+        return param_label(self.optimizer.plan_of(param).key, param)
+
+    def _check_parameters(self) -> None:
         residual_allowed = self.step_in_backward and self.accumulation_steps == 1
-        hooked = self._hooked_params()
-        for param in hooked:
-            label = param_label(self._plans[param].key, param)
-            if self._plans[param].rank is not None and self._groups[param]["residual"] == "scaled" \
-                    and not residual_allowed:
-                raise ValueError(f"{label}: residual='scaled' needs each step's full gradient, which "
-                                 "backward_projection=True frees in the backward pass; pass residual='none' "
-                                 "(or step_in_backward=True with accumulation_steps=1, where the hook has it)")
-            if self._plans[param].sharding is not None:
-                raise ValueError(f"{label}: backward_projection=True with FSDP2-sharded parameters is not supported "
-                                 "(FSDP2 reduce-scatters full gradients itself); use it with one process or "
-                                 "process_group=...")
-        hook = self._step_in_backward if self.step_in_backward else self._project_in_backward
-        self._hooks = register(hooked, hook, [param_label(self._plans[param].key, param) for param in hooked])
-        if self._process_group is not None:
-            broadcast_parameters(list(self._groups), self._process_group)
+        groups = {param: group for group in self.optimizer.param_groups for param in group["params"]}
+        for param in self._params:
+            plan = self.optimizer.plan_of(param)
+            use = plan.rule.full_gradient_use(groups[param]) if plan.projected else None
+            if use is not None and not residual_allowed:
+                raise ValueError(f"{self._label(param)}: {use[0]} needs each step's full gradient, which "
+                                 f"backward_projection=True frees in the backward pass; {use[1]} (or "
+                                 "step_in_backward=True with accumulation_steps=1, where the hook has it)")
+            if plan.sharding is not None:
+                raise ValueError(f"{self._label(param)}: backward_projection=True with FSDP2-sharded parameters is "
+                                 "not supported (FSDP2 reduce-scatters full gradients itself); use it with one "
+                                 "process or process_group=...")
+            if any(isinstance(getattr(hook, "__self__", None), InBackward)
+                   for hook in (getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
+                raise ValueError(f"{self._label(param)}: its gradient is already projected in the backward pass by "
+                                 "another optimizer; call that optimizer's stop_backward_projection() first")
 
-    def _hooked_params(self) -> list[torch.Tensor]:
-        """The parameters the mode hooks, in parameter order: the projected ones, or every one
-        under ``step_in_backward``."""
-        return [param for param in self._groups if self.step_in_backward or self._plan(param).rank is not None]
+    def copied_settings(self) -> dict:
+        """The keywords a copy of the optimizer rebuilds the mode with (a copy does not share the process group)."""
+        return dict(step_in_backward=self.step_in_backward, accumulation_steps=self.accumulation_steps)
 
-    def stop_backward_projection(self) -> None:
-        """Remove the backward hooks: the parameters get full gradients again and this optimizer
-        steps them as without ``backward_projection`` (another optimizer may then take them over)."""
+    def detach(self) -> None:
+        """Remove the hooks (the optimizer's ``stop_backward_projection``)."""
         if self._window.started:
             raise RuntimeError("stop_backward_projection() inside an accumulation window; call step() first")
-        unregister(self._hooked_params(), self._hooks)
-        self._hooks, self.backward_projection, self._process_group = [], False, None
-        self.step_in_backward, self.accumulation_steps = False, 1
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
+    def check_new_group(self) -> None:
+        """Refuse a param group added after construction under ``step_in_backward``."""
+        if self.step_in_backward:
+            raise ValueError("add_param_group after construction with step_in_backward=True: the new parameters "
+                             "would have no hook and never step; build the optimizer with every param group")
+
+    # ------------------------------------------------------------------------------- the hooks
     @torch.no_grad()
-    def _project_in_backward(self, param: torch.Tensor) -> None:
-        """The post-accumulate-grad hook: replace ``G`` by a :class:`ProjectedGradient` holding
-        ``A = proj(G)``, unless the parameter refreshes at the coming step (then its full gradient
-        accumulates as usual). Later micro-batches accumulate into it (``A ← A + proj(G)``) in
-        the autograd engine's ``grad += G``, before this hook runs again."""
-        group = self._groups[param]
-        if isinstance(param.grad, ProjectedGradient) or self._needs_refresh(param, group):
+    def _hook(self, param: torch.Tensor) -> None:
+        self._synchronized = False           # a backward pass: the next step averages again
+        if self.step_in_backward:
+            self._step_in_backward(param)
+        else:
+            self._project(param)
+
+    def _project(self, param: torch.Tensor) -> None:
+        """Replace ``G`` by a :class:`ProjectedGradient` holding ``A = proj(G)``, unless the
+        parameter refreshes at the coming step (then its full gradient accumulates as usual).
+        Later micro-batches accumulate into it (``A ← A + proj(G)``) in the autograd engine's
+        ``grad += G``, before this hook runs again."""
+        if isinstance(param.grad, ProjectedGradient):
             return
-        plan = self._plan(param)
-        project = functools.partial(self._projector(group).project, subspace=stored_subspace(self.state[param]),
-                                    side=plan.side, backend=plan.backend)
-        param.grad = ProjectedGradient(param, param_label(plan.key, param), project(param.grad), project,
-                                       averaged_in_step=self._process_group is not None)
+        project = self.optimizer.gradient_projection(param)
+        if project is not None:
+            param.grad = ProjectedGradient(param, self._label(param), project(param.grad), project,
+                                           averaged_in_step=self.process_group is not None)
 
-    @torch.no_grad()
     def _step_in_backward(self, param: torch.Tensor) -> None:
-        """The hook under ``step_in_backward``: accumulate this micro-batch (projected weights as
-        :meth:`_project_in_backward` does, the others in ``.grad``) and, at the window's last
-        backward pass, take the parameter's whole step and free everything it used."""
-        window, group, plan = self._window, self._groups[param], self._plan(param)
+        """Accumulate this micro-batch (projected weights as :meth:`_project` does, the others in
+        ``.grad``) and, at the window's last backward pass, take the parameter's whole step and
+        free everything it used."""
+        window = self._window
         count = window.backward_passes.get(param, 0) + 1
         if count == 1 and param in window.stepped:
-            raise RuntimeError(f"{param_label(plan.key, param)}: a backward pass after this parameter took its step "
+            raise RuntimeError(f"{self._label(param)}: a backward pass after this parameter took its step "
                                f"(accumulation_steps={self.accumulation_steps}) and before optimizer.step(); "
                                f"call step() after every {self.accumulation_steps} backward pass(es)")
         if not window.started:
-            self.refresh_stats = {}
+            self.optimizer.refresh_stats = {}
         last = count == self.accumulation_steps
-        if plan.rank is not None and (not last or isinstance(param.grad, ProjectedGradient)):
-            self._project_in_backward(param)     # at a window's only backward pass the step projects G itself
+        if self.optimizer.plan_of(param).projected and (not last or isinstance(param.grad, ProjectedGradient)):
+            self._project(param)     # at a window's only backward pass the step projects G itself
         window.backward_passes[param] = count
         if last:
-            self._step_one(group, param)
+            self._step_one(param)
 
-    def _step_one(self, group: dict, param: torch.Tensor) -> None:
+    def _step_one(self, param: torch.Tensor) -> None:
         """One parameter's whole step from what its window accumulated (averaged over the process
         group first); its gradient and accumulator are then freed, and ``.grad`` holds a
-        :class:`SteppedGradient` with their norm until :meth:`step`."""
+        :class:`SteppedGradient` with their norm until the optimizer's ``step()``."""
         window = self._window
         if param.grad is None:              # zeroed outside the optimizer since its last backward pass
             window.backward_passes.pop(param, None)
             return
-        used = _gradient_in_use(param)
-        if self._process_group is not None:
-            window.communicated_bytes += synchronize([used], self._process_group)
+        used = gradient_in_use(param)
+        if self.process_group is not None:
+            window.communicated_bytes += synchronize([used], self.process_group)
         norm = torch.linalg.vector_norm(used)
-        item = self._work_item(group, param)
         window.backward_passes.pop(param, None)
         window.stepped.add(param)
-        self._step_parameter(group, param, item)
-        param.grad = SteppedGradient(param, param_label(self._plan(param).key, param), norm, self.accumulation_steps)
+        self.optimizer.step_parameter(param)
+        param.grad = SteppedGradient(param, self._label(param), norm, self.accumulation_steps)
+
+    # -------------------------------------------------------------------- what the optimizer calls
+    def before_step(self) -> None:
+        """At the optimizer's ``step()``: close the window (``step_in_backward``), else average the
+        step's gradients over the process group, once."""
+        if self.step_in_backward:
+            self._finish_window()
+        else:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """Average the step's gradients over the process group, once per step."""
+        if self.process_group is None or self._synchronized:
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.communicated_bytes = synchronize([gradient_in_use(p) for p in params], self.process_group)
+        self._synchronized = True
+
+    def gradients_zeroed(self) -> None:
+        """``zero_grad``: a partial window is dropped with its gradients."""
+        self._synchronized = False
+        self._window.backward_passes.clear()
 
     def _finish_window(self) -> None:
-        """:meth:`step` under ``step_in_backward``: the hooks took the steps; parameters that saw
-        fewer backward passes than the others (unused in some micro-batches) step now on what they
-        accumulated, and the window closes. A window no parameter completed is an error. Gradients
-        set without a backward pass (torchtitan's zero-gradient step that creates the state) are
-        stepped here, as the standard loop would."""
+        """The hooks took the steps; parameters that saw fewer backward passes than the others
+        (unused in some micro-batches) step now on what they accumulated, and the window closes. A
+        window no parameter completed is an error. Gradients set without a backward pass
+        (torchtitan's zero-gradient step that creates the state) are stepped here, as the standard
+        loop would."""
         window = self._window
         pending = list(window.backward_passes)        # stepped parameters leave it
-        set_outside = [param for param in self._groups if param.grad is not None
+        set_outside = [param for param in self._params if param.grad is not None
                        and param not in window.backward_passes and param not in window.stepped]
         if pending and not window.stepped:
             param = pending[0]
-            label = param_label(self._plan(param).key, param)
             raise RuntimeError(f"optimizer.step() after {window.backward_passes[param]} of accumulation_steps="
-                               f"{self.accumulation_steps} backward passes (e.g. {label}); nothing was stepped. "
-                               "Call backward() accumulation_steps times per step")
+                               f"{self.accumulation_steps} backward passes (e.g. {self._label(param)}); nothing was "
+                               "stepped. Call backward() accumulation_steps times per step")
         for param in pending + set_outside:
-            self._step_one(self._groups[param], param)
+            self._step_one(param)
         for param in window.stepped:
             param.grad = None
         self.communicated_bytes = window.communicated_bytes
         self._window = Window()
 
-    def _gradient_tensors(self) -> list[torch.Tensor]:
-        """What the next step uses, in parameter order: each projected weight's accumulator, or
-        the gradient of every other parameter that has one."""
-        return [_gradient_in_use(param) for group in self.param_groups for param in group["params"]
-                if param.grad is not None]
 
-    def _synchronize(self) -> None:
-        """Average the step's gradients over the process group, once per step."""
-        if self._process_group is None or self._synchronized:
-            return
-        self.communicated_bytes = synchronize(self._gradient_tensors(), self._process_group)
-        self._synchronized = True
-
-    def gradients_in_use(self) -> list[torch.Tensor]:
-        """The gradients the next :meth:`step` will use (averaged over the process group first
-        under ``backward_projection`` with one): projected accumulators, full gradients otherwise.
-        :func:`lowrank_optim.clip_grad_norm_` clips these in place."""
-        self._synchronize()
-        return self._gradient_tensors()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad`` (a projected accumulator goes with its
-        :class:`ProjectedGradient`, or is zeroed in it)."""
-        super().zero_grad(set_to_none)
-        self._synchronized = False
-        self._window.backward_passes.clear()        # a partial window is dropped with its gradients
-
-
-def _gradient_in_use(param: torch.Tensor) -> torch.Tensor:
+def gradient_in_use(param: torch.Tensor) -> torch.Tensor:
     """The tensor a step reads for ``param``: the accumulator of its :class:`ProjectedGradient`,
     or its gradient (this rank's shard under FSDP2)."""
     grad = param.grad

@@ -45,7 +45,8 @@ class DCTProjAdam(ProjectedAdamW):
     ``rank`` (``model.parameters()``, ``model.named_parameters()``), every 2-D parameter whose
     smaller side exceeds its rank except the embedding tables (token embedding and output head,
     position and token-type embeddings: by name when names are given, by the structure of the
-    parameter list otherwise; a warning names any shape the rule cannot tell). A group carrying
+    parameter list otherwise; a warning names any shape the rule cannot tell; ``DCTProjAdam(model)``:
+    every parameter of an ``nn.Embedding`` too). A group carrying
     its own ``rank`` projects every 2-D parameter in it (rank clamped to the smaller side);
     ``rank=None`` projects nothing. Either way a weight whose projected state would not be smaller
     than AdamW's stays plain (for an explicit rank with a warning naming it).
@@ -53,7 +54,8 @@ class DCTProjAdam(ProjectedAdamW):
     groups with a ``rank``, as ``galore_torch`` does: the difference is its drop-in contract.)
 
     Args:
-        params: parameters, named parameters or param groups. Every keyword below except
+        params: parameters, named parameters, param groups, or the model itself (its named
+            parameters, with its ``nn.Embedding`` tables known as such). Every keyword below except
             ``skip_nonfinite`` may be overridden per group; unknown group keys are refused.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, before the update);
             defaults 1e-3, (0.9, 0.999), 1e-8, 0.0.
@@ -69,6 +71,8 @@ class DCTProjAdam(ProjectedAdamW):
         residual (str, default "scaled"): ``"scaled"`` adds the gradient outside the subspace back,
             Adam-scaled, with Fira's growth limiter (arXiv 2410.01623,
             :mod:`lowrank_optim.residual`; one scalar of state per weight); ``"none"``: the paper's.
+        update_rule (str, default "adamw"): what a projected weight does with ``R`` and its moments,
+            by name in :data:`lowrank_optim.rules.RULES` (:mod:`lowrank_optim.rules`).
         bias_correction (str, default "step"): Adam's per-parameter count, or ``"slot"``: each slot
             counts from when its moments last started at zero.
         proj_side (str, default "auto"): ``"auto"`` compresses the smaller side; ``"reverse_std"``
@@ -136,7 +140,8 @@ class DCTProjAdam(ProjectedAdamW):
                  weight_decay: float = 0.0, *, rank: int | float | None = 0.25,
                  update_proj_gap: int = 200, scale: float = 1.0, score: str = "l2",
                  moments: str = "transport", proj_side: str = "auto", transform: str = "auto", basis: str = "cached",
-                 bias_correction: str = "step", residual: str = "scaled", moments_dtype: torch.dtype | None = None,
+                 bias_correction: str = "step", residual: str = "scaled",
+                 update_rule: str = "adamw", moments_dtype: torch.dtype | None = None,
                  moment_bits: int | None = None, moment_block_size: int | None = None,
                  bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
@@ -146,7 +151,8 @@ class DCTProjAdam(ProjectedAdamW):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, score=score, moments=moments,
                         proj_side=proj_side, transform=transform, basis=basis, moments_dtype=moments_dtype,
-                        bias_correction=bias_correction, residual=residual, backend=backend,
+                        bias_correction=bias_correction, residual=residual, update_rule=update_rule,
+                        backend=backend,
                         moment_bits=moment_bits, moment_block_size=moment_block_size,
                         bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,

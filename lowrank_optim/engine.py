@@ -1,25 +1,32 @@
 """The optimizer shell shared by :class:`GaLoreAdamW` and :class:`DCTProjAdam`.
 
-The math of a projected step is one function, :func:`lowrank_optim.projected_adamw.projected_adamw_`;
-plain parameters get :func:`lowrank_optim.plain_adamw.plain_adamw_step_`. This class is the
-``torch.optim`` bookkeeping around them, in the shape of ``torch/optim/adam.py``:
+The math of a projected step is an update rule (:mod:`lowrank_optim.rules`, by default
+:class:`~lowrank_optim.rules.adamw.AdamWRule`); plain parameters get
+:func:`lowrank_optim.plain_adamw.plain_adamw_step_`. This class is the ``torch.optim``
+bookkeeping around them, in the shape of ``torch/optim/adam.py``:
 
 * construction validates every hyperparameter (``ValueError`` naming the key and the value) and
-  refuses unknown param-group keys; each parameter's *plan* (projected or plain, rank, side,
-  backend) is resolved once from its shape, group, sharding and device;
-* :meth:`step` loops the groups: :meth:`_init_group` creates state lazily and collects the
-  parameters with gradients, the subspace refreshes of the step are all computed before anything
-  changes, then every parameter takes its update;
+  refuses unknown param-group keys; each parameter's :class:`~lowrank_optim.planning.ParameterPlan`
+  (projected or plain, rank, side, backend, sharding, projector, rule, rounding) is resolved once;
+* :meth:`step` is a straight line: :meth:`_init_group` validates the gradients and gathers one
+  :class:`_Target` per parameter with a gradient, the subspace refreshes of the step are all
+  computed before anything changes, then every parameter takes its update (plain ones in one
+  multi-tensor call per group, projected ones by their plan's rule);
 * the state is tensors and ints only (``torch.load(weights_only=True)`` loads it) and keeps its
   dtypes on :meth:`load_state_dict`; ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the
   optimizer keep its instance attributes.
 
+**Per-parameter API.** :meth:`plan_of`, :meth:`refresh_due`, :meth:`gradient_projection` and
+:meth:`step_parameter` step one parameter at a time from outside the class: the in-backward modes
+(:mod:`lowrank_optim.backward_projection`) are built on them, as torch's
+``_apply_optimizer_in_backward`` wraps an unchanged optimizer.
+
 **Refreshes.** A parameter's subspace is (re)computed from its gradient when its step count
-(before the step) is ``0 mod update_proj_gap``. When ``P`` changes, the moments follow the group's
-``moments`` policy: ``keep`` (slot by slot), ``reset`` (zeroed) or ``transport`` (re-expressed in
-the new basis; a slot gather for the DCT, fused into the moment update). A refresh that yields
-``R`` for free (the DCT's PyTorch path forms all coefficients ``S`` to score them) keeps it until
-its parameter is updated: at a refresh step that holds up to one ``R`` per refreshing weight.
+(before the step, plus its plan's ``refresh_phase``) is ``0 mod update_proj_gap``. When ``P``
+changes, the moments follow the group's ``moments`` policy: ``keep`` (slot by slot), ``reset``
+(zeroed) or ``transport`` (re-expressed in the new basis; a slot gather for the DCT, fused into the
+moment update). A refresh that yields ``R`` for free (the DCT's PyTorch path forms all
+coefficients ``S`` to score them) keeps it until its parameter is updated.
 
 Steps are atomic with respect to refresh failures: a non-finite gradient or an SVD that does not
 converge at a refresh raises an error naming the parameter, with every parameter and state as it
@@ -31,9 +38,9 @@ disables Dynamo for itself and everything it calls (``torch._disable_dynamo``, t
 ``torch.compiler.disable``, so that importing the library imports neither Dynamo nor Triton): it runs eagerly
 inside a compiled training step. Tracing it was measured to diverge silently — Dynamo's handling
 of the step counters kept in the state dicts froze them (eager counts 1 2 3 4 …, compiled 1 2 2
-2 …), also when only the frames below :meth:`step` were traced — and compiling the element-wise
-math alone would recompile every step (its learning rate and bias corrections are Python floats).
-Compile the model; the projected step's heavy work is GEMMs and, on CUDA, the fused Triton kernels.
+2 …) — and compiling the element-wise math alone would recompile every step (its learning rate
+and bias corrections are Python floats). Compile the model; the projected step's heavy work is
+GEMMs and, on CUDA, the fused Triton kernels.
 
 **FSDP2.** Parameters sharded by ``fully_shard`` (DTensors) are stepped shard by shard, with their
 moments as DTensors sharded like them; the projector's selection, the residual's norm and the
@@ -41,26 +48,28 @@ finiteness checks reduce over the shards (:mod:`lowrank_optim.sharding`, which a
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from .adam_form import AdamForm
-from .backward_projection import BackwardProjection, Window, stagger_offset
+from .backward_projection import InBackward, gradient_in_use, stagger_offset
 from .finite import all_finite, finite_flags
-from .geometry import compressed_size, projected_shape, resolve_side
+from .geometry import compressed_size, resolve_side
 from .gradient_stand_ins import ProjectedGradient
 from .kernels.backend import check_backend, resolve_backend
-from .moments import Moments
-from .plain_adamw import as_float, plain_adamw_step_
-from .projected_adamw import projected_adamw_
-from .projectors import PROJECTORS, SUBSPACE_PREFIX, Projector, Subspace, stored_subspace
+from .plain_adamw import plain_adamw_step_
+from .planning import ParameterPlan, compressing
+from .projectors import PROJECTORS, SUBSPACE_PREFIX, Subspace, stored_subspace
 from .quantization import check_moment_bits, check_moment_block_size
 from .residual import RESIDUALS
 from .rounding import rounding_generator
-from .selection import vocabulary_matrices
+from .rules import RULES, AdamHyperparameters, ProjectedStep
+from .selection import embedding_table_names, vocabulary_matrices
 from .sharding import Sharding, local, local_side, summed
 from .state_bytes import tensor_bytes
 from .state_io import STATE_FORMAT, check_state_format, restore_saved_dtypes
@@ -84,35 +93,23 @@ BIAS_CORRECTIONS = ("step", "slot")
 TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused")
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How one parameter is stepped, resolved once: plain AdamW when ``rank`` is None."""
-
-    key: str                    # its name, or its position in the param groups
-    rank: int | None
-    side: str | None
-    backend: str | None         # "torch" or "triton", for the parameter's device and dtypes
-    sharding: Sharding | None
-    note: str | None = None     # why a parameter its group would project stays plain
-
-
 @dataclass
-class _Projected:
-    """A projected parameter of this step. ``weight`` and ``grad`` are the parameter and its
-    gradient (negated under ``maximize``), or this rank's shards of them under FSDP2."""
+class _Target:
+    """A parameter with a gradient at this step: ``weight`` and ``grad`` are the parameter and its
+    gradient (negated under ``maximize``), or this rank's shards of them under FSDP2; ``grad`` is
+    None and ``low_rank_grad`` set when the backward pass projected it."""
 
     group: dict
     param: torch.Tensor
-    plan: _Plan
+    plan: ParameterPlan
     weight: torch.Tensor
-    grad: torch.Tensor
-    projector: Projector
-    refresh: bool
+    grad: torch.Tensor | None
+    refresh: bool = False
     new_subspace: Subspace | None = None
-    low_rank_grad: torch.Tensor | None = None     # R, when the refresh produced it
+    low_rank_grad: torch.Tensor | None = None     # R: projected in the backward pass, or by the refresh
 
 
-class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
+class ProjectedAdamW(torch.optim.Optimizer):
     """Base class (module doc). Subclasses set ``adam_form`` (where ε and weight decay sit),
     ``side_key`` (the group key of the side mode) and ``group_only_keys`` (keys a group may carry
     that are not constructor defaults), and implement :meth:`_validate_group`,
@@ -129,54 +126,37 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         check_torch_keywords(foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
                              differentiable=differentiable)
         check_bool("skip_nonfinite", skip_nonfinite)
-        check_bool("backward_projection", backward_projection)
-        check_bool("step_in_backward", step_in_backward)
-        check_positive_int("accumulation_steps", accumulation_steps)
-        if accumulation_steps != 1 and not step_in_backward:
-            raise InvalidHyperparameter("accumulation_steps", accumulation_steps, (
-                f"Invalid accumulation_steps: {accumulation_steps!r} (only with step_in_backward=True, whose hooks "
-                "must know which backward pass ends a step; otherwise accumulate as usual and call step() once "
-                "per window)"))
-        if step_in_backward and skip_nonfinite:
-            raise InvalidHyperparameter("skip_nonfinite", skip_nonfinite, (
-                "Invalid skip_nonfinite: True with step_in_backward=True (each parameter is updated in the "
-                "backward pass, before all gradients are known to be finite)"))
-        backward_projection = backward_projection or step_in_backward
-        if process_group is not None and not backward_projection:
-            raise InvalidHyperparameter("process_group", process_group, (
-                f"Invalid process_group: {process_group!r} (only with backward_projection=True, where the optimizer "
-                "all-reduces the projected gradients; otherwise wrap the model in DDP)"))
+        in_backward = InBackward.settings(backward_projection=backward_projection, step_in_backward=step_in_backward,
+                                          accumulation_steps=accumulation_steps, process_group=process_group,
+                                          skip_nonfinite=skip_nonfinite)
         defaults = dict(defaults, foreach=foreach, maximize=maximize, capturable=capturable,
                         differentiable=differentiable, fused=fused)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self.refresh_stats: dict[str, dict[str, torch.Tensor]] = {}
-        self.backward_projection = backward_projection
-        self.step_in_backward = step_in_backward
-        self.accumulation_steps = accumulation_steps
-        self.communicated_bytes = 0         # sent into all-reduces by this rank at the last step
-        self._process_group = process_group
+        self.in_backward: InBackward | None = None
+        self._staggered = False
         self._rank_given: list[bool] = []
-        self._plans: dict[torch.Tensor, _Plan] = {}
-        self._refresh_offsets: dict[torch.Tensor, int] = {}
+        self._plans: dict[torch.Tensor, ParameterPlan] = {}
         self._groups: dict[torch.Tensor, dict] = {}
-        self._window = Window()
-        self._synchronized = False
-        self._hooks: list = []
+        self._table_names = frozenset()
+        if isinstance(params, torch.nn.Module):      # the model itself: its embedding tables are known
+            self._table_names = embedding_table_names(params)
+            params = list(params.named_parameters())
         super().__init__(params, defaults)
         self._plan_all(warn=True)
-        if backward_projection:
-            self._start_backward_projection()
+        if in_backward is not None:
+            self.in_backward = InBackward(self, **in_backward)
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
         """Validate and add a group; a rejected group leaves the optimizer as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        check_group_keys(param_group, set(self.defaults) | set(self.group_only_keys), type(self).__name__)
-        if self.__dict__.get("_hooks") and self.step_in_backward:
-            raise ValueError("add_param_group after construction with step_in_backward=True: the new parameters "
-                             "would have no hook and never step; build the optimizer with every param group")
+        allowed = set(self.defaults) | set(self.group_only_keys) | {k for rule in RULES.values() for k in rule.options}
+        check_group_keys(param_group, allowed, type(self).__name__)
+        if self.__dict__.get("in_backward") is not None:
+            self.in_backward.check_new_group()
         rank_given = "rank" in param_group
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -210,6 +190,10 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         check_moment_bits(group["moment_bits"])
         check_moment_block_size(group["moment_block_size"])
         check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
+        check_choice("update_rule", group["update_rule"], tuple(RULES))
+        for key, choices in RULES[group["update_rule"]].options.items():
+            group.setdefault(key, choices[0])
+            check_choice(key, group[key], choices)
 
     def _validate_group(self, group: dict) -> None:
         """Checks of the subclass's own keys."""
@@ -241,10 +225,18 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         return name if name is not None else f"param_groups[{group_index}]['params'][{index}]"
 
     # ------------------------------------------------------------------------------------ plans
-    def _plan(self, param: torch.Tensor) -> _Plan:
+    def plan_of(self, param: torch.Tensor) -> ParameterPlan:
+        """How ``param`` is stepped (:class:`~lowrank_optim.planning.ParameterPlan`)."""
         if param not in self._plans:
             self._plan_all(warn=False)
         return self._plans[param]
+
+    def stagger_refreshes(self, staggered: bool) -> None:
+        """Give projected weight ``j`` of ``W`` the refresh phase ``o_j = ⌊j·T/W⌋`` (``T`` =
+        ``update_proj_gap``), so a step refreshes at most ``⌈W/T⌉`` of them (the in-backward modes,
+        which keep a refreshing weight's full gradient), or every weight at the same steps."""
+        self._staggered = staggered
+        self._plan_all(warn=False)
 
     def _plan_all(self, warn: bool) -> None:
         """Resolve every parameter's plan; with ``warn``, say what the default rule could not tell."""
@@ -255,57 +247,43 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
                     entries.append((self._param_name(group, index), tuple(param.shape)))
                     positions.append((group_index, index))
         vocabulary, undecided = vocabulary_matrices(entries)
-        vocabulary = {positions[i] for i in vocabulary}
+        vocabulary = {positions[i] for i in vocabulary} | {
+            position for position, (name, _) in zip(positions, entries) if name in self._table_names}
         plans = {}
         for group_index, group in enumerate(self.param_groups):
             for index, param in enumerate(group["params"]):
-                key = self._key(group_index, group, index)
                 rank = self._projection_rank(group, param, self._rank_given[group_index],
                                              (group_index, index) in vocabulary)
-                plans[param] = self._compressing_plan(group, param, key, rank,
-                                                      warn=warn and self._rank_given[group_index])
+                plans[param] = self._resolve_plan(group, param, self._key(group_index, group, index), rank,
+                                                  warn=warn and self._rank_given[group_index])
+        if self._staggered:
+            projected = [(group, param) for group in self.param_groups for param in group["params"]
+                         if plans[param].projected]
+            for j, (group, param) in enumerate(projected):
+                offset = stagger_offset(j, len(projected), group["update_proj_gap"])
+                plans[param] = replace(plans[param], refresh_phase=offset)
         self._plans = plans
         self._groups = {param: group for group in self.param_groups for param in group["params"]}
-        projected = [(group, param) for group in self.param_groups for param in group["params"]
-                     if plans[param].rank is not None]
-        self._refresh_offsets = {param: stagger_offset(j, len(projected), group["update_proj_gap"])
-                                 for j, (group, param) in enumerate(projected)}
-        if not warn:
-            return
+        if warn:
+            self._warn_about_defaults(undecided, positions)
+
+    def _warn_about_defaults(self, undecided: list[int], positions: list[tuple[int, int]]) -> None:
         for i in undecided:
             group_index, index = positions[i]
             param = self.param_groups[group_index]["params"][index]
-            if self._plans[param].rank is not None:
+            if self._plans[param].projected:
                 warnings.warn(f"{type(self).__name__}: cannot tell from its shape whether the 2-D "
                               f"{param_label(self._plans[param].key, param)} is an embedding or output head; it is "
                               "projected. Pass model.named_parameters(), or put it in a param group with "
                               "rank=None to keep it in full AdamW", UserWarning, stacklevel=4)
-        if plans and all(plan.rank is None and plan.note is None for plan in plans.values()):
+        if self._plans and all(not plan.projected and plan.note is None for plan in self._plans.values()):
             warnings.warn(f"{type(self).__name__}: {self._nothing_projected_warning()}", UserWarning, stacklevel=4)
 
-    def _compressing_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None, warn: bool) -> _Plan:
+    def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None,
+                      warn: bool) -> ParameterPlan:
         """The plan of ``param`` at ``rank``, or the plain plan when projecting would not compress
-        it: at a rank not below its smaller side (the whole space), or when the projected state
-        (moments in the group's format, subspace, counters) would take at least the bytes of
-        AdamW's float moments. ``warn``: the group asked for that rank itself, so the user hears
-        about it, once."""
-        plan = self._resolve_plan(group, param, key, rank)
-        if plan.rank is None:
-            return plan
-        plain = self._resolve_plan(group, param, key, None)
-        projected_bytes = self._expected_state_bytes(group, param, plan)
-        float_bytes = self._expected_state_bytes({**group, "moment_bits": None}, param, plain)
-        if plan.rank < min(param.shape) and projected_bytes < float_bytes:
-            return plan
-        note = (f"rank {plan.rank} would not compress it: projected state {projected_bytes:,} B >= AdamW's "
-                f"{float_bytes:,} B" if plan.rank < min(param.shape) else
-                f"rank {plan.rank} spans its smaller side: nothing to compress")
-        if warn:
-            warnings.warn(f"{type(self).__name__}: {param_label(key, param)} stays plain AdamW: {note}; pass a "
-                          "smaller rank to project it", UserWarning, stacklevel=5)
-        return _Plan(key, None, None, plain.backend, plain.sharding, note)
-
-    def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None) -> _Plan:
+        it (:func:`~lowrank_optim.planning.compressing`); ``warn``: the group asked for that rank
+        itself, so the user hears about it, once."""
         label = param_label(key, param)
         sharding = Sharding.of(param, label)
         if sharding is not None and group["moment_bits"] is not None:
@@ -320,11 +298,24 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
             backend = resolve_backend(group["backend"], param.device, (param.dtype, self._moments_dtype(group, param)))
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
+        plain = ParameterPlan(key, backend, sharding=sharding,
+                              stochastic_round=group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
         if rank is None:
-            return _Plan(key, None, None, backend, sharding)
+            return plain
         mode = group[self.side_key]
-        side = local_side(sharding, resolve_side(param.shape, mode), mode, label)
-        return _Plan(key, rank, side, backend, sharding)
+        plan = replace(plain, rank=rank, side=local_side(sharding, resolve_side(param.shape, mode), mode, label),
+                       projector=PROJECTORS[self._projector_name(group)](group), rule=RULES[group["update_rule"]])
+        note = compressing(plan, param, group, self._moments_dtype(group, param))
+        if note is None:
+            return plan
+        if warn:
+            warnings.warn(f"{type(self).__name__}: {label} stays plain AdamW: {note}; pass a smaller rank to "
+                          "project it", UserWarning, stacklevel=5)
+        return replace(plain, note=note)
+
+    @staticmethod
+    def _moments_dtype(group: dict, param: torch.Tensor) -> torch.dtype:
+        return group["moments_dtype"] or param.dtype
 
     # ----------------------------------------------------------------------------------- step
     @torch._disable_dynamo        # lazy: importing torch._dynamo here would import Triton (module doc)
@@ -335,169 +326,148 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            self._step()
-        return loss
-
-    def _step(self) -> None:
-        if self.step_in_backward:
-            self._finish_window()
-            return
-        try:
-            self._step_groups()
-        finally:
-            self._synchronized = False
-            for param in self._groups:          # the step consumed the accumulators projected in the backward pass
+            if self.in_backward is not None:
+                self.in_backward.before_step()       # averages the gradients, or closes the window
+            work = [self._init_group(group) for group in self.param_groups]
+            if any(plain or projected for plain, projected in work) and not self._skipped(work):
+                self.refresh_stats = {}
+                self._compute_refreshes([t for _, projected in work for t in projected if t.refresh],
+                                        advice=" (pass skip_nonfinite=True to skip such steps)")
+                for group, (plain, projected) in zip(self.param_groups, work):
+                    self._plain_step(group, plain, foreach=group["foreach"] is not False)
+                    for target in projected:
+                        self._projected_step(target)
+            for param in self._groups:          # the step consumed the accumulators of the backward pass
                 if isinstance(param.grad, ProjectedGradient):
                     param.grad = None
+        return loss
 
-    def _step_groups(self) -> None:
-        self._synchronize()
-        work = [self._init_group(group) for group in self.param_groups]
-        self.refresh_stats = {}
-        if self.skip_nonfinite:
-            # the gradients as autograd left them (DTensors under FSDP2: their check spans the shards)
-            grads = [p.grad for (params, _), _ in work for p in params] + [
-                i.param.grad if i.low_rank_grad is None else i.low_rank_grad for _, p in work for i in p]
-            if not all_finite(grads):
-                self.skipped_steps += 1
-                warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
-                              f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=4)
-                return
-
-        self._compute_refreshes([item for _, projected in work for item in projected if item.refresh])
-        for group, ((params, grads), projected) in zip(self.param_groups, work):
-            self._plain_step(group, params, grads, foreach=group["foreach"] is not False)
-            for item in projected:
-                self._projected_step(item)
-
-    def _init_group(self, group: dict):
-        """``((plain params, their grads), projected items)`` of the parameters with gradients,
-        gradients validated (and negated under ``maximize``)."""
-        params, grads, projected = [], [], []
+    def _init_group(self, group: dict) -> tuple[list[_Target], list[_Target]]:
+        """``(plain, projected)`` targets of the group's parameters with gradients."""
+        plain, projected = [], []
         for param in group["params"]:
-            item = self._work_item(group, param)
-            if isinstance(item, _Projected):
-                projected.append(item)
-            elif item is not None:
-                params.append(param)
-                grads.append(item)
-        return (params, grads), projected
+            if param.grad is not None:
+                target = self._target(group, param)
+                (projected if target.plan.projected else plain).append(target)
+        return plain, projected
 
-    def _work_item(self, group: dict, param: torch.Tensor) -> _Projected | torch.Tensor | None:
-        """What stepping ``param`` takes: a :class:`_Projected` item, the gradient of a plain
-        parameter (validated, negated under ``maximize``), or None without a gradient."""
-        if param.grad is None:
-            return None
-        plan = self._plan(param)
+    def _target(self, group: dict, param: torch.Tensor) -> _Target:
+        """``param``'s target: its gradient validated, negated under ``maximize``."""
+        plan = self.plan_of(param)
         sign = -1.0 if group["maximize"] else 1.0
         if isinstance(param.grad, ProjectedGradient):     # projected in the backward pass
             accumulated = param.grad.low_rank
-            return _Projected(group, param, plan, param, None, self._projector(group), refresh=False,
-                              low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated)
+            return _Target(group, param, plan, param, None,
+                           low_rank_grad=accumulated.mul_(sign) if sign < 0 else accumulated)
         check_dense_real_grad(param.grad, param_label(plan.key, param))
         grad = -local(param.grad) if sign < 0 else local(param.grad)
-        if plan.rank is None:
-            return grad
-        return _Projected(group, param, plan, local(param), grad, self._projector(group),
-                          refresh=self._needs_refresh(param, group))
+        return _Target(group, param, plan, local(param), grad, refresh=plan.projected and self.refresh_due(param))
 
-    def _projector(self, group: dict) -> Projector:
-        return PROJECTORS[self._projector_name(group)](group)
+    def _skipped(self, work: list) -> bool:
+        """With ``skip_nonfinite``: whether a gradient is not finite, and the step then skipped."""
+        if not self.skip_nonfinite:
+            return False
+        # the gradients as autograd left them (DTensors under FSDP2: their check spans the shards)
+        grads = [t.param.grad if t.low_rank_grad is None else t.low_rank_grad
+                 for targets in work for kind in targets for t in kind]
+        if all_finite(grads):
+            return False
+        self.skipped_steps += 1
+        warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped ({self.skipped_steps} skipped so far)",
+                      RuntimeWarning, stacklevel=4)
+        return True
 
-    def _step_parameter(self, group: dict, param: torch.Tensor, item: _Projected | torch.Tensor) -> None:
-        """One parameter's step from its :meth:`_work_item`, alone (``step_in_backward``'s hooks)."""
-        if isinstance(item, _Projected):
-            if item.refresh:
-                self._compute_refreshes([item], unchanged="this parameter and its state are unchanged "
-                                        "(parameters stepped earlier in this backward pass are not)")
-            self._projected_step(item)
-            return
-        self._plain_step(group, [param], [item], foreach=False)     # one tensor, in chunks: small temporaries
-
-    def _plain_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], foreach: bool) -> None:
-        """AdamW on plain parameters of ``group`` (:func:`~lowrank_optim.plain_adamw.plain_adamw_step_`)."""
-        generators = [self._rounding(group, param) for param in params] if group["bf16_stochastic_round"] else None
-        plain_adamw_step_(self.state, group, params, grads, form=self.adam_form, moments_dtype=group["moments_dtype"],
-                          foreach=foreach, moment_bits=group["moment_bits"],
-                          moment_block_size=group["moment_block_size"], generators=generators,
-                          backends=[self._plans[param].backend for param in params])
-
-    def _needs_refresh(self, param: torch.Tensor, group: dict) -> bool:
+    def refresh_due(self, param: torch.Tensor) -> bool:
         """Whether ``param``'s subspace is recomputed at its next step: at its first, then every
-        ``update_proj_gap`` steps (staggered by weight under ``backward_projection``)."""
+        ``update_proj_gap`` steps (shifted by its plan's ``refresh_phase``)."""
         state = self.state.get(param, {})
-        has_subspace = any(key.startswith(SUBSPACE_PREFIX) for key in state)
-        offset = self._refresh_offsets.get(param, 0) if self._staggered else 0
-        return not has_subspace or (state["step"] + offset) % group["update_proj_gap"] == 0
+        if not any(key.startswith(SUBSPACE_PREFIX) for key in state):
+            return True
+        return (state["step"] + self.plan_of(param).refresh_phase) % self._groups[param]["update_proj_gap"] == 0
 
-    @property
-    def _staggered(self) -> bool:
-        """Refreshes are staggered when a refreshing weight's full gradient would outlive its hook:
-        under backward projection, unless each step is one backward pass taken in the hooks."""
-        return self.backward_projection and not (self.step_in_backward and self.accumulation_steps == 1)
+    def gradient_projection(self, param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``G ↦ R`` in ``param``'s current subspace (``G·P`` or ``Pᵀ·G``), or None for a plain
+        parameter or one whose next step refreshes its subspace (it needs the full gradient)."""
+        plan = self.plan_of(param)
+        if not plan.projected or self.refresh_due(param):
+            return None
+        return functools.partial(plan.projector.project, subspace=stored_subspace(self.state[param]),
+                                 side=plan.side, backend=plan.backend)
 
-    def _compute_refreshes(self, refreshing: list[_Projected],
-                           unchanged: str = "no parameter or state was changed") -> None:
-        if not refreshing:
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """Step ``param`` alone from its ``.grad`` (a full gradient or a
+        :class:`~lowrank_optim.gradient_stand_ins.ProjectedGradient`): refresh if due, moments, weight
+        update. A failed refresh raises with this parameter and its state unchanged."""
+        if param.grad is None:
             return
-        for item, is_finite in zip(refreshing, finite_flags([item.param.grad for item in refreshing])):
+        group = self._groups[param]
+        target = self._target(group, param)
+        if not target.plan.projected:
+            self._plain_step(group, [target], foreach=False)     # one tensor, in chunks: small temporaries
+            return
+        if target.refresh:
+            self._compute_refreshes([target], unchanged="this parameter and its state are unchanged")
+        self._projected_step(target)
+
+    def _plain_step(self, group: dict, targets: list[_Target], foreach: bool) -> None:
+        """AdamW on plain parameters of ``group`` (:func:`~lowrank_optim.plain_adamw.plain_adamw_step_`)."""
+        if not targets:
+            return
+        params = [t.param for t in targets]
+        rounding = [self._rounding(t.param) for t in targets] if group["bf16_stochastic_round"] else None
+        plain_adamw_step_(self.state, group, params, [t.grad for t in targets], form=self.adam_form,
+                          moments_dtype=group["moments_dtype"], foreach=foreach, moment_bits=group["moment_bits"],
+                          moment_block_size=group["moment_block_size"], generators=rounding,
+                          backends=[t.plan.backend for t in targets])
+
+    def _compute_refreshes(self, refreshing: list[_Target], advice: str = "",
+                           unchanged: str = "no parameter or state was changed") -> None:
+        """Every refreshing target's new subspace (and ``R`` where it comes free), all before any
+        change: a failure raises naming the parameter with nothing changed."""
+        for target, is_finite in zip(refreshing, finite_flags([target.param.grad for target in refreshing])):
             if not is_finite:
-                advice = "" if self.step_in_backward else " (pass skip_nonfinite=True to skip such steps)"
-                raise FloatingPointError(
-                    f"{param_label(item.plan.key, item.param)}: non-finite gradient at a subspace refresh; "
-                    f"{unchanged}{advice}")
-        for item in refreshing:
+                raise FloatingPointError(f"{param_label(target.plan.key, target.param)}: non-finite gradient at a "
+                                         f"subspace refresh; {unchanged}{advice}")
+        for target in refreshing:
+            plan = target.plan
             try:
-                item.new_subspace, item.low_rank_grad = item.projector.select_and_project(
-                    item.grad, item.plan.rank, item.plan.side, item.plan.backend, item.plan.sharding)
+                target.new_subspace, target.low_rank_grad = plan.projector.select_and_project(
+                    target.grad, plan.rank, plan.side, plan.backend, plan.sharding)
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None
-                raise RuntimeError(f"{param_label(item.plan.key, item.param)}: subspace refresh failed ({error}); "
+                raise RuntimeError(f"{param_label(plan.key, target.param)}: subspace refresh failed ({error}); "
                                    f"{unchanged}") from error
 
-    def _moments_dtype(self, group: dict, param: torch.Tensor) -> torch.dtype:
-        return group["moments_dtype"] or param.dtype
-
-    def _projected_step(self, item: _Projected) -> None:
-        state, group, plan = self.state[item.param], item.group, item.plan
-        moments = self._moments(item, state)
+    def _projected_step(self, target: _Target) -> None:
+        """One projected parameter's step: its state, the refresh's subspace, ``R``, then its rule."""
+        state, group, plan = self.state[target.param], target.group, target.plan
+        moments = plan.moments(target.param, state, group)
         if not moments.exists:
             state["step"] = 0
-            moments.create(self._moments_dtype(group, item.param), item.weight.device,
-                           local_shape=projected_shape(item.weight.shape, plan.side, plan.rank))
+            moments.create(self._moments_dtype(group, target.param), target.weight.device,
+                           local_shape=plan.moment_shape(target.weight))
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
-            state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64, device=item.weight.device)
-        source_slots = self._install_subspace(item, state, moments) if item.new_subspace is not None else None
+            state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64,
+                                             device=target.weight.device)
+        source_slots = self._install_subspace(target, state, moments) if target.new_subspace is not None else None
         subspace = stored_subspace(state)
         state["step"] += 1
-
-        low_rank_grad = item.low_rank_grad
+        low_rank_grad = target.low_rank_grad
         if low_rank_grad is None:
-            low_rank_grad = item.projector.project(item.grad, subspace, plan.side, plan.backend)
-        if item.new_subspace is not None:
-            self.refresh_stats[plan.key]["captured"] = _captured_fraction(low_rank_grad, item.grad, plan.sharding)
-        basis, indices = item.projector.basis_columns(
-            subspace, compressed_size(item.weight.shape, plan.side), moments.float_dtype, plan.backend)
-        beta1, beta2 = group["betas"]
-        residual_norm = projected_adamw_(
-            item.weight, item.grad, low_rank_grad, moments, basis, indices,
-            side=plan.side, step=self._slot_step_counts(item, state), lr=as_float(group["lr"]), beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
-            form=self.adam_form, correct_bias=group.get("correct_bias", True), source_slots=source_slots,
-            residual=group["residual"] == "scaled", residual_norm=state.get("residual_norm"),
-            sharding=plan.sharding, backend=plan.backend,
-            stochastic_round=self._rounding(group, item.param) if group["bf16_stochastic_round"] else None)
-        if residual_norm is not None:
-            state["residual_norm"] = residual_norm
+            low_rank_grad = plan.projector.project(target.grad, subspace, plan.side, plan.backend)
+        if target.new_subspace is not None:
+            self.refresh_stats[plan.key]["captured"] = _captured_fraction(low_rank_grad, target.grad, plan.sharding)
+        basis, indices = plan.projector.basis_columns(
+            subspace, compressed_size(target.weight.shape, plan.side), moments.float_dtype, plan.backend)
+        plan.rule.update(
+            ProjectedStep(target.weight, target.grad, low_rank_grad, moments, basis, indices, plan.side,
+                          self._slot_step_counts(target, state), source_slots, state, plan.sharding, plan.backend,
+                          self._rounding(target.param) if plan.stochastic_round else None),
+            AdamHyperparameters.of(group, self.adam_form), group)
 
-    def _moments(self, item: _Projected, state: dict) -> Moments:
-        """The projected moments of ``item`` (of the global projected shape), stored as its state holds them."""
-        shape = projected_shape(item.param.shape, item.plan.side, item.plan.rank)
-        return Moments.of(state, shape, item.plan.side, item.group["moment_bits"], item.group["moment_block_size"],
-                          unwrap=local, wrap=lambda tensor: self._moment(item, tensor))
-
-    def _rounding(self, group: dict, param: torch.Tensor) -> torch.Generator | None:
+    def _rounding(self, param: torch.Tensor) -> torch.Generator | None:
         """The generator of this step's stochastic rounding of a bf16 ``param`` (None for other dtypes)."""
         if param.dtype != torch.bfloat16:
             return None
@@ -505,46 +475,79 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         return rounding_generator(self._plans[param].key, step, param.device)
 
     @staticmethod
-    def _moment(item: _Projected, tensor: torch.Tensor) -> torch.Tensor:
-        """A moment as stored: this rank's shard of a DTensor sharded like the parameter, or itself."""
-        if item.plan.sharding is None:
-            return tensor
-        return item.plan.sharding.distribute(tensor, projected_shape(item.param.shape, item.plan.side, item.plan.rank))
-
-    @staticmethod
-    def _slot_step_counts(item: _Projected, state: dict):
+    def _slot_step_counts(target: _Target, state: dict):
         """The step count ``t`` of the bias corrections: the parameter's (``bias_correction="step"``)
         or, with ``"slot"``, each slot's own count, shaped to broadcast against the moments."""
-        if item.group["bias_correction"] != "slot":
+        if target.group["bias_correction"] != "slot":
             return state["step"]
         state["slot_steps"] += 1
-        return state["slot_steps"].view((1, -1) if item.plan.side == "right" else (-1, 1))
+        return state["slot_steps"].view((1, -1) if target.plan.side == "right" else (-1, 1))
 
-    def _install_subspace(self, item: _Projected, state: dict, moments: Moments) -> torch.Tensor | None:
+    def _install_subspace(self, target: _Target, state: dict, moments) -> torch.Tensor | None:
         """Store the new subspace and move the moments by the group's policy; returns the source
         slots of a transport deferred to the moment update (a slot gather), else None."""
-        old, new, plan = stored_subspace(state), item.new_subspace, item.plan
-        source_slots = None
-        if old and item.group["moments"] == "reset":
+        old, new, plan = stored_subspace(state), target.new_subspace, target.plan
+        projector, source_slots = plan.projector, None
+        if old and target.group["moments"] == "reset":
             moments.zero_()
             if "slot_steps" in state:
                 state["slot_steps"].zero_()
-        elif old and item.group["moments"] == "transport":
-            source_slots = item.projector.transport_slots(old, new)
+        elif old and target.group["moments"] == "transport":
+            source_slots = projector.transport_slots(old, new)
             if source_slots is None:
-                moments.transform_(lambda m: item.projector.transport(m, old, new, plan.side, False),
-                                   lambda v: item.projector.transport(v, old, new, plan.side, True))
+                moments.transform_(lambda m: projector.transport(m, old, new, plan.side, False),
+                                   lambda v: projector.transport(v, old, new, plan.side, True))
             elif "slot_steps" in state:
                 kept = source_slots >= 0
                 state["slot_steps"] = state["slot_steps"][source_slots.clamp(min=0)] * kept
-        size = compressed_size(item.param.shape, plan.side)
-        self.refresh_stats[plan.key] = {
-            "overlap": item.projector.overlap(old, new, size) if old else torch.tensor(0.0)}
+        size = compressed_size(target.param.shape, plan.side)
+        self.refresh_stats[plan.key] = {"overlap": projector.overlap(old, new, size) if old else torch.tensor(0.0)}
         for key in [k for k in state if k.startswith(SUBSPACE_PREFIX)]:
             del state[key]
         for key, tensor in new.items():
             state[SUBSPACE_PREFIX + key] = tensor
         return source_slots
+
+    # ------------------------------------------------------------------------- in-backward modes
+    @property
+    def backward_projection(self) -> bool:
+        return self.in_backward is not None
+
+    @property
+    def step_in_backward(self) -> bool:
+        return self.in_backward is not None and self.in_backward.step_in_backward
+
+    @property
+    def accumulation_steps(self) -> int:
+        return 1 if self.in_backward is None else self.in_backward.accumulation_steps
+
+    @property
+    def communicated_bytes(self) -> int:
+        """Bytes this rank sent into the all-reduces of the last step (``process_group``)."""
+        return 0 if self.in_backward is None else self.in_backward.communicated_bytes
+
+    def stop_backward_projection(self) -> None:
+        """Remove the backward hooks: the parameters get full gradients again and this optimizer
+        steps them as without ``backward_projection`` (another optimizer may then take them over)."""
+        if self.in_backward is not None:
+            self.in_backward.detach()
+            self.in_backward = None
+        self.stagger_refreshes(False)
+
+    def gradients_in_use(self) -> list[torch.Tensor]:
+        """The gradients the next :meth:`step` will use, in parameter order: a projected
+        accumulator, or the full gradient (averaged over the process group first under
+        ``backward_projection`` with one). :func:`lowrank_optim.clip_grad_norm_` clips these."""
+        if self.in_backward is not None:
+            self.in_backward.synchronize()
+        return [gradient_in_use(param) for param in self._groups if param.grad is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad`` (a projected accumulator goes with its
+        :class:`ProjectedGradient`, or is zeroed in it; an accumulation window is dropped)."""
+        super().zero_grad(set_to_none)
+        if self.in_backward is not None:
+            self.in_backward.gradients_zeroed()
 
     # ---------------------------------------------------------------------------------- summary
     def projection_summary(self) -> ProjectionSummary:
@@ -554,27 +557,13 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
         rows = []
         for group in self.param_groups:
             for param in group["params"]:
-                plan = self._plan(param)
+                plan = self.plan_of(param)
                 held = self.state.get(param)
-                state_bytes = tensor_bytes(held) if held else self._expected_state_bytes(group, param, plan)
-                rows.append(ProjectionRow(plan.key, tuple(param.shape), plan.rank is not None, plan.rank, plan.side,
+                state_bytes = tensor_bytes(held) if held else plan.expected_state_bytes(
+                    param, group, self._moments_dtype(group, param))
+                rows.append(ProjectionRow(plan.key, tuple(param.shape), plan.projected, plan.rank, plan.side,
                                           state_bytes, plan.note))
         return ProjectionSummary(rows)
-
-    def _expected_state_bytes(self, group: dict, param: torch.Tensor, plan: _Plan) -> int:
-        """The bytes the first step allocates for ``param`` (whole parameter, before sharding)."""
-        dtype = self._moments_dtype(group, param)
-        if plan.rank is None:
-            return Moments.of({}, param.shape, None, group["moment_bits"],
-                              group["moment_block_size"]).expected_bytes(dtype)
-        shape = projected_shape(param.shape, plan.side, plan.rank)
-        moments = Moments.of({}, shape, plan.side, group["moment_bits"],
-                             group["moment_block_size"]).expected_bytes(dtype)
-        projector = PROJECTORS[self._projector_name(group)](group)
-        subspace = projector.subspace_bytes(compressed_size(param.shape, plan.side), plan.rank, param.dtype)
-        slot_steps = 8 * plan.rank if group["bias_correction"] == "slot" else 0
-        residual = 4 if group["residual"] == "scaled" else 0
-        return moments + subspace + slot_steps + residual
 
     # ------------------------------------------------------------------------------ state io
     def state_dict(self):
@@ -593,32 +582,23 @@ class ProjectedAdamW(BackwardProjection, torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         """torch keeps only defaults, state and param_groups; the instance attributes go along, so
-        ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that steps."""
+        ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that steps (an
+        in-backward mode is rebuilt on the copy's parameters, without a process group)."""
         state = super().__getstate__()
         state.update(skip_nonfinite=self.skip_nonfinite, skipped_steps=self.skipped_steps,
-                     _rank_given=list(self._rank_given), backward_projection=self.backward_projection,
-                     step_in_backward=self.step_in_backward, accumulation_steps=self.accumulation_steps)
+                     _rank_given=list(self._rank_given), _staggered=self._staggered, _table_names=self._table_names,
+                     _in_backward_settings=None if self.in_backward is None else self.in_backward.copied_settings())
         return state
 
     def __setstate__(self, state: dict) -> None:
+        settings = state.pop("_in_backward_settings", None)
         super().__setstate__(state)
-        self.__dict__.setdefault("skip_nonfinite", False)
-        self.__dict__.setdefault("skipped_steps", 0)
-        self.__dict__.setdefault("_rank_given", [False] * len(self.param_groups))
-        self.__dict__.setdefault("backward_projection", False)
-        self.__dict__.setdefault("step_in_backward", False)
-        self.__dict__.setdefault("accumulation_steps", 1)
-        self._window = Window()
-        self.__dict__.setdefault("communicated_bytes", 0)
-        self.__dict__.setdefault("_process_group", None)    # a copy does not share the original's group
-        self.__dict__.setdefault("_synchronized", False)
         self.refresh_stats = {}
+        self.__dict__.setdefault("in_backward", None)      # load_state_dict keeps the mode it has
         self._plans = {}             # resolved again (load_state_dict calls this with the new groups)
-        self._refresh_offsets = {}
         self._plan_all(warn=False)
-        if self.backward_projection and not self.__dict__.get("_hooks"):
-            self._hooks = []
-            self._start_backward_projection()         # an unpickled copy hooks its own parameters
+        if settings is not None and self.in_backward is None:
+            self.in_backward = InBackward(self, **settings)      # an unpickled copy hooks its own parameters
 
 
 def _captured_fraction(low_rank_grad: torch.Tensor, grad: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:

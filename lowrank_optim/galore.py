@@ -49,7 +49,8 @@ class GaLoreAdamW(ProjectedAdamW):
         \end{aligned}
 
     Args:
-        params: parameters, named parameters or param groups; a group with ``rank`` (an int) is
+        params: parameters, named parameters, param groups or the model itself (its named
+            parameters); a group with ``rank`` (an int) is
             projected. Group keys: the keywords below except ``skip_nonfinite``, plus ``rank``;
             unknown keys are refused.
         lr, betas, eps, weight_decay, correct_bias: ``galore_torch``'s; defaults 1e-3,
@@ -63,9 +64,9 @@ class GaLoreAdamW(ProjectedAdamW):
             :mod:`lowrank_optim.projectors.randomized_svd`): several times cheaper refreshes.
         moments (str, default "keep"): ``"keep"`` (GaLore's), ``"reset"``, or ``"transport"``
             (``m`` rotated by ``P_newᵀP_old``, ``v`` by its element-wise square).
-        residual, bias_correction, moments_dtype, moment_bits, moment_block_size: as in
-            :class:`~lowrank_optim.DCTProjAdam`; defaults ``"none"``, ``"step"``, None, None (float;
-            8 or 4), None.
+        residual, update_rule, bias_correction, moments_dtype, moment_bits, moment_block_size: as in
+            :class:`~lowrank_optim.DCTProjAdam`; defaults ``"none"``, ``"adamw"``, ``"step"``, None,
+            None (float; 8 or 4), None.
         bf16_stochastic_round, backend: as in :class:`~lowrank_optim.DCTProjAdam`; defaults False,
             ``"auto"``.
         foreach, maximize, capturable, differentiable, fused: torch's keywords (``foreach``: bool
@@ -89,7 +90,8 @@ class GaLoreAdamW(ProjectedAdamW):
                  weight_decay: float = 0.0, correct_bias: bool = True,
                  no_deprecation_warning: bool = False, *, update_proj_gap: int = 200,
                  scale: float = 1.0, proj_type: str = "std", projector: str = "svd", moments: str = "keep",
-                 bias_correction: str = "step", residual: str = "none", moments_dtype: torch.dtype | None = None,
+                 bias_correction: str = "step", residual: str = "none",
+                 update_rule: str = "adamw", moments_dtype: torch.dtype | None = None,
                  moment_bits: int | None = None, moment_block_size: int | None = None,
                  bf16_stochastic_round: bool = False,
                  backend: str = "auto", foreach: bool | None = None, maximize: bool = False,
@@ -99,7 +101,8 @@ class GaLoreAdamW(ProjectedAdamW):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, projector=projector, moments=moments, moments_dtype=moments_dtype,
-                        bias_correction=bias_correction, residual=residual, backend=backend,
+                        bias_correction=bias_correction, residual=residual, update_rule=update_rule,
+                        backend=backend,
                         moment_bits=moment_bits, moment_block_size=moment_block_size,
                         bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite, foreach=foreach, maximize=maximize,

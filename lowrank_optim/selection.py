@@ -21,6 +21,10 @@ only shapes and their order, so the rule reads the structure of a transformer's 
   share every dimension with another weight (``q, k, v, o``; ``gate``/``up``; grouped-query
   ``k``/``v``), so LLaMA-family lists lose nothing to this rule.
 
+**By module** (the optimizer built on the model itself, ``DCTProjAdam(model)``): every parameter
+of an ``nn.Embedding`` or ``nn.EmbeddingBag`` (and a head tied to one) is a table, whatever its name
+or shape (:func:`embedding_table_names`).
+
 LLaMA-7B's ``32000×4096`` embedding (aspect ratio 7.8) and Llama-2-70B's are caught by shape, as
 are a 2-layer tiny model's. With at most two 2-D parameters there is no interior to compare with
 (an optimizer over one weight): then a matrix more than :data:`VOCABULARY_ASPECT_RATIO` times longer
@@ -30,6 +34,8 @@ projects anything.
 from __future__ import annotations
 
 from collections import Counter
+
+from torch import nn
 
 EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
 TOP_LEVEL_HEAD_NAMES = ("output.weight",)
@@ -64,3 +70,11 @@ def vocabulary_matrices(entries: list[tuple[str | None, tuple[int, int]]]) -> tu
         elif shape not in interior:
             undecided.append(i)
     return vocabulary, undecided
+
+
+def embedding_table_names(model: nn.Module) -> frozenset[str]:
+    """The names (as ``model.named_parameters()`` gives them) of the parameters of ``model``'s
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` modules; a head tied to an embedding shares its name."""
+    tables = {id(param) for module in model.modules() if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+              for param in module.parameters(recurse=False)}
+    return frozenset(name for name, param in model.named_parameters() if id(param) in tables)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 def check_state_format(state_dict: dict, group_keys: set[str], optimizer_name: str) -> None:

@@ -21,6 +21,7 @@ from optim_db import BUILDS, CASES, MODES, TORCH_KEYWORD_CASES, case_ids
 from toy import batch, max_rel_diff, next_token_loss
 
 from lowrank_optim.state_bytes import tensor_bytes
+from lowrank_optim.state_io import STATE_FORMAT
 
 
 def _build(name, mode, seed=0, **keywords):
@@ -96,14 +97,14 @@ def test_the_state_format_is_written_loaded_again_and_another_one_refused(name, 
     model, optimizer = _build(name, mode)
     _train(model, optimizer, 2)
     saved = optimizer.state_dict()
-    assert saved["state_format"] == 1
+    assert saved["state_format"] == STATE_FORMAT
     reloaded = _build(name, mode, seed=1)[1]
     reloaded.load_state_dict(saved)
     reloaded.load_state_dict(reloaded.state_dict())
     _build(name, mode, seed=1)[1].load_state_dict({k: v for k, v in saved.items() if k != "state_format"})
-    with pytest.raises(ValueError, match=r"Invalid state_dict: state_format 2 \(this version of lowrank-optim loads "
-                                         r"format 1"):
-        _build(name, mode, seed=1)[1].load_state_dict({**saved, "state_format": 2})
+    with pytest.raises(ValueError, match=rf"Invalid state_dict: state_format {STATE_FORMAT + 1} \(this version of "
+                                         rf"lowrank-optim loads format {STATE_FORMAT}"):
+        _build(name, mode, seed=1)[1].load_state_dict({**saved, "state_format": STATE_FORMAT + 1})
     groups = [{k: v for k, v in group.items() if k != "eps"} for group in saved["param_groups"]]
     with pytest.raises(ValueError, match=r"param_groups\[0\] lacks 'eps'"):
         _build(name, mode, seed=1)[1].load_state_dict({**saved, "param_groups": groups})

@@ -99,3 +99,41 @@ def test_the_rule_on_shapes():
     assert vocabulary_matrices(gpt2) == ({0, 1}, [])                          # wpe: 1024 is no width
     gqa = [(None, (4096, 4096)), (None, (1024, 4096)), (None, (1024, 4096)), (None, (4096, 4096))] * 2
     assert vocabulary_matrices([(None, (32000, 4096))] + gqa) == ({0}, [])     # k/v share their 1024
+
+
+class _CustomNames(torch.nn.Module):
+    """Embedding tables whose names and shapes the parameter-list rules cannot tell: a token table
+    as wide as long (no vocabulary-sized dimension) and a position table shaped like a block weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(64, 64)
+        self.pos = torch.nn.Embedding(64, 64)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+        self.out = torch.nn.Linear(64, 64, bias=False)
+        self.out.weight = self.tok.weight        # tied head
+
+
+def test_given_the_model_its_embedding_tables_stay_plain_whatever_their_names_and_shapes():
+    model = _CustomNames()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_names = DCTProjAdam(model.named_parameters(), rank=8)
+    assert {"tok.weight", "pos.weight"} & _projected_names(model, from_names)   # the list rules cannot tell
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_model = DCTProjAdam(model, rank=8)
+    projected = _projected_names(model, from_model)
+    assert projected == {f"blocks.{i}.weight" for i in range(3)}
+    assert [row.name for row in from_model.projection_summary()] == [n for n, _ in model.named_parameters()]
+    copied = __import__("copy").deepcopy(from_model)
+    assert [row.projected for row in copied.projection_summary()] == [
+        row.projected for row in from_model.projection_summary()]
+
+
+def test_given_the_model_a_group_with_its_own_rank_still_projects_anything():
+    model = _CustomNames()
+    optimizer = DCTProjAdam(model, rank=8)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(64, 64))], "param_names": ["extra"],
+                               "rank": 8})
+    assert optimizer.projection_summary()[-1].projected

@@ -96,9 +96,9 @@ def test_inside_a_window_projected_weights_keep_only_accumulators():
     train_in_micro_batches(model, optimizer, 1, 2)  # step 1 created the subspaces
     tokens = batch(1, size=(12, 10))
     next_token_loss(model, tokens[:6]).backward()
-    projected = [p for p in model.parameters() if optimizer._plan(p).rank is not None]
+    projected = [p for p in model.parameters() if optimizer.plan_of(p).projected]
     assert projected and all(isinstance(p.grad, ProjectedGradient) for p in projected)
-    assert all(holds_full_gradient(p) for p in model.parameters() if optimizer._plan(p).rank is None)
+    assert all(holds_full_gradient(p) for p in model.parameters() if not optimizer.plan_of(p).projected)
 
 
 def test_8bit_moments_follow_the_standard_loop():

@@ -1,0 +1,91 @@
+"""The update-rule interface: what a projected parameter does with its gradient once projected.
+
+The engine (:mod:`lowrank_optim.engine`) resolves a parameter's plan, keeps its subspace and
+moments, and hands one :class:`ProjectedStep` to the rule its plan names: everything the step of
+one weight ``W`` (``m×n``) reads, with ``R`` (``G·P`` or ``Pᵀ·G``) already formed. The rule updates
+``W`` and the moments in place. A new rule is one file with an :class:`UpdateRule` subclass plus
+one line in :data:`lowrank_optim.rules.RULES`; a param group chooses it with ``update_rule``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..adam_form import AdamForm
+from ..moments import Moments
+from ..sharding import Sharding
+
+
+@dataclass(frozen=True)
+class AdamHyperparameters:
+    """A group's scalars as a step reads them (``lr`` a Python float, also when the group holds a tensor)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    scale: float
+    correct_bias: bool
+    form: AdamForm
+
+    @classmethod
+    def of(cls, group: dict, form: AdamForm) -> AdamHyperparameters:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        return cls(lr=lr.item() if isinstance(lr, torch.Tensor) else float(lr), beta1=beta1, beta2=beta2,
+                   eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
+                   correct_bias=group.get("correct_bias", True), form=form)
+
+
+@dataclass
+class ProjectedStep:
+    """The operands of one projected weight's step.
+
+    ``weight``: the parameter (this rank's shard under FSDP2); ``grad``: its gradient ``G`` (negated
+    under ``maximize``), None when it was projected in the backward pass; ``low_rank_grad``: ``R``;
+    ``basis``, ``indices``: ``P = basis[:, indices]`` (``indices`` None: ``P = basis``); ``step``:
+    the incremented step count, or per-slot counts shaped to broadcast against the moments;
+    ``source_slots``: a slot remap of the moments still to apply (a transporting DCT refresh);
+    ``state``: the parameter's state dict, for entries the rule owns; ``generator``: stochastic
+    rounding of a bf16 ``weight`` (None: round to nearest)."""
+
+    weight: torch.Tensor
+    grad: torch.Tensor | None
+    low_rank_grad: torch.Tensor
+    moments: Moments
+    basis: torch.Tensor
+    indices: torch.Tensor | None
+    side: str
+    step: int | torch.Tensor
+    source_slots: torch.Tensor | None
+    state: dict
+    sharding: Sharding | None
+    backend: str
+    generator: torch.Generator | None
+
+
+class UpdateRule(ABC):
+    """How a projected weight is updated from its projected gradient and moments.
+
+    ``options`` maps the rule's own param-group keys to their allowed values (the first is the
+    default a group without the key gets). :meth:`full_gradient_use` says whether the update
+    reads ``G`` itself (then the in-backward modes, which free ``G``, refuse the group)."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, tuple]] = {}
+
+    def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
+        """``(what reads G, how to avoid it)`` when ``group``'s update reads the full gradient, else None."""
+        return None
+
+    def state_bytes(self, group: dict) -> int:
+        """Bytes of the rule's own state per weight (beyond moments and subspace)."""
+        return 0
+
+    @abstractmethod
+    def update(self, step: ProjectedStep, hyper: AdamHyperparameters, group: dict) -> None:
+        """Update ``step.weight`` and ``step.moments`` in place."""
