@@ -59,38 +59,27 @@ import torch
 from .adam_form import AdamForm
 from .backward_projection import InBackward, gradient_in_use, stagger_offset
 from .finite import all_finite, finite_flags
-from .geometry import compressed_size, resolve_side
+from .geometry import compressed_size
 from .gradient_stand_ins import ProjectedGradient
-from .kernels.backend import check_backend, resolve_backend
+from .group_keys import check_shared_group_keys, rule_keys
 from .plain_adamw import plain_adamw_step_
-from .planning import ParameterPlan, compressing
+from .planning import ParameterPlan, resolve_plan
 from .projectors import PROJECTORS, SUBSPACE_PREFIX, Subspace, stored_subspace
-from .quantization import check_moment_bits, check_moment_block_size
-from .residual import RESIDUALS
 from .rounding import rounding_generator
-from .rules import RULES, AdamHyperparameters, ProjectedStep
+from .rules import AdamHyperparameters, ProjectedStep
 from .selection import embedding_table_names, vocabulary_matrices
-from .sharding import Sharding, local, local_side, summed
+from .sharding import Sharding, local, summed
 from .state_bytes import tensor_bytes
 from .state_io import STATE_FORMAT, check_state_format, restore_saved_dtypes
+from .subspace_change import install_subspace
 from .summary import ProjectionRow, ProjectionSummary
 from .validation import (
-    InvalidHyperparameter,
-    check_adamw_hyperparameters,
     check_bool,
-    check_choice,
     check_dense_real_grad,
-    check_float_dtype_or_none,
     check_group_keys,
-    check_positive_int,
-    check_positive_real,
     check_torch_keywords,
     param_label,
 )
-
-MOMENT_POLICIES = ("keep", "reset", "transport")
-BIAS_CORRECTIONS = ("step", "slot")
-TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused")
 
 
 @dataclass
@@ -153,7 +142,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """Validate and add a group; a rejected group leaves the optimizer as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        allowed = set(self.defaults) | set(self.group_only_keys) | {k for rule in RULES.values() for k in rule.options}
+        allowed = set(self.defaults) | set(self.group_only_keys) | rule_keys()
         check_group_keys(param_group, allowed, type(self).__name__)
         if self.__dict__.get("in_backward") is not None:
             self.in_backward.check_new_group()
@@ -161,7 +150,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_shared_keys(group)
+            check_shared_group_keys(group)
             self._validate_group(group)
             for index, param in enumerate(group["params"]):
                 if param.is_complex():
@@ -172,28 +161,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
             raise
         self._rank_given.append(rank_given)
         self._plans = {}
-
-    @staticmethod
-    def _validate_shared_keys(group: dict) -> None:
-        check_adamw_hyperparameters(group)
-        check_torch_keywords(**{key: group[key] for key in TORCH_KEYWORDS})
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        check_positive_real("scale", group["scale"])
-        check_choice("moments", group["moments"], MOMENT_POLICIES)
-        check_float_dtype_or_none("moments_dtype", group["moments_dtype"])
-        try:
-            check_backend(group["backend"])          # lowrank_optim.kernels knows nothing of the library's errors
-        except ValueError as error:
-            raise InvalidHyperparameter("backend", group["backend"], str(error)) from None
-        check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
-        check_choice("residual", group["residual"], RESIDUALS)
-        check_moment_bits(group["moment_bits"])
-        check_moment_block_size(group["moment_block_size"])
-        check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
-        check_choice("update_rule", group["update_rule"], tuple(RULES))
-        for key, choices in RULES[group["update_rule"]].options.items():
-            group.setdefault(key, choices[0])
-            check_choice(key, group[key], choices)
 
     def _validate_group(self, group: dict) -> None:
         """Checks of the subclass's own keys."""
@@ -281,37 +248,15 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None,
                       warn: bool) -> ParameterPlan:
-        """The plan of ``param`` at ``rank``, or the plain plan when projecting would not compress
-        it (:func:`~lowrank_optim.planning.compressing`); ``warn``: the group asked for that rank
-        itself, so the user hears about it, once."""
-        label = param_label(key, param)
-        sharding = Sharding.of(param, label)
-        if sharding is not None and group["moment_bits"] is not None:
-            raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
-                             "supported (quantized blocks would depend on the shard layout); use float moments "
-                             "(moment_bits=None) or DDP")
-        if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16:
-            raise ValueError(f"{label}: backend='triton' with bf16_stochastic_round=True (the fused weight update "
-                             "rounds to nearest; stochastic rounding runs on PyTorch); pass backend='auto' (Triton "
-                             "moments, PyTorch weight update) or 'torch'")
-        try:
-            backend = resolve_backend(group["backend"], param.device, (param.dtype, self._moments_dtype(group, param)))
-        except ValueError as error:
-            raise ValueError(f"{label}: {error}") from None
-        plain = ParameterPlan(key, backend, sharding=sharding,
-                              stochastic_round=group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
-        if rank is None:
-            return plain
-        mode = group[self.side_key]
-        plan = replace(plain, rank=rank, side=local_side(sharding, resolve_side(param.shape, mode), mode, label),
-                       projector=PROJECTORS[self._projector_name(group)](group), rule=RULES[group["update_rule"]])
-        note = compressing(plan, param, group, self._moments_dtype(group, param))
-        if note is None:
-            return plan
-        if warn:
-            warnings.warn(f"{type(self).__name__}: {label} stays plain AdamW: {note}; pass a smaller rank to "
-                          "project it", UserWarning, stacklevel=5)
-        return replace(plain, note=note)
+        """:func:`~lowrank_optim.planning.resolve_plan`; ``warn``: the group asked for that rank
+        itself, so a weight it would not compress is warned about, once."""
+        plan = resolve_plan(group, param, key, rank, side_mode=group[self.side_key],
+                            projector=None if rank is None else PROJECTORS[self._projector_name(group)],
+                            moments_dtype=self._moments_dtype(group, param))
+        if warn and plan.note is not None:
+            warnings.warn(f"{type(self).__name__}: {param_label(key, param)} stays plain AdamW: {plan.note}; pass a "
+                          "smaller rank to project it", UserWarning, stacklevel=5)
+        return plan
 
     @staticmethod
     def _moments_dtype(group: dict, param: torch.Tensor) -> torch.dtype:
@@ -451,7 +396,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
             state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64,
                                              device=target.weight.device)
-        source_slots = self._install_subspace(target, state, moments) if target.new_subspace is not None else None
+        source_slots = None
+        if target.new_subspace is not None:
+            source_slots, overlap = install_subspace(state, target.new_subspace, moments, plan.projector,
+                                                     policy=group["moments"], side=plan.side, shape=target.param.shape)
+            self.refresh_stats[plan.key] = {"overlap": overlap}
         subspace = stored_subspace(state)
         state["step"] += 1
         low_rank_grad = target.low_rank_grad
@@ -482,31 +431,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
             return state["step"]
         state["slot_steps"] += 1
         return state["slot_steps"].view((1, -1) if target.plan.side == "right" else (-1, 1))
-
-    def _install_subspace(self, target: _Target, state: dict, moments) -> torch.Tensor | None:
-        """Store the new subspace and move the moments by the group's policy; returns the source
-        slots of a transport deferred to the moment update (a slot gather), else None."""
-        old, new, plan = stored_subspace(state), target.new_subspace, target.plan
-        projector, source_slots = plan.projector, None
-        if old and target.group["moments"] == "reset":
-            moments.zero_()
-            if "slot_steps" in state:
-                state["slot_steps"].zero_()
-        elif old and target.group["moments"] == "transport":
-            source_slots = projector.transport_slots(old, new)
-            if source_slots is None:
-                moments.transform_(lambda m: projector.transport(m, old, new, plan.side, False),
-                                   lambda v: projector.transport(v, old, new, plan.side, True))
-            elif "slot_steps" in state:
-                kept = source_slots >= 0
-                state["slot_steps"] = state["slot_steps"][source_slots.clamp(min=0)] * kept
-        size = compressed_size(target.param.shape, plan.side)
-        self.refresh_stats[plan.key] = {"overlap": projector.overlap(old, new, size) if old else torch.tensor(0.0)}
-        for key in [k for k in state if k.startswith(SUBSPACE_PREFIX)]:
-            del state[key]
-        for key, tensor in new.items():
-            state[SUBSPACE_PREFIX + key] = tensor
-        return source_slots
 
     # ------------------------------------------------------------------------- in-backward modes
     @property

@@ -12,15 +12,17 @@ Otherwise it stays plain and the plan's ``note`` says why (``projection_summary(
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .geometry import compressed_size, projected_shape
+from .geometry import compressed_size, projected_shape, resolve_side
+from .kernels.backend import resolve_backend
 from .moments import Moments
 from .projectors import Projector
-from .rules import UpdateRule
-from .sharding import Sharding, local
+from .rules import RULES, UpdateRule
+from .sharding import Sharding, local, local_side
+from .validation import param_label
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,34 @@ def compressing(plan: ParameterPlan, param: torch.Tensor, group: dict, moments_d
     if projected < plain:
         return None
     return f"rank {plan.rank} would not compress it: projected state {projected:,} B >= AdamW's {plain:,} B"
+
+
+def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *, side_mode: str,
+                 projector: type[Projector] | None, moments_dtype: torch.dtype) -> ParameterPlan:
+    """The plan of ``param`` (named ``key``) in ``group`` at ``rank`` (None: plain), projected on the
+    side ``side_mode`` resolves to by ``projector``; the plain plan with a ``note`` when projecting
+    would not compress it (:func:`compressing`). ``ValueError`` naming the parameter for what its
+    group cannot do with it (quantized moments of an FSDP2 shard, the Triton weight update with
+    stochastic rounding, a backend its device cannot run)."""
+    label = param_label(key, param)
+    sharding = Sharding.of(param, label)
+    if sharding is not None and group["moment_bits"] is not None:
+        raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
+                         "supported (quantized blocks would depend on the shard layout); use float moments "
+                         "(moment_bits=None) or DDP")
+    if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16:
+        raise ValueError(f"{label}: backend='triton' with bf16_stochastic_round=True (the fused weight update "
+                         "rounds to nearest; stochastic rounding runs on PyTorch); pass backend='auto' (Triton "
+                         "moments, PyTorch weight update) or 'torch'")
+    try:
+        backend = resolve_backend(group["backend"], param.device, (param.dtype, moments_dtype))
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
+    plain = ParameterPlan(key, backend, sharding=sharding,
+                          stochastic_round=group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+    if rank is None:
+        return plain
+    plan = replace(plain, rank=rank, side=local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label),
+                   projector=projector(group), rule=RULES[group["update_rule"]])
+    note = compressing(plan, param, group, moments_dtype)
+    return plan if note is None else replace(plain, note=note)
