@@ -127,6 +127,9 @@ def test_galore_defaults_and_dct_target_modules():
     assert "target_modules" in kwargs                      # the Trainer's kwargs are not consumed
     assert "lm_head.weight" not in DCTProjAdamFactory()(model, lr=1e-2, target_modules="all-linear"
                                                         ).param_groups[0]["param_names"]
+    default = DCTProjAdamFactory()(model, lr=1e-2, rank=8).param_groups    # the embedding table: a plain group
+    assert default[1]["param_names"] == ["model.embed_tokens.weight"] and default[1]["rank"] is None
+    assert "model.embed_tokens.weight" not in default[0]["param_names"]
 
 
 def test_factories_refuse_a_model_without_sst_layers_and_a_missing_lr(tmp_path):

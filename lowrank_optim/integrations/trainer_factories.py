@@ -30,6 +30,7 @@ from torch import nn
 from ..modules import TargetModules
 from ..param_groups import lowrank_param_groups
 from ..registry import create_optimizer
+from ..selection import embedding_table_names
 from ..sst import sst_layers
 
 
@@ -66,7 +67,8 @@ class AdamWFactory(TrainerOptimizerFactory):
 
 class DCTProjAdamFactory(TrainerOptimizerFactory):
     """:class:`~lowrank_optim.DCTProjAdam` over the trainable named parameters: its default rule
-    projects every 2-D parameter but the embedding and the output head.
+    projects every 2-D parameter but the embedding and the output head; the parameters of the
+    model's ``nn.Embedding`` modules (and a head tied to one) get a group with ``rank=None``.
 
     The factory's own key ``target_modules`` (default ``None``: the rule above, over every
     parameter) restricts projection to the weights of the ``nn.Linear`` modules it selects
@@ -80,7 +82,11 @@ class DCTProjAdamFactory(TrainerOptimizerFactory):
     def param_groups(self, model: nn.Module, kwargs: dict[str, Any]) -> list:
         target_modules: TargetModules | None = kwargs.pop("target_modules", None)
         if target_modules is None:
-            return trainable_named_parameters(model)
+            tables = embedding_table_names(model)
+            named = trainable_named_parameters(model)
+            groups = [{"params": [(n, p) for n, p in named if n not in tables]},
+                      {"params": [(n, p) for n, p in named if n in tables], "rank": None}]
+            return [group for group in groups if group["params"]]
         selected, *rest = lowrank_param_groups(model, target_modules)
         return [{"params": selected["params"]}] + [{"params": group["params"], "rank": None} for group in rest]
 
