@@ -61,6 +61,9 @@ BUILDS: dict[str, Build] = {
     "dct_8bit": Build(_dct(residual="none", moment_bits=8)),
     "dct_4bit": Build(_dct(residual="none", moment_bits=4)),
     "dct_generated_basis": Build(_dct(residual="none", basis="generated")),
+    # the model itself as params: its nn.Embedding known as a table (DCTProjAdam(model))
+    "dct_given_the_model": Build(lambda model, **kw: DCTProjAdam(model, lr=3e-3, rank=RANK, update_proj_gap=GAP,
+                                                                 weight_decay=0.01, residual="none", **kw)),
     "galore": Build(_galore()),
     "galore_randomized_svd": Build(_galore(projector="randomized_svd")),
     "galore_8bit": Build(_galore(GaLoreAdamW8bit)),
