@@ -11,7 +11,7 @@
 #
 # Dry mode runs the same steps at toy sizes on the CPU (Triton under TRITON_INTERPRET=1 where a
 # step needs kernels) into a temporary folder unless --out is given, in about two minutes, so that CI
-# runs it (tests/test_gpu_suite.py) and the suite cannot rot. Every dry step measures something real
+# runs it (tests/experiments/test_gpu_suite.py) and the suite cannot rot. Every dry step measures something real
 # at its toy size and is ok only if it leaves its outputs, as on the GPU. PYTHON selects the interpreter
 # (default python3), which must import torch and the installed lowrank_optim.
 set -euo pipefail
@@ -170,7 +170,7 @@ echo "gpu_suite: $MODE mode on $DEVICE_NAME, torch $TORCH_VERSION, writing to $O
 
 # (a) The kernel tests on the GPU: their bf16 cases skip on the CPU (the interpreter's bf16 is wrong).
 run_step kernel_tests "kernel_tests_$SLUG.xml" \
-    "$PYTHON" -m pytest -rfEs -p no:cacheprovider tests/test_kernels_*.py \
+    "$PYTHON" -m pytest -rfEs -p no:cacheprovider tests/kernels/test_kernels_*.py \
     --junitxml="$OUT/kernel_tests_$SLUG.xml" "${KERNEL_TESTS[@]}"
 
 # (a) FSDP2 through the training script: NCCL on CUDA (gloo on the CPU), one process.

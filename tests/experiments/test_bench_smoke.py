@@ -1,0 +1,67 @@
+"""Benchmarks at toy size: experiments/bench/optimizer_step.py (every candidate steps and is counted),
+lowbit_report.py over the committed compare outputs of results/lowbit_cpu, and communication.py
+--backward_projection on the micro LLaMA."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from experiments.bench import communication, lowbit_report, optimizer_step
+
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results" / "lowbit_cpu"
+
+
+def test_optimizer_step_times_and_counts_every_candidate(tmp_path):
+    out = tmp_path / "steps.csv"
+    torchao = importlib.util.find_spec("torchao") is not None   # its state is a tensor subclass: counted too
+    optimizer_step.main(["--shape", "96", "40", "--rank", "8", "--repeats", "1", "--threads", "1", "--csv", str(out),
+                         *(["--torchao"] if torchao else [])])
+    rows = list(csv.DictReader(out.open()))
+    if torchao:
+        assert all(int(row["state_bytes"]) > 0 for row in rows if row["optimizer"].startswith("torchao"))
+    labels = {row["optimizer"] for row in rows}
+    assert {"torch.optim.AdamW (fused)", "AdamW, 8-bit moments (library plain path)", "DCTProjAdam"} <= labels
+    assert all(float(row["ms"]) > 0 for row in rows)
+    plain = {row["optimizer"]: int(row["state_bytes"]) for row in rows if "library plain path" in row["optimizer"]}
+    # 96×40 = 3840 values: below the 4096 at which moments are quantized, so float32 moments
+    assert set(plain.values()) == {2 * 96 * 40 * 4}
+
+
+def test_lowbit_report_pairs_each_low_bit_row_with_its_counterpart(tmp_path):
+    lowbit_report.main(["--inputs", str(RESULTS / "tiny_adamw"), str(RESULTS / "tiny_projected"),
+                        "--out", str(tmp_path)])
+    rows = {row["key"]: row for row in json.loads((tmp_path / "results.json").read_text())}
+    table = (tmp_path / "results.md").read_text().split("### Low-bit moments vs their 32-bit counterpart")[1]
+    paired = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert len(paired) == sum(key in rows for key in lowbit_report.REFERENCE if lowbit_report.bits_of(key))
+    galore4 = rows["galore_4bit"]["final_val_loss"] / rows["galore_adamw"]["final_val_loss"] - 1
+    assert f"{100 * galore4:+.2f}%" in next(line for line in paired if line.startswith("| GaLoreAdamW, 4-bit"))
+    assert "goal" not in table
+
+
+def test_communication_under_backward_projection_is_less_than_ddp_after_the_first_step(capsys):
+    communication.main(["--backward_projection", "--model_config", "llama_micro", "--steps", "3"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DCT")
+            or line.startswith("| GaLore")]
+    assert len(rows) == 2
+    for row in rows:
+        ddp, first = (int(cell.removesuffix(" B").replace(",", "")) for cell in row[1:3])
+        assert first == ddp                                    # no subspace at the first step: every gradient
+        assert 0 < float(row[4].rstrip(" |")) < 1              # later steps: the projected accumulators
+
+
+def test_communication_counts_the_collectives_of_the_optimizer_step_under_fsdp2():
+    """Counted through torch's dispatcher: GaLore's refresh all-gathers every weight whole (fp32),
+    DCT without the residual sends nothing at an ordinary step."""
+    result = communication.measure("llama_micro", 2, 0.25)
+    steps = result["optimizers"]
+    galore = next(counts for label, counts in steps.items() if label.startswith("GaLoreAdamW") and "refresh" in label)
+    whole_weights = sum(math.prod(shape) for shape in result["weights"].values()) * 4
+    assert (galore["all-gather calls"], galore["all-gather bytes"]) == (len(result["weights"]), whole_weights)
+    assert galore["broadcast calls"] == len(result["weights"])
+    assert steps["DCTProjAdam residual=none: ordinary step"] == {}
+    assert steps["DCTProjAdam residual=none: refresh step"]["all-reduce calls"] > 0
