@@ -3,7 +3,7 @@
 the class. Stepping every parameter alone is the ordinary step, bit for bit."""
 import pytest
 import torch
-from toy import loss_of, make_model, twin
+from support.toy import loss_of, make_model, twin
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 from lowrank_optim.planning import ParameterPlan
