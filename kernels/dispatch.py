@@ -9,14 +9,14 @@ kernels are defined after the caller had its chance to set ``TRITON_INTERPRET``.
 * :func:`adam_moment_update`: kernel 1, the moments and ``N`` in one pass, optionally remapping
   the moments' slots on the way (:mod:`.slot_remap`), with scalar or per-slot bias corrections;
 * :func:`quantized_adam_moment_update`: the same step on 8/4-bit block-wise quantized moments
-  (:mod:`.quantized_moment_update`), dequantized, updated and re-quantized in one pass.
+  (:mod:`.quantized_moment_update`), dequantized, updated and re-quantized in one pass;
+* :func:`projected_weight_update_`: kernel 3, ``W ← a·W − b·ΔW`` with ``ΔW`` never materialised,
+  optionally with the scaled residual (Fira) of the gradient outside the subspace.
 
-Both moment updates lay the moments out by one vocabulary (``layout``: ``"columns"``, ``"rows"``,
+Both moment updates take the moments' layout in one vocabulary (``"columns"``, ``"rows"``,
 ``"flat"``, :mod:`.layout`) and compute, in fp32 for quantized moments::
 
     m ← β1·m + (1 − β1)·R,    v ← β2·v + (1 − β2)·R²,    N = (m / bc1) / (√(v / bc2) + ε)
-* :func:`projected_weight_update_`: kernel 3, ``W ← a·W − b·ΔW`` with ``ΔW`` never materialised,
-  optionally with the scaled residual (Fira) of the gradient outside the subspace.
 
 With ``backend="triton"`` every case a kernel covers runs that kernel, which raises where it
 cannot run: no silent fallback to PyTorch (the dense projection above is PyTorch by design).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import RESOLVED_BACKENDS
 from .column_select import gather_project
 from .moment_update import adam_moment_update_
 from .quantized_moment_update import Codebook
@@ -35,11 +36,9 @@ from .quantized_moment_update import quantized_adam_moment_update_ as _reference
 from .slot_remap import remap_slots
 from .weight_update import projected_weight_update_ as _reference_weight_update_
 
-MOMENT_BACKENDS = ("torch", "triton")
-
 
 def _check_moment_backend(backend) -> None:
-    if backend not in MOMENT_BACKENDS:
+    if backend not in RESOLVED_BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (expected 'torch' or 'triton'; resolve 'auto' first)")
 
 

@@ -1,9 +1,10 @@
 """Block-wise quantized Adam moments: storage format, table-driven (de)quantization and the fused
 moment update, PyTorch reference of :mod:`.quantized_moment_update_triton`.
 
-This module is self-contained (it imports torch and :mod:`.layout` only): the quantization maps are passed in as a
-:class:`Codebook` of lookup tables, built by :mod:`lowrank_optim.quantization.maps`, which also
-documents the scheme as a whole. What lives here is what the Triton kernel has to match bit for bit.
+This module is self-contained (it imports torch and :mod:`.layout` only): the quantization maps
+are passed in as a :class:`Codebook` of lookup tables, built by
+:mod:`lowrank_optim.quantization.maps`, which also documents the scheme as a whole. What lives
+here is what the Triton kernel has to match bit for bit.
 
 **Slots and blocks.** A moment is laid out (:mod:`.layout`) as ``n_slots`` slots of ``length``
 values each:
