@@ -25,7 +25,7 @@ from lowrank_optim.quantization import dequantize, quantization_map, quantize
 
 # (side, shape): odd shapes, at least 4096 values (smaller moments stay float whatever the bits),
 # partial last blocks and an odd slot length (4 bits: a half-used byte)
-LAYOUTS = {"columns": ("right", (300, 37)), "rows": ("left", (37, 301)), "flat": (None, (61, 71))}
+CASES = {"columns": ("right", (300, 37)), "rows": ("left", (37, 301)), "flat": (None, (61, 71))}
 # storage id: (moment_bits, float dtype passed to create)
 STORAGES = {"fp32": (None, torch.float32), "bf16": (None, torch.bfloat16), "8bit": (8, torch.float32),
             "4bit": (4, torch.float32)}
@@ -36,7 +36,7 @@ BF16_RTOL = 2e-2
 
 def _moments(storage: str, layout: str) -> tuple[Moments, torch.dtype]:
     bits, dtype = STORAGES[storage]
-    side, shape = LAYOUTS[layout]
+    side, shape = CASES[layout]
     moments = Moments.of({}, shape, side, bits)
     moments.create(dtype, torch.device("cpu"))
     return moments, dtype
@@ -71,7 +71,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> 
 
 parametrize = pytest.mark.parametrize
 storages = parametrize("storage", list(STORAGES))
-layouts = parametrize("layout", list(LAYOUTS))
+layouts = parametrize("layout", list(CASES))
 
 
 @storages
@@ -207,7 +207,7 @@ def test_zero_resets_both_moments(storage, layout):
 @layouts
 def test_expected_bytes_are_the_bytes_created(storage, layout):
     bits, dtype = STORAGES[storage]
-    side, shape = LAYOUTS[layout]
+    side, shape = CASES[layout]
     expected = Moments.of({}, shape, side, bits).expected_bytes(dtype)
     moments, _ = _moments(storage, layout)
     assert expected == sum(t.numel() * t.element_size() for t in moments.state.values())
