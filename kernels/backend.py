@@ -21,6 +21,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+RESOLVED_BACKENDS = ("torch", "triton")          # what resolve_backend returns, what kernels run on
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INSTALL_HINT = "pip install 'lowrank-optim[triton]', or use backend='auto' or 'torch'"
 

@@ -7,9 +7,16 @@ kernels are defined after the caller had its chance to set ``TRITON_INTERPRET``.
 * :func:`project`: ``R = G·P`` / ``Pᵀ·G``; Triton gathers the basis columns by index (a dense
   ``P`` is one cuBLAS GEMM already and stays in PyTorch).
 * :func:`adam_moment_update`: kernel 1, the moments and ``N`` in one pass, optionally remapping
-  the moments' slots on the way (:mod:`.slot_remap`), with scalar or per-slot bias corrections.
+  the moments' slots on the way (:mod:`.slot_remap`), with scalar or per-slot bias corrections;
+* :func:`quantized_adam_moment_update`: the same step on 8/4-bit block-wise quantized moments
+  (:mod:`.quantized_moment_update`), dequantized, updated and re-quantized in one pass;
 * :func:`projected_weight_update_`: kernel 3, ``W ← a·W − b·ΔW`` with ``ΔW`` never materialised,
   optionally with the scaled residual (Fira) of the gradient outside the subspace.
+
+Both moment updates take the moments' layout in one vocabulary (``"columns"``, ``"rows"``,
+``"flat"``, :mod:`.layout`) and compute, in fp32 for quantized moments::
+
+    m ← β1·m + (1 − β1)·R,    v ← β2·v + (1 − β2)·R²,    N = (m / bc1) / (√(v / bc2) + ε)
 
 With ``backend="triton"`` every case a kernel covers runs that kernel, which raises where it
 cannot run: no silent fallback to PyTorch (the dense projection above is PyTorch by design).
@@ -21,10 +28,18 @@ from __future__ import annotations
 
 import torch
 
+from .backend import RESOLVED_BACKENDS
 from .column_select import gather_project
 from .moment_update import adam_moment_update_
+from .quantized_moment_update import Codebook
+from .quantized_moment_update import quantized_adam_moment_update_ as _reference_quantized_update_
 from .slot_remap import remap_slots
 from .weight_update import projected_weight_update_ as _reference_weight_update_
+
+
+def _check_moment_backend(backend) -> None:
+    if backend not in RESOLVED_BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected 'torch' or 'triton'; resolve 'auto' first)")
 
 
 def project(backend: str, grad: torch.Tensor, basis: torch.Tensor, indices: torch.Tensor | None,
@@ -40,21 +55,43 @@ def adam_moment_update(backend: str, grad: torch.Tensor, exp_avg: torch.Tensor, 
                        *, beta1: float, beta2: float, eps: float | torch.Tensor,
                        bias_correction1: float | torch.Tensor, bias_correction2: float | torch.Tensor,
                        source_slots: torch.Tensor | None = None,
-                       slot_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(N, m, v)``; ``m``, ``v`` are the inputs updated in place, or new tensors when
-    ``source_slots`` remaps them first. ``eps`` and the bias corrections are numbers or per-slot
-    tensors broadcasting against the moments along ``slot_dim`` (``(1, r)`` for ``m×r`` moments,
-    ``(r, 1)`` for ``r×n``); both backends take either."""
+                       layout: str = "columns") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, m, v)`` of float moments in ``layout``; ``m``, ``v`` are the inputs updated in place,
+    or new tensors when ``source_slots`` remaps their slots first. ``eps`` and the bias
+    corrections are numbers or per-slot tensors broadcasting against the moments (``(1, r)`` for
+    ``"columns"``, ``(r, 1)`` for ``"rows"``); both backends take either. ``N`` is in the moments'
+    dtype."""
+    _check_moment_backend(backend)
     scalars = dict(beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1,
                    bias_correction2=bias_correction2)
     if backend == "triton":
         from .moment_update_triton import adam_moment_update_triton
         return adam_moment_update_triton(grad, exp_avg, exp_avg_sq, source_slots=source_slots,
-                                         slot_dim=slot_dim, **scalars)
+                                         layout=layout, **scalars)
     if source_slots is not None:
-        exp_avg = remap_slots(exp_avg, source_slots, slot_dim)
-        exp_avg_sq = remap_slots(exp_avg_sq, source_slots, slot_dim)
+        exp_avg = remap_slots(exp_avg, source_slots, layout)
+        exp_avg_sq = remap_slots(exp_avg_sq, source_slots, layout)
     return adam_moment_update_(grad, exp_avg, exp_avg_sq, **scalars), exp_avg, exp_avg_sq
+
+
+def quantized_adam_moment_update(backend: str, grad: torch.Tensor, m_codes: torch.Tensor, m_scales: torch.Tensor,
+                                 v_codes: torch.Tensor, v_scales: torch.Tensor, *, m_codebook: Codebook,
+                                 v_codebook: Codebook, beta1: float, beta2: float, eps: float | torch.Tensor,
+                                 bias_correction1: float | torch.Tensor, bias_correction2: float | torch.Tensor,
+                                 bits: int, layout: str, block_size: int, source_slots: torch.Tensor | None = None,
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, m_codes, m_scales, v_codes, v_scales)`` of quantized moments (the maps of ``m`` and
+    ``v`` as codebooks on the gradient's device, ``block_size`` resolved): the state is updated in
+    place and returned, or, with ``source_slots`` (the DCT transport), remapped first into new
+    tensors. ``N`` is fp32. Per-slot corrections: tensors with one value per slot."""
+    _check_moment_backend(backend)
+    arguments = dict(m_codebook=m_codebook, v_codebook=v_codebook, beta1=beta1, beta2=beta2, eps=eps,
+                     bias_correction1=bias_correction1, bias_correction2=bias_correction2, bits=bits,
+                     layout=layout, block_size=block_size, source_slots=source_slots)
+    if backend == "triton":
+        from .quantized_moment_update_triton import quantized_adam_moment_update_triton
+        return quantized_adam_moment_update_triton(grad, m_codes, m_scales, v_codes, v_scales, **arguments)
+    return _reference_quantized_update_(grad, m_codes, m_scales, v_codes, v_scales, **arguments)
 
 
 def projected_weight_update_(backend: str, param: torch.Tensor, update: torch.Tensor, basis: torch.Tensor,

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import slot_dim
 from .triton_support import autotune_options, check_launchable
 
 _CONFIGS = [
@@ -92,19 +93,19 @@ def _adam_moment_kernel(
     tl.store(update_ptr + offsets, update.to(moment_dtype), mask=in_bounds)
 
 
-def _slot_vector(name: str, value: float | torch.Tensor, shape: torch.Size, slot_dim: int,
+def _slot_vector(name: str, value: float | torch.Tensor, shape: torch.Size, dim: int,
                  device: torch.device) -> torch.Tensor:
     """``value`` as a contiguous fp32 vector of one value per slot: a number is repeated; a tensor
     must broadcast against the moments (``shape``) along their slot dimension only (``(1, r)``
     or ``(r,)`` when slots are columns, ``(r, 1)`` when they are rows, or a single value)."""
-    n_slots = shape[slot_dim]
+    n_slots = shape[dim]
     if not isinstance(value, torch.Tensor):
         return torch.full((n_slots,), value, dtype=torch.float32, device=device)
-    slot_shape = (1, n_slots) if slot_dim == 1 else (n_slots, 1)
+    slot_shape = (1, n_slots) if dim == 1 else (n_slots, 1)
     aligned = zip(reversed(value.shape), reversed(slot_shape))
     if value.ndim > 2 or any(size not in (1, target) for size, target in aligned):
         raise ValueError(f"per-slot {name} of shape {tuple(value.shape)} does not broadcast along the {n_slots} "
-                         f"slots (dim {slot_dim}) of moments of shape {tuple(shape)}")
+                         f"slots (dim {dim}) of moments of shape {tuple(shape)}")
     # NOTE: per-slot corrections are fp32, as the library computes them (fp64 ones are rounded).
     # The result may be a view of ``value``: read it only.
     return value.to(device=device, dtype=torch.float32).expand(slot_shape).reshape(n_slots).contiguous()
@@ -121,16 +122,16 @@ def adam_moment_update_triton(
     bias_correction1: float | torch.Tensor,
     bias_correction2: float | torch.Tensor,
     source_slots: torch.Tensor | None = None,
-    slot_dim: int = 1,
+    layout: str = "columns",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(N, m, v)``: the normalized update and the updated moments.
 
     Without ``source_slots`` the moments are updated in place and returned as they are; with them
-    (int64, one source slot or −1 per slot along ``slot_dim`` of the 2-D moments) the moments are
-    remapped on the fly and new tensors returned. When any of ``eps``, ``bias_correction1``,
-    ``bias_correction2`` is a tensor, all three are read per slot along ``slot_dim`` of the 2-D
-    moments (numbers then apply to every slot; shapes in :func:`_slot_vector`); otherwise they are
-    runtime scalars.
+    (int64, one source slot or −1 per slot of the 2-D moments in ``layout``, ``"columns"`` or
+    ``"rows"``, :mod:`.layout`) the moments are remapped on the fly and new tensors returned. When
+    any of ``eps``, ``bias_correction1``, ``bias_correction2`` is a tensor, all three are read per
+    slot (numbers then apply to every slot; shapes in :func:`_slot_vector`); otherwise they are
+    runtime scalars. ``"flat"`` moments take neither.
     """
     if exp_avg.shape != grad.shape or exp_avg_sq.shape != grad.shape:
         raise ValueError(f"moment shapes {tuple(exp_avg.shape)}, {tuple(exp_avg_sq.shape)} "
@@ -141,20 +142,21 @@ def adam_moment_update_triton(
     grad = grad.contiguous()
     has_remap = source_slots is not None
     per_slot = any(isinstance(value, torch.Tensor) for value in (eps, bias_correction1, bias_correction2))
-    if (has_remap or per_slot) and (grad.ndim != 2 or slot_dim not in (0, 1)):
-        raise ValueError(f"slot remaps and per-slot corrections need 2-D moments and slot_dim 0 or 1, got "
-                         f"moments of shape {tuple(grad.shape)} and slot_dim {slot_dim}")
+    dim = slot_dim(layout)
+    if (has_remap or per_slot) and (grad.ndim != 2 or dim is None):
+        raise ValueError(f"slot remaps and per-slot corrections need 2-D moments in the 'columns' or 'rows' "
+                         f"layout, got moments of shape {tuple(grad.shape)} in the {layout!r} layout")
     if has_remap:
-        if source_slots.shape != (grad.shape[slot_dim],):
-            raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index dim {slot_dim} "
+        if source_slots.shape != (grad.shape[dim],):
+            raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index dim {dim} "
                              f"of moments of shape {tuple(grad.shape)}")
         exp_avg_out, exp_avg_sq_out = torch.empty_like(exp_avg), torch.empty_like(exp_avg_sq)
     else:
         exp_avg_out, exp_avg_sq_out = exp_avg, exp_avg_sq
     if per_slot:
-        slot_vectors = [_slot_vector("bias_correction1", bias_correction1, grad.shape, slot_dim, grad.device),
-                        _slot_vector("bias_correction2", bias_correction2, grad.shape, slot_dim, grad.device).sqrt(),
-                        _slot_vector("eps", eps, grad.shape, slot_dim, grad.device)]
+        slot_vectors = [_slot_vector("bias_correction1", bias_correction1, grad.shape, dim, grad.device),
+                        _slot_vector("bias_correction2", bias_correction2, grad.shape, dim, grad.device).sqrt(),
+                        _slot_vector("eps", eps, grad.shape, dim, grad.device)]
         scalars = (0.0, 1.0, 1.0)                      # unread: the kernel loads the vectors
     else:
         slot_vectors = [grad] * 3                      # unread placeholders
@@ -172,6 +174,6 @@ def adam_moment_update_triton(
         grad, exp_avg, exp_avg_sq, exp_avg_out, exp_avg_sq_out, update,
         source_slots if has_remap else grad, *slot_vectors, n_elements, n_cols,
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, *scalars,
-        HAS_REMAP=has_remap, PER_SLOT=per_slot, SLOTS_ARE_COLUMNS=slot_dim == 1,
+        HAS_REMAP=has_remap, PER_SLOT=per_slot, SLOTS_ARE_COLUMNS=dim == 1,
     )
     return update, exp_avg_out, exp_avg_sq_out

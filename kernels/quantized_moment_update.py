@@ -1,11 +1,13 @@
 """Block-wise quantized Adam moments: storage format, table-driven (de)quantization and the fused
 moment update, PyTorch reference of :mod:`.quantized_moment_update_triton`.
 
-This module is self-contained (it imports torch only): the quantization maps are passed in as a
-:class:`Codebook` of lookup tables, built by :mod:`lowrank_optim.quantization.maps`, which also
-documents the scheme as a whole. What lives here is what the Triton kernel has to match bit for bit.
+This module is self-contained (it imports torch and :mod:`.layout` only): the quantization maps
+are passed in as a :class:`Codebook` of lookup tables, built by
+:mod:`lowrank_optim.quantization.maps`, which also documents the scheme as a whole. What lives
+here is what the Triton kernel has to match bit for bit.
 
-**Slots and blocks.** A moment is laid out as ``n_slots`` slots of ``length`` values each:
+**Slots and blocks.** A moment is laid out (:mod:`.layout`) as ``n_slots`` slots of ``length``
+values each:
 
 * ``"columns"``: a right-projected ``m×r`` moment; slot ``j`` is column ``j`` (``length = m``);
 * ``"rows"``: a left-projected ``r×n`` moment; slot ``i`` is row ``i`` (``length = n``);
@@ -51,7 +53,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("flat", "columns", "rows")
+from .layout import check_layout, slot_broadcast_shape, slot_dim
+
 BITS = (8, 4)
 CODE_DTYPE = torch.uint8
 SCALE_DTYPE = torch.float32
@@ -73,11 +76,6 @@ class Codebook(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------- checks
-def check_layout(layout) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"Invalid layout: {layout!r} (expected one of {', '.join(map(repr, LAYOUTS))})")
-
-
 def check_bits(bits) -> None:
     if bits not in BITS or isinstance(bits, bool):
         raise ValueError(f"Invalid bits: {bits!r} (expected 8 or 4)")
@@ -88,11 +86,6 @@ def check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 8 <= block_size <= 4096 \
             or block_size & (block_size - 1):
         raise ValueError(f"Invalid block_size: {block_size!r} (expected a power of two from 8 to 4096)")
-
-
-def slot_dim(layout: str) -> int | None:
-    """The storage dimension that indexes slots: 1 for ``columns``, 0 for ``rows``, None for ``flat``."""
-    return {"columns": 1, "rows": 0, "flat": None}[layout]
 
 
 def slot_geometry(shape, layout: str) -> tuple[int, int]:
@@ -110,6 +103,11 @@ def slot_geometry(shape, layout: str) -> tuple[int, int]:
 def packed_length(length: int, bits: int) -> int:
     """Bytes of codes for ``length`` values."""
     return length if bits == 8 else (length + 1) // 2
+
+
+def fill_byte(fill_code: int, bits: int) -> int:
+    """The byte of codes that stores ``fill_code`` in every value it holds (two at 4 bits)."""
+    return fill_code if bits == 8 else fill_code | (fill_code << 4)
 
 
 def storage_shapes(shape, bits: int, layout: str, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -135,6 +133,18 @@ def check_state(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, bit
         raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} and scales of shape {tuple(scales.shape)} "
                          f"are not the {bits}-bit {layout!r} storage of a moment of shape {tuple(shape)} with "
                          f"block_size={block_size} (expected {code_shape} and {scale_shape})")
+
+
+def check_slot_remap(source_slots: torch.Tensor, layout: str, storage: torch.Tensor) -> None:
+    """ValueError unless ``source_slots`` has one entry per slot of ``storage`` (a moment, or its
+    codes or scales) in the ``"columns"`` or ``"rows"`` layout."""
+    dim = slot_dim(layout)
+    if dim is None:
+        raise ValueError("a slot remap needs the 'columns' or 'rows' layout, got 'flat'")
+    n_slots = storage.shape[dim]
+    if source_slots.ndim != 1 or source_slots.numel() != n_slots:
+        raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index the {n_slots} slots "
+                         f"of a {layout!r} moment")
 
 
 # --------------------------------------------------------------------------- slot-major views
@@ -215,19 +225,12 @@ def remap_quantized_slots(codes: torch.Tensor, scales: torch.Tensor, source_slot
     A whole slot moves with its codes and its scales, so dequantizing the result equals remapping
     the dequantized moment, exactly. New slots get scale 0 (so they dequantize to 0) and
     ``fill_code``."""
-    dim = slot_dim(layout)
-    if dim is None:
-        raise ValueError("a slot remap needs the 'columns' or 'rows' layout, got 'flat'")
-    n_slots = codes.shape[dim]
-    if source_slots.ndim != 1 or source_slots.numel() != n_slots:
-        raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index the {n_slots} slots "
-                         f"of a {layout!r} moment")
-    kept = source_slots >= 0
+    check_slot_remap(source_slots, layout, codes)
+    kept = source_slots.view(slot_broadcast_shape(layout)) >= 0
     index = source_slots.clamp(min=0)
-    mask_shape = (1, -1) if dim == 1 else (-1, 1)
-    fill_byte = fill_code if bits == 8 else fill_code | (fill_code << 4)
-    new_codes = codes.index_select(dim, index).masked_fill_(~kept.view(mask_shape), fill_byte)
-    new_scales = scales.index_select(dim, index) * kept.view(mask_shape).to(scales.dtype)
+    dim = slot_dim(layout)
+    new_codes = codes.index_select(dim, index).masked_fill_(~kept, fill_byte(fill_code, bits))
+    new_scales = scales.index_select(dim, index) * kept.to(scales.dtype)
     return new_codes, new_scales
 
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_moment_update import Codebook, check_state, slot_dim, slot_geometry
+from .quantized_moment_update import Codebook, check_slot_remap, check_state, slot_geometry
 from .triton_support import check_launchable
 
 _TILE_VALUES = 2048          # values per program, B × BLOCK_SLOTS: 16 per thread at 4 warps (untuned: no GPU here)
@@ -215,11 +215,7 @@ def quantized_adam_moment_update_triton(
 
     has_remap = source_slots is not None
     if has_remap:
-        if slot_dim(layout) is None:
-            raise ValueError("a slot remap needs the 'columns' or 'rows' layout, got 'flat'")
-        if source_slots.ndim != 1 or source_slots.numel() != n_slots:
-            raise ValueError(f"source_slots of shape {tuple(source_slots.shape)} do not index the {n_slots} "
-                             f"slots of a {layout!r} moment")
+        check_slot_remap(source_slots, layout, grad)
         outputs = tuple(torch.empty_like(tensor) for tensor in state)
     else:
         outputs = state

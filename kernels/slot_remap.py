@@ -5,8 +5,8 @@ projection), ``P_newᵀ·P_old`` is a 0/1 matrix and moment transport is a gathe
 new moment holds old slot ``source_slots[j]``, or zero where ``source_slots[j] = −1`` (a column
 not selected before)::
 
-    right (moments m×r, slots are columns):  M_new[:, j] = M_old[:, s_j]   (0 if s_j = −1)
-    left  (moments r×n, slots are rows):     M_new[j, :] = M_old[s_j, :]   (0 if s_j = −1)
+    "columns" (right, moments m×r):  M_new[:, j] = M_old[:, s_j]   (0 if s_j = −1)
+    "rows"    (left, moments r×n):    M_new[j, :] = M_old[s_j, :]   (0 if s_j = −1)
 
 Exact for both moments. The Triton moment update (:mod:`.moment_update_triton`) applies this gather
 while it reads the moments, so a transporting refresh costs no extra pass.
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from .layout import slot_broadcast_shape, slot_dim
 
-def remap_slots(moment: torch.Tensor, source_slots: torch.Tensor, dim: int) -> torch.Tensor:
-    """A new tensor: ``moment`` gathered along ``dim`` at ``source_slots``, zero where −1."""
-    kept = source_slots >= 0
-    gathered = moment.index_select(dim, source_slots.clamp(min=0))
-    mask_shape = (1, -1) if dim == 1 else (-1, 1)
-    return gathered * kept.view(mask_shape).to(moment.dtype)
+
+def remap_slots(moment: torch.Tensor, source_slots: torch.Tensor, layout: str) -> torch.Tensor:
+    """A new tensor: ``moment`` (``"columns"`` or ``"rows"``, :mod:`.layout`) gathered along its
+    slot dimension at ``source_slots``, zero where −1."""
+    kept = source_slots.view(slot_broadcast_shape(layout)) >= 0          # raises for "flat"
+    gathered = moment.index_select(slot_dim(layout), source_slots.clamp(min=0))
+    return gathered * kept.to(moment.dtype)

@@ -6,7 +6,8 @@ A projection compresses one dimension of ``W`` (``m×n``) to rank ``r`` and keep
     left:   R = Pᵀ·G (r×n),  P ∈ ℝ^{m×r}     compresses the rows, keeps the columns
 
 The moments live in ``R``'s shape; their *slots* (one per basis vector) are its columns on the
-right and its rows on the left. This module imports nothing: every other module may use it.
+right and its rows on the left (the storage layouts ``"columns"`` and ``"rows"``,
+:mod:`lowrank_optim.kernels.layout`). This module imports nothing: every other module may use it.
 """
 from __future__ import annotations
 
@@ -38,11 +39,6 @@ def compressed_size(shape, side: str) -> int:
 def projected_shape(shape, side: str, rank: int) -> tuple[int, int]:
     """Shape of ``R`` (and of the moments) for a weight of ``shape``."""
     return (shape[0], rank) if side == "right" else (rank, shape[1])
-
-
-def slot_dim(side: str) -> int:
-    """The dimension of ``R`` that indexes slots: 1 on the right (columns), 0 on the left (rows)."""
-    return 1 if side == "right" else 0
 
 
 def kept_dim(side: str) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import slot_dim
+from .kernels.layout import layout_for, slot_dim
 from .sharding import Sharding, summed
 
 GROWTH_LIMIT = 1.01
@@ -31,7 +31,7 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
     (``m×1`` right, ``1×n`` left) and the limiter's new norm, from the one remembered at the last
     step (``previous_norm``, None on the first). On an FSDP2 shard (rows on the right, columns on
     the left: ``φ`` is local) ``‖S_t‖²`` is summed over the shards, one scalar all-reduce."""
-    dim = slot_dim(side)
+    dim = slot_dim(layout_for(side))
     inside = _squared_norms(low_rank_grad, dim)
     phi = _squared_norms(normalized, dim).div_(inside.clamp_min(1e-30)).sqrt_()
     outside = (_squared_norms(grad, dim) - inside).clamp_min(0)

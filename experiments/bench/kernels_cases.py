@@ -32,6 +32,7 @@ from functools import partial
 import torch
 from lowrank_optim.kernels.column_select import top_columns
 from lowrank_optim.kernels.dispatch import adam_moment_update, projected_weight_update_
+from lowrank_optim.kernels.layout import layout_for
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
 from lowrank_optim.geometry import compressed_size, projected_shape, resolve_side
@@ -110,7 +111,7 @@ def _moment_update_case(settings, shape, side, rank, dtype) -> list[dict]:
     if "triton" in settings.backends:
         impls["triton"] = lambda: adam_moment_update("triton", grad, exp_avg, exp_avg_sq, **ADAM)
         impls["triton, transport remap"] = lambda: adam_moment_update(
-            "triton", grad, exp_avg, exp_avg_sq, source_slots=slots, slot_dim=1 if side == "right" else 0, **ADAM
+            "triton", grad, exp_avg, exp_avg_sq, source_slots=slots, layout=layout_for(side), **ADAM
         )
     return [
         _row(

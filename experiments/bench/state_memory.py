@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lowrank_optim.kernels.layout import layout_for
 from torch import nn
 
 from experiments.bench.common import command_line, write_text
@@ -41,7 +42,7 @@ from experiments.bench.memory_worker import build_optimizer as build_configurati
 from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
 from lowrank_optim import DCTProjAdam, lowrank_param_groups
-from lowrank_optim.quantization import layout_for, moment_bits_for, moment_state_bytes
+from lowrank_optim.quantization import moment_bits_for, moment_state_bytes
 from lowrank_optim.registry import plain_adamw
 
 # (label, config, GaLore recipe rank)

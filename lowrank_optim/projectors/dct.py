@@ -33,8 +33,9 @@ import functools
 
 import torch
 
-from ..geometry import compressed_size, slot_dim
+from ..geometry import compressed_size
 from ..kernels.column_select import scores_from_coefficients, top_columns
+from ..kernels.layout import layout_for, slot_dim
 from ..kernels.slot_remap import remap_slots
 from ..sharding import Sharding, summed
 from .base import Projector, Subspace
@@ -79,7 +80,7 @@ class DCTProjector(Projector):
         coefficients = dct_coefficients(grad, side, transform)
         scores = scores_from_coefficients(coefficients, side, self.group["score"])
         indices = top_columns(summed(scores, sharding), rank)
-        return {"indices": indices}, coefficients.index_select(slot_dim(side), indices)
+        return {"indices": indices}, coefficients.index_select(slot_dim(layout_for(side)), indices)
 
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:
         indices = subspace["indices"]
@@ -101,7 +102,7 @@ class DCTProjector(Projector):
                   second_moment: bool) -> torch.Tensor:
         """Slot ``j`` of the result holds the old moment of index ``new[j]`` if it was selected
         before, else zero. Exact for both moments (no rotation, ``v`` stays non-negative)."""
-        return remap_slots(moment, self.transport_slots(old, new), slot_dim(side))
+        return remap_slots(moment, self.transport_slots(old, new), layout_for(side))
 
     def transport_slots(self, old: Subspace, new: Subspace) -> torch.Tensor:
         return _source_slots(old["indices"], new["indices"])

@@ -10,7 +10,7 @@ rows of a left-projected ``r×n`` one) have scales that differ by orders of magn
 DCT/SVD directions carry most of the gradient), so a block never mixes two slots: each slot of
 ``L`` values is cut into ``⌈L/B⌉`` blocks of ``B`` consecutive values, the last one shorter when
 ``B ∤ L``. A plain parameter is flattened into one slot. Layouts: ``"columns"``, ``"rows"``,
-``"flat"`` (:func:`layout_for`).
+``"flat"`` (:mod:`lowrank_optim.kernels.layout`).
 
 **Scale and code.** Block ``β`` with values ``x_i`` stores one fp32 scale and one code per value::
 
@@ -53,16 +53,17 @@ rank quantizes its local shard: blocks are cut from the local rows of each slot 
 as unsharded when the local row count is a multiple of ``B``). Resharding a checkpoint of quantized
 state needs dequantize → reshard → quantize.
 
-**A step** (:func:`quantized_adam_moment_update_`; PyTorch, or one fused Triton kernel)::
+**A step** (:func:`lowrank_optim.kernels.dispatch.quantized_adam_moment_update`; PyTorch, or one
+fused Triton kernel; :class:`lowrank_optim.moments.QuantizedMoments` calls it)::
 
     m ← deq(m̃)·β1 + R·(1−β1),     v ← deq(ṽ)·β2 + R²·(1−β2)        fp32
     N = (m / bc1) / (√(v / bc2) + ε)                                  from the fp32 moments
     m̃, ṽ ← quant(m), quant(v)
 
 **Subspace changes.** A DCT slot remap moves the codes and scales of whole slots
-(:func:`remap_quantized_slots`; exactly the remap of the dequantized state, fused into the update
-by ``source_slots``); any other transport (SVD rotation) dequantizes, transforms in fp32 and
-re-quantizes (:func:`requantize_transformed`).
+(:func:`lowrank_optim.kernels.quantized_moment_update.remap_quantized_slots`; exactly the remap
+of the dequantized state, fused into the update by ``source_slots``); any other transport (SVD
+rotation) dequantizes, transforms in fp32 and re-quantizes (:func:`requantize_transformed`).
 
 **bf16 weights** can take the update with stochastic rounding (:func:`add_stochastic_round_`,
 unbiased), so updates below half a bf16 ulp are not lost.
@@ -70,16 +71,7 @@ unbiased), so updates below half a bf16 ulp are not lost.
 Dependencies: none beyond torch (and Triton for the kernel). The maps are built here from their
 definitions; :mod:`.reference` is an independent float64 implementation the tests compare with.
 """
-from .blockwise import (
-    QUANTIZED_BACKENDS,
-    dequantize,
-    layout_for,
-    quantize,
-    quantized_adam_moment_update_,
-    quantized_zeros,
-    remap_quantized_slots,
-    requantize_transformed,
-)
+from .blockwise import dequantize, quantize, quantized_zeros, requantize_transformed
 from .maps import codebook, dynamic_map, linear_zero_free_map, quantization_map
 from .policy import (
     DEFAULT_BLOCK_SIZES,
@@ -95,9 +87,9 @@ from .policy import (
 from .stochastic_rounding import add_stochastic_round_, stochastic_round_bf16
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZES", "MIN_QUANTIZED_NUMEL", "MOMENT_BITS", "QUANTIZED_BACKENDS",
+    "DEFAULT_BLOCK_SIZES", "MIN_QUANTIZED_NUMEL", "MOMENT_BITS",
     "add_stochastic_round_", "check_moment_bits", "check_moment_block_size", "codebook", "default_block_size",
-    "dequantize", "dynamic_map", "layout_for", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
-    "quantization_map", "quantize", "quantized_adam_moment_update_", "quantized_zeros", "remap_quantized_slots",
-    "requantize_transformed", "resolve_block_size", "stochastic_round_bf16",
+    "dequantize", "dynamic_map", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
+    "quantization_map", "quantize", "quantized_zeros", "requantize_transformed", "resolve_block_size",
+    "stochastic_round_bf16",
 ]

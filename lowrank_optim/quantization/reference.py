@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from lowrank_optim.kernels.layout import slot_broadcast_shape, slot_dim
 from lowrank_optim.kernels.quantized_moment_update import slot_geometry, storage_shapes
 
 from .maps import quantization_map
@@ -84,11 +85,10 @@ def reference_quantized_adam_step(grad: torch.Tensor, m_codes, m_scales, v_codes
     exp_avg = reference_dequantize(m_codes, m_scales, bits, True, shape, layout, block_size)
     exp_avg_sq = reference_dequantize(v_codes, v_scales, bits, False, shape, layout, block_size)
     if source_slots is not None:
-        dim = 1 if layout == "columns" else 0
-        kept = (source_slots.cpu() >= 0).double().view((1, -1) if dim == 1 else (-1, 1))
+        kept = (source_slots.cpu() >= 0).double().view(slot_broadcast_shape(layout))
         index = source_slots.cpu().clamp(min=0)
-        exp_avg = exp_avg.index_select(dim, index) * kept
-        exp_avg_sq = exp_avg_sq.index_select(dim, index) * kept
+        exp_avg = exp_avg.index_select(slot_dim(layout), index) * kept
+        exp_avg_sq = exp_avg_sq.index_select(slot_dim(layout), index) * kept
     as64 = lambda value: value.double().cpu() if isinstance(value, torch.Tensor) else value
     grad = grad.double().cpu()
     exp_avg = beta1 * exp_avg + (1 - beta1) * grad

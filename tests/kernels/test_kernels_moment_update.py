@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from lowrank_optim.kernels.layout import layout_for, slot_dim  # noqa: E402
 from lowrank_optim.kernels.moment_update import adam_moment_update_  # noqa: E402
 from lowrank_optim.kernels.moment_update_triton import adam_moment_update_triton  # noqa: E402
 from lowrank_optim.kernels.slot_remap import remap_slots  # noqa: E402
@@ -64,16 +65,16 @@ def test_in_place_update_matches_reference(shape, dtypes):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("shape", [(37, 13), (13, 37)])
 def test_slot_remap_is_fused_into_the_update(shape, side):
-    slot_dim = 1 if side == "right" else 0
+    layout = layout_for(side)
     grad, exp_avg, exp_avg_sq = _inputs(shape, torch.float32, torch.float32, seed=1)
-    slots = torch.randperm(shape[slot_dim], generator=torch.Generator().manual_seed(2))
+    slots = torch.randperm(shape[slot_dim(layout)], generator=torch.Generator().manual_seed(2))
     slots[::3] = -1                                            # new columns start from zero
     slots = slots.to(DEVICE)
-    m64 = remap_slots(exp_avg.double(), slots, slot_dim)
-    v64 = remap_slots(exp_avg_sq.double(), slots, slot_dim)
+    m64 = remap_slots(exp_avg.double(), slots, layout)
+    v64 = remap_slots(exp_avg_sq.double(), slots, layout)
     expected = adam_moment_update_(grad.double(), m64, v64, **STEP_SCALARS)
     old_m, old_v = exp_avg.clone(), exp_avg_sq.clone()
-    update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, source_slots=slots, slot_dim=slot_dim,
+    update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, source_slots=slots, layout=layout,
                                              **STEP_SCALARS)
     for actual, reference in ((update, expected), (m, m64), (v, v64)):
         _assert_close(actual, reference, TOLERANCES[torch.float32, torch.float32])
@@ -119,22 +120,22 @@ def _double(value):
 def test_per_slot_corrections_match_float64(shape, side, remap, form):
     """Per-slot bc1, bc2, ε read by slot (column on the right, row on the left), alone and with the
     fused slot remap; float64 reference from the same fp32 corrections."""
-    slot_dim = 1 if side == "right" else 0
+    layout = layout_for(side)
     grad, exp_avg, exp_avg_sq = _inputs(shape, torch.float32, torch.float32, seed=4)
-    bc1, bc2, eps = _slot_corrections(shape[slot_dim], side, form)
+    bc1, bc2, eps = _slot_corrections(shape[slot_dim(layout)], side, form)
     slots = None
     m64, v64 = exp_avg.double(), exp_avg_sq.double()
     if remap:
-        slots = torch.randperm(shape[slot_dim], generator=torch.Generator().manual_seed(5))
+        slots = torch.randperm(shape[slot_dim(layout)], generator=torch.Generator().manual_seed(5))
         slots[::2] = -1
         slots = slots.to(DEVICE)
-        m64, v64 = remap_slots(m64, slots, slot_dim), remap_slots(v64, slots, slot_dim)
+        m64, v64 = remap_slots(m64, slots, layout), remap_slots(v64, slots, layout)
     expected = adam_moment_update_(grad.double(), m64, v64, beta1=0.9, beta2=0.999, eps=_double(eps),
                                    bias_correction1=bc1.double(), bias_correction2=bc2.double())
     given = [value.clone() if isinstance(value, torch.Tensor) else value for value in (bc1, bc2, eps)]
     update, m, v = adam_moment_update_triton(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
                                              bias_correction1=bc1, bias_correction2=bc2, source_slots=slots,
-                                             slot_dim=slot_dim)
+                                             layout=layout)
     assert (m is exp_avg) is not remap
     for before, after in zip(given, (bc1, bc2, eps)):              # the corrections are only read
         assert before == after if isinstance(before, float) else torch.equal(before, after)
@@ -157,7 +158,7 @@ def test_per_slot_corrections_go_to_triton(monkeypatch):
     monkeypatch.setattr(dispatch, "adam_moment_update_", reference)
     monkeypatch.setattr(dispatch, "remap_slots", reference)
     update, _, _ = dispatch.adam_moment_update("triton", grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
-                                               bias_correction1=bc1, bias_correction2=bc2, slot_dim=0)
+                                               bias_correction1=bc1, bias_correction2=bc2, layout="rows")
     _assert_close(update, expected, TOLERANCES[torch.float32, torch.float32])
 
 
@@ -167,4 +168,4 @@ def test_per_slot_corrections_along_the_wrong_dim_are_rejected():
     bc1, bc2, eps = _slot_corrections(5, "left", "torch")
     with pytest.raises(ValueError, match=r"per-slot bias_correction1 of shape \(5,\) does not broadcast"):
         adam_moment_update_triton(grad, exp_avg, exp_avg_sq, beta1=0.9, beta2=0.999, eps=eps,
-                                  bias_correction1=bc1.view(-1), bias_correction2=bc2, slot_dim=0)
+                                  bias_correction1=bc1.view(-1), bias_correction2=bc2, layout="rows")

@@ -37,11 +37,11 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not _interpreter_is_usable():
                 "run with TRITON_INTERPRET=1 in the environment or this file on its own", allow_module_level=True)
 
 from lowrank_optim.kernels.quantized_moment_update_triton import quantized_adam_moment_update_triton  # noqa: E402
+from test_quantization_update import quantized_step  # noqa: E402
 
 from lowrank_optim.quantization import (  # noqa: E402
     codebook,
     quantize,
-    quantized_adam_moment_update_,
     quantized_zeros,
 )
 
@@ -66,8 +66,8 @@ def _state(shape, bits, layout, seed, block_size=None):
 def _both(grad, state, **arguments):
     """(PyTorch result, Triton result) from two copies of ``state``."""
     torch_state, triton_state = [t.clone() for t in state], [t.clone() for t in state]
-    expected = quantized_adam_moment_update_(grad, *torch_state, backend="torch", **arguments)
-    actual = quantized_adam_moment_update_(grad, *triton_state, backend="triton", **arguments)
+    expected = quantized_step(grad, *torch_state, backend="torch", **arguments)
+    actual = quantized_step(grad, *triton_state, backend="triton", **arguments)
     return expected, actual, triton_state
 
 
@@ -137,8 +137,8 @@ def test_ten_steps_from_zero_state_stay_identical(bits):
         grad = torch.randn(shape, generator=generator).to(DEVICE)
         scalars = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**step,
                        bias_correction2=1 - 0.999**step)
-        expected = quantized_adam_moment_update_(grad, *torch_state, bits=bits, layout=layout, **scalars)
-        actual = quantized_adam_moment_update_(grad, *triton_state, bits=bits, layout=layout, backend="triton",
+        expected = quantized_step(grad, *torch_state, bits=bits, layout=layout, **scalars)
+        actual = quantized_step(grad, *triton_state, bits=bits, layout=layout, backend="triton",
                                                **scalars)
         _assert_identical(expected, actual)
 

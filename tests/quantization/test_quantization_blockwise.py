@@ -11,17 +11,16 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from lowrank_optim.kernels.quantized_moment_update import storage_shapes
+from lowrank_optim.kernels.layout import slot_dim
+from lowrank_optim.kernels.quantized_moment_update import remap_quantized_slots, storage_shapes
 from lowrank_optim.kernels.slot_remap import remap_slots
 
 from lowrank_optim.quantization import (
     codebook,
     dequantize,
-    layout_for,
     quantization_map,
     quantize,
     quantized_zeros,
-    remap_quantized_slots,
     requantize_transformed,
 )
 from lowrank_optim.quantization.reference import reference_dequantize, reference_quantize
@@ -140,29 +139,29 @@ def test_all_zero_blocks_restore_exact_zeros(bits, signed, layout):
 def test_blocks_never_mix_slots(layout):
     """Scaling one slot by 10^6 leaves every other slot's codes and scales as they were."""
     x = _data("normal", SHAPES[layout], True, seed=6)
-    slot_dim = 1 if layout == "columns" else 0
+    dim = slot_dim(layout)
     scaled = x.clone()
-    scaled.select(slot_dim, 2).mul_(1e6)
+    scaled.select(dim, 2).mul_(1e6)
     for bits in (8, 4):
         codes, scales = quantize(x, bits, True, layout)
         scaled_codes, scaled_scales = quantize(scaled, bits, True, layout)
-        others = torch.arange(x.shape[slot_dim]) != 2
-        assert torch.equal(codes.index_select(slot_dim, others.nonzero().view(-1)),
-                           scaled_codes.index_select(slot_dim, others.nonzero().view(-1)))
-        assert torch.equal(scales.index_select(slot_dim, others.nonzero().view(-1)),
-                           scaled_scales.index_select(slot_dim, others.nonzero().view(-1)))
+        others = torch.arange(x.shape[dim]) != 2
+        assert torch.equal(codes.index_select(dim, others.nonzero().view(-1)),
+                           scaled_codes.index_select(dim, others.nonzero().view(-1)))
+        assert torch.equal(scales.index_select(dim, others.nonzero().view(-1)),
+                           scaled_scales.index_select(dim, others.nonzero().view(-1)))
 
 
 @pytest.mark.parametrize("layout", ["columns", "rows"])
 @pytest.mark.parametrize("bits,signed", MAPS)
 def test_slot_remap_equals_remapping_the_dequantized_state(bits, signed, layout):
     x = _data("lognormal", SHAPES[layout], signed, seed=7)
-    slot_dim = 1 if layout == "columns" else 0
-    source = torch.randperm(x.shape[slot_dim], generator=torch.Generator().manual_seed(8))
+    source = torch.randperm(x.shape[slot_dim(layout)], generator=torch.Generator().manual_seed(8))
     source[::4] = -1                                    # new slots start from zero
     codes, scales = quantize(x, bits, signed, layout)
-    new_codes, new_scales = remap_quantized_slots(codes, scales, source, bits=bits, signed=signed, layout=layout)
-    expected = remap_slots(dequantize(codes, scales, bits, signed, x.shape, layout), source, slot_dim)
+    new_codes, new_scales = remap_quantized_slots(codes, scales, source, bits=bits, layout=layout,
+                                                  fill_code=codebook(bits, signed).fill_code)
+    expected = remap_slots(dequantize(codes, scales, bits, signed, x.shape, layout), source, layout)
     assert torch.equal(dequantize(new_codes, new_scales, bits, signed, x.shape, layout), expected)
     assert new_codes.shape == codes.shape and new_scales.shape == scales.shape
 
@@ -170,10 +169,10 @@ def test_slot_remap_equals_remapping_the_dequantized_state(bits, signed, layout)
 def test_slot_remap_rejects_flat_and_wrong_sizes():
     codes, scales = quantize(torch.randn(4096), 8, True, "flat")
     with pytest.raises(ValueError, match="'columns' or 'rows'"):
-        remap_quantized_slots(codes, scales, torch.arange(1), bits=8, signed=True, layout="flat")
+        remap_quantized_slots(codes, scales, torch.arange(1), bits=8, layout="flat", fill_code=0)
     codes, scales = quantize(torch.randn(300, 37), 8, True, "columns")
     with pytest.raises(ValueError, match="do not index the 37 slots"):
-        remap_quantized_slots(codes, scales, torch.arange(36), bits=8, signed=True, layout="columns")
+        remap_quantized_slots(codes, scales, torch.arange(36), bits=8, layout="columns", fill_code=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -247,12 +246,6 @@ def test_state_round_trips_through_torch_load_weights_only():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-
-
-def test_layout_for_side():
-    assert (layout_for("right"), layout_for("left"), layout_for(None)) == ("columns", "rows", "flat")
-    with pytest.raises(ValueError, match="Invalid side: 'up'"):
-        layout_for("up")
 
 
 def test_invalid_arguments_are_named():

@@ -8,10 +8,10 @@ from lowrank_optim.kernels.moment_update import adam_moment_update_
 from lowrank_optim.kernels.quantized_moment_update import unpack_codes
 from test_quantization_blockwise import SHAPES, _per_value_absmax
 
+from lowrank_optim.moments import QUANTIZED_KEYS, QuantizedMoments
 from lowrank_optim.quantization import (
     codebook,
     quantize,
-    quantized_adam_moment_update_,
     quantized_zeros,
 )
 from lowrank_optim.quantization.reference import reference_quantized_adam_step
@@ -26,6 +26,15 @@ UPDATE_RTOL = 2e-6
 # a midpoint: the fp32 moment carries a few ulps of its terms (|β1·m| + |(1−β1)·R|, up to ~2× |m|
 # under cancellation) relative to a
 TIE_DISTANCE = 1e-6
+
+
+def quantized_step(grad, *state, bits, layout, backend="torch", block_size=None, **scalars):
+    """``(N, m_codes, m_scales, v_codes, v_scales)`` of one step of :class:`QuantizedMoments`
+    holding ``state`` (the library's maps and block size, through the kernels' dispatcher)."""
+    moments = QuantizedMoments(dict(zip(QUANTIZED_KEYS, state)), bits, layout, tuple(grad.shape),
+                               block_size=block_size)
+    update = moments.step(backend, grad, **scalars)
+    return (update, *(moments.state[key] for key in QUANTIZED_KEYS))
 
 
 def _state(shape, bits, layout, seed):
@@ -68,7 +77,7 @@ def test_fused_update_matches_the_float64_reference(bits, layout):
     grad, state = _state(shape, bits, layout, seed=0)
     expected = reference_quantized_adam_step(grad, *state, bits=bits, layout=layout, block_size=BLOCK[bits], **STEP)
     inputs = list(state)
-    result = quantized_adam_moment_update_(grad, *state, bits=bits, layout=layout, **STEP)
+    result = quantized_step(grad, *state, bits=bits, layout=layout, **STEP)
     assert all(out is given for out, given in zip(result[1:], inputs))          # in place
     assert result[0].dtype == torch.float32 and result[0].shape == shape
     _compare_with_reference(result, expected, bits, layout, shape)
@@ -85,7 +94,7 @@ def test_fused_update_with_a_slot_remap(bits, layout):
     expected = reference_quantized_adam_step(grad, *state, bits=bits, layout=layout, block_size=BLOCK[bits],
                                              source_slots=source, **STEP)
     before = [t.clone() for t in state]
-    result = quantized_adam_moment_update_(grad, *state, bits=bits, layout=layout, source_slots=source, **STEP)
+    result = quantized_step(grad, *state, bits=bits, layout=layout, source_slots=source, **STEP)
     assert all(out is not given for out, given in zip(result[1:], state))      # new tensors
     assert all(torch.equal(t, b) for t, b in zip(state, before))                # inputs untouched
     _compare_with_reference(result, expected, bits, layout, shape)
@@ -102,7 +111,7 @@ def test_per_slot_bias_corrections(layout):
     scalars = dict(beta1=0.9, beta2=0.999, eps=1e-6 / bc2.sqrt(), bias_correction1=bc1, bias_correction2=bc2)
     grad, state = _state(shape, 8, layout, seed=4)
     expected = reference_quantized_adam_step(grad, *state, bits=8, layout=layout, block_size=256, **scalars)
-    result = quantized_adam_moment_update_(grad, *state, bits=8, layout=layout, **scalars)
+    result = quantized_step(grad, *state, bits=8, layout=layout, **scalars)
     _compare_with_reference(result, expected, 8, layout, shape)
 
 
@@ -113,7 +122,7 @@ def test_first_step_from_zero_state_is_float_adams(bits):
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     state = [*quantized_zeros(shape, bits, True, "columns"), *quantized_zeros(shape, bits, False, "columns")]
     scalars = dict(STEP, bias_correction1=0.1, bias_correction2=0.001)
-    update = quantized_adam_moment_update_(grad, *state, bits=bits, layout="columns", **scalars)[0]
+    update = quantized_step(grad, *state, bits=bits, layout="columns", **scalars)[0]
     m, v = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     expected = adam_moment_update_(grad.double(), m, v, **scalars)
     torch.testing.assert_close(update.double(), expected, rtol=UPDATE_RTOL, atol=0)
@@ -126,17 +135,17 @@ def test_first_step_from_zero_state_is_float_adams(bits):
 def test_bf16_gradient_is_read_exactly():
     grad, state = _state((300, 37), 8, "columns", seed=6)
     twin = [t.clone() for t in state]
-    a = quantized_adam_moment_update_(grad.bfloat16(), *state, bits=8, layout="columns", **STEP)
-    b = quantized_adam_moment_update_(grad.bfloat16().float(), *twin, bits=8, layout="columns", **STEP)
+    a = quantized_step(grad.bfloat16(), *state, bits=8, layout="columns", **STEP)
+    b = quantized_step(grad.bfloat16().float(), *twin, bits=8, layout="columns", **STEP)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_invalid_backend_and_state_are_named():
     grad, state = _state((300, 37), 8, "columns", seed=7)
     with pytest.raises(ValueError, match="Invalid backend: 'auto'"):
-        quantized_adam_moment_update_(grad, *state, bits=8, layout="columns", backend="auto", **STEP)
+        quantized_step(grad, *state, bits=8, layout="columns", backend="auto", **STEP)
     with pytest.raises(ValueError, match="exp_avg_sq: codes of shape"):
-        quantized_adam_moment_update_(grad, *state[:2], state[2][:10], state[3], bits=8, layout="columns", **STEP)
+        quantized_step(grad, *state[:2], state[2][:10], state[3], bits=8, layout="columns", **STEP)
 
 
 # --------------------------------------------------------------------------- toy least squares
@@ -178,7 +187,7 @@ def _adam_run(bits, layout, batch):
         if bits is None:
             update = adam_moment_update_(grad, *moments, **scalars)
         else:
-            update = quantized_adam_moment_update_(grad, *moments, bits=bits, layout=layout, **scalars)[0]
+            update = quantized_step(grad, *moments, bits=bits, layout=layout, **scalars)[0]
         weight -= LR * update
     return weight, losses
 
