@@ -37,7 +37,7 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not _interpreter_is_usable():
                 "run with TRITON_INTERPRET=1 in the environment or this file on its own", allow_module_level=True)
 
 from lowrank_optim.kernels.quantized_moment_update_triton import quantized_adam_moment_update_triton  # noqa: E402
-from test_quantization_update import quantized_step  # noqa: E402
+from support.quantized import quantized_step  # noqa: E402
 
 from lowrank_optim.quantization import (  # noqa: E402
     codebook,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from lowrank_optim.kernels.moment_update import adam_moment_update_
 from lowrank_optim.kernels.quantized_moment_update import unpack_codes
+from support.quantized import quantized_step
 from test_quantization_blockwise import SHAPES, _per_value_absmax
 
-from lowrank_optim.moments import QUANTIZED_KEYS, QuantizedMoments
 from lowrank_optim.quantization import (
     codebook,
     quantize,
@@ -26,15 +26,6 @@ UPDATE_RTOL = 2e-6
 # a midpoint: the fp32 moment carries a few ulps of its terms (|β1·m| + |(1−β1)·R|, up to ~2× |m|
 # under cancellation) relative to a
 TIE_DISTANCE = 1e-6
-
-
-def quantized_step(grad, *state, bits, layout, backend="torch", block_size=None, **scalars):
-    """``(N, m_codes, m_scales, v_codes, v_scales)`` of one step of :class:`QuantizedMoments`
-    holding ``state`` (the library's maps and block size, through the kernels' dispatcher)."""
-    moments = QuantizedMoments(dict(zip(QUANTIZED_KEYS, state)), bits, layout, tuple(grad.shape),
-                               block_size=block_size)
-    update = moments.step(backend, grad, **scalars)
-    return (update, *(moments.state[key] for key in QUANTIZED_KEYS))
 
 
 def _state(shape, bits, layout, seed):
