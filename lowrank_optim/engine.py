@@ -388,7 +388,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _projected_step(self, target: _Target) -> None:
         """One projected parameter's step: its state, the refresh's subspace, ``R``, then its rule."""
         state, group, plan = self.state[target.param], target.group, target.plan
-        moments = plan.moments(target.param, state, group)
+        moments = plan.moments(state)
         if not moments.exists:
             state["step"] = 0
             moments.create(self._moments_dtype(group, target.param), target.weight.device,

@@ -18,7 +18,7 @@ import torch
 
 from .geometry import compressed_size, projected_shape, resolve_side
 from .kernels.backend import resolve_backend
-from .moments import Moments
+from .moments import Moments, MomentSpec
 from .projectors import Projector
 from .rules import RULES, UpdateRule
 from .sharding import Sharding, local, local_side
@@ -32,10 +32,12 @@ class ParameterPlan:
     ``key``: its name, or its position in the param groups; ``backend``: ``"torch"`` or
     ``"triton"`` for its device and dtypes; ``stochastic_round``: a bf16 weight whose group rounds
     updates stochastically; ``refresh_phase``: added to its step count when deciding a refresh
-    (staggered refreshes); ``note``: why a weight its group would project stays plain."""
+    (staggered refreshes); ``moments_spec``: how its (projected or plain) moments are stored;
+    ``note``: why a weight its group would project stays plain."""
 
     key: str
     backend: str
+    moments_spec: MomentSpec
     rank: int | None = None
     side: str | None = None
     sharding: Sharding | None = None
@@ -53,18 +55,17 @@ class ParameterPlan:
         """The (global) shape of the moments: ``m×r``/``r×n``, or the parameter's."""
         return projected_shape(param.shape, self.side, self.rank) if self.projected else tuple(param.shape)
 
-    def moments(self, param: torch.Tensor, state: dict, group: dict) -> Moments:
-        """``param``'s moments as ``state`` stores them (projected moments of FSDP2-sharded weights
-        as DTensors sharded like the weight)."""
-        shape = self.moment_shape(param)
-        wrap = {} if self.sharding is None else {"wrap": lambda tensor: self.sharding.distribute(tensor, shape)}
-        return Moments.of(state, shape, self.side, group["moment_bits"], group["moment_block_size"], unwrap=local,
-                          **wrap)
+    def moments(self, state: dict) -> Moments:
+        """The moments ``state`` holds (projected moments of FSDP2-sharded weights as DTensors
+        sharded like the weight)."""
+        if self.sharding is None:
+            return self.moments_spec.view(state, unwrap=local)
+        shape = self.moments_spec.shape
+        return self.moments_spec.view(state, unwrap=local, wrap=lambda tensor: self.sharding.distribute(tensor, shape))
 
     def expected_state_bytes(self, param: torch.Tensor, group: dict, moments_dtype: torch.dtype) -> int:
         """Bytes the first step allocates for ``param`` (whole parameter, before sharding)."""
-        moments = Moments.of({}, self.moment_shape(param), self.side, group["moment_bits"],
-                             group["moment_block_size"]).expected_bytes(moments_dtype)
+        moments = self.moments_spec.expected_bytes(moments_dtype)
         if not self.projected:
             return moments
         subspace = self.projector.subspace_bytes(compressed_size(param.shape, self.side), self.rank, param.dtype)
@@ -77,8 +78,7 @@ def compressing(plan: ParameterPlan, param: torch.Tensor, group: dict, moments_d
     if plan.rank >= min(param.shape):
         return f"rank {plan.rank} spans its smaller side: nothing to compress"
     projected = plan.expected_state_bytes(param, group, moments_dtype)
-    plain = ParameterPlan(plan.key, plan.backend).expected_state_bytes(param, {**group, "moment_bits": None},
-                                                                       moments_dtype)
+    plain = MomentSpec.of(param.shape, None, None).expected_bytes(moments_dtype)
     if projected < plain:
         return None
     return f"rank {plan.rank} would not compress it: projected state {projected:,} B >= AdamW's {plain:,} B"
@@ -105,11 +105,13 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
         backend = resolve_backend(group["backend"], param.device, (param.dtype, moments_dtype))
     except ValueError as error:
         raise ValueError(f"{label}: {error}") from None
-    plain = ParameterPlan(key, backend, sharding=sharding,
+    bits, block_size = group["moment_bits"], group["moment_block_size"]
+    plain = ParameterPlan(key, backend, MomentSpec.of(param.shape, None, bits, block_size), sharding=sharding,
                           stochastic_round=group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
     if rank is None:
         return plain
-    plan = replace(plain, rank=rank, side=local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label),
-                   projector=projector(group), rule=RULES[group["update_rule"]])
+    side = local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label)
+    plan = replace(plain, rank=rank, side=side, projector=projector(group), rule=RULES[group["update_rule"]],
+                   moments_spec=MomentSpec.of(projected_shape(param.shape, side, rank), side, bits, block_size))
     note = compressing(plan, param, group, moments_dtype)
     return plan if note is None else replace(plain, note=note)

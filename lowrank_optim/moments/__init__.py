@@ -16,10 +16,10 @@ precision.
 
 One protocol, :class:`Moments` (:mod:`.base`), over the two storages: :class:`FloatMoments`
 (:mod:`.float_moments`) and :class:`QuantizedMoments` (:mod:`.quantized_moments`);
-:meth:`Moments.of` picks the storage.
+:class:`MomentSpec` (what a parameter's plan resolves once) or :meth:`Moments.of` picks the storage.
 """
-from .base import Moments
+from .base import Moments, MomentSpec
 from .float_moments import FLOAT_KEYS, FloatMoments
 from .quantized_moments import QUANTIZED_KEYS, QuantizedMoments
 
-__all__ = ["FLOAT_KEYS", "QUANTIZED_KEYS", "FloatMoments", "Moments", "QuantizedMoments"]
+__all__ = ["FLOAT_KEYS", "QUANTIZED_KEYS", "FloatMoments", "MomentSpec", "Moments", "QuantizedMoments"]

@@ -57,13 +57,7 @@ class Moments(ABC):
            **storage) -> Moments:
         """The moments of a tensor of moment ``shape`` (global) projected on ``side`` (None: plain):
         quantized when :func:`~lowrank_optim.quantization.moment_bits_for` says so, else float."""
-        # NOTE: imported here because both implementations subclass this class.
-        from .float_moments import FloatMoments
-        from .quantized_moments import QuantizedMoments
-        shape = tuple(shape)
-        bits = moment_bits_for(shape, moment_bits)
-        storage_class = FloatMoments if bits is None else QuantizedMoments
-        return storage_class(state, bits, layout_for(side), shape, block_size=block_size, **storage)
+        return MomentSpec.of(shape, side, moment_bits, block_size).view(state, **storage)
 
     @property
     def exists(self) -> bool:
@@ -131,3 +125,35 @@ class Moments(ABC):
     def expected_bytes(self, float_dtype: torch.dtype) -> int:
         """Bytes both moments take once created (nothing allocated); ``float_dtype``: that of
         float moments."""
+
+
+@dataclass(frozen=True)
+class MomentSpec:
+    """How a tensor's moments are stored, resolved once (a parameter's plan holds it): the storage
+    class, ``bits`` (None: float), ``layout``, the global ``shape`` and ``block_size``."""
+
+    storage: type[Moments]
+    bits: int | None
+    layout: str
+    shape: tuple[int, ...]
+    block_size: int | None = None
+
+    @classmethod
+    def of(cls, shape, side: str | None, moment_bits: int | None, block_size: int | None = None) -> MomentSpec:
+        """The spec of moments of global ``shape`` projected on ``side`` (None: plain), quantized
+        when :func:`~lowrank_optim.quantization.moment_bits_for` says so."""
+        # NOTE: imported here because both implementations subclass Moments.
+        from .float_moments import FloatMoments
+        from .quantized_moments import QuantizedMoments
+
+        shape = tuple(shape)
+        bits = moment_bits_for(shape, moment_bits)
+        return cls(FloatMoments if bits is None else QuantizedMoments, bits, layout_for(side), shape, block_size)
+
+    def view(self, state: dict, **storage) -> Moments:
+        """The moments ``state`` holds (``storage``: ``unwrap``/``wrap`` of sharded float moments)."""
+        return self.storage(state, self.bits, self.layout, self.shape, block_size=self.block_size, **storage)
+
+    def expected_bytes(self, float_dtype: torch.dtype) -> int:
+        """Bytes both moments take once created; ``float_dtype``: that of float moments."""
+        return self.view({}).expected_bytes(float_dtype)
