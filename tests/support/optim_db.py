@@ -67,6 +67,7 @@ BUILDS: dict[str, Build] = {
     "galore": Build(_galore()),
     "galore_randomized_svd": Build(_galore(projector="randomized_svd")),
     "galore_8bit": Build(_galore(GaLoreAdamW8bit)),
+    "galore_adam_atan2": Build(_galore(update_rule="adam_atan2")),      # a second update rule (lowrank_optim.rules)
     "sst": Build(_sst, modes=("standard",), sst=True, torch_keywords=False),
 }
 

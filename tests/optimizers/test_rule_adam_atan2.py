@@ -1,0 +1,61 @@
+"""The ``adam_atan2`` update rule (:mod:`lowrank_optim.rules.adam_atan2`), the smallest rule that
+proves rules are plug-ins: against a float64 reference of projected Adam-atan2, with float and
+8/4-bit moments, and through the optimizer's contract (resume, in-backward modes)."""
+import pytest
+import torch
+
+from lowrank_optim import DCTProjAdam, GaLoreAdamW
+from lowrank_optim.reference.dct_adamw import reference_dct_basis
+
+
+def _reference_trajectory(weight, grads, indices, *, lr, betas, weight_decay):
+    """Projected Adam-atan2 on the right side with a fixed ``P = C[:, idx]``, in float64."""
+    w = weight.double().clone()
+    basis = reference_dct_basis(w.shape[1])[:, indices]
+    m = torch.zeros(w.shape[0], len(indices), dtype=torch.float64)
+    v = torch.zeros_like(m)
+    for t, grad in enumerate(grads, start=1):
+        r = grad.double() @ basis
+        m = betas[0] * m + (1 - betas[0]) * r
+        v = betas[1] * v + (1 - betas[1]) * r * r
+        n = torch.atan2(m / (1 - betas[0] ** t), (v / (1 - betas[1] ** t)).sqrt())
+        w = w * (1 - lr * weight_decay) - lr * n @ basis.T
+    return w
+
+
+@pytest.mark.parametrize("moment_bits, tolerance", [(None, 1e-5), (8, 2e-2), (4, None)])
+def test_adam_atan2_follows_its_float64_reference(moment_bits, tolerance):
+    """Float moments to fp32 rounding, 8-bit ones to their quantization error (measured 1.1e-2);
+    4-bit ones (their error is the subject of the 4-bit issue: 0.26 here) in direction only."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(256, 64))
+    start = weight.detach().clone()
+    grads = [torch.randn(256, 64) * 10 ** (-k) for k in range(4)]     # atan2 is invariant to the scale
+    optimizer = DCTProjAdam([{"params": [weight], "rank": 16}], lr=1e-2, weight_decay=0.1, update_rule="adam_atan2",
+                            residual="none", update_proj_gap=100, moment_bits=moment_bits, moment_block_size=64)
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    indices = optimizer.state[weight]["proj_indices"]
+    expected = _reference_trajectory(start, grads, indices, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
+    moved = expected - start.double()
+    if tolerance is None:
+        assert torch.nn.functional.cosine_similarity((weight.double() - start).flatten(), moved.flatten(), dim=0) > 0.95
+        assert "exp_avg_codes" in optimizer.state[weight]
+        return
+    assert ((weight.double() - expected).norm() / moved.norm()).item() < tolerance
+
+
+def test_adam_atan2_is_not_adamw():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    for weight, rule in zip(weights, ("adamw", "adam_atan2")):
+        optimizer = GaLoreAdamW([{"params": [weight], "rank": 8}], lr=1e-2, update_rule=rule)
+        weight.grad = torch.full_like(weight, 1e-9)
+        optimizer.step()
+    assert not torch.allclose(weights[0], weights[1])
+
+
+def test_an_unknown_rule_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"Invalid update_rule: 'lion' \(expected one of 'adamw', 'adam_atan2'"):
+        DCTProjAdam([torch.nn.Parameter(torch.randn(8, 8))], update_rule="lion")
