@@ -2,7 +2,11 @@
 # to the local CPU build first (an unpinned resolver would pull GBs of CUDA wheels), then the rest.
 TORCH_PIN="torch==2.13.0"
 EXTRAS="test,triton,experiments,hf,docs"
-ORACLE="ista-daslab-optimizers==1.1.15"   # DCT oracle: its pure-torch part only, so without its dependencies
+# Test-only oracles installed with --no-deps, outside the lock and the package's extras:
+# - ista-daslab-optimizers: the DCT oracle, its pure-torch part only (its dependencies need CUDA);
+# - apollo-torch: the APOLLO oracle, CC-BY-NC (never a dependency of the package, never vendored); its
+#   dependencies (torch, transformers, bitsandbytes) are all in the lock already.
+ORACLES=("ista-daslab-optimizers==1.1.15" "apollo-torch==1.0.3")
 LOCK=".ci/requirements.lock"
 
 pip_quiet() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
@@ -21,22 +25,22 @@ new_venv() {
 install_newest() {
   echo "$TORCH_PIN" > "$VIRTUAL_ENV/constraints.txt"
   pip_quiet --upgrade -c "$VIRTUAL_ENV/constraints.txt" setuptools -e ".[$EXTRAS]"
-  pip_quiet -c "$VIRTUAL_ENV/constraints.txt" --no-deps "$ORACLE"
+  pip_quiet -c "$VIRTUAL_ENV/constraints.txt" --no-deps "${ORACLES[@]}"
 }
 
 # install_locked: exactly the versions of $LOCK, nothing resolved, then the package itself; pip check
-# proves the lock complete (before the oracle, whose dependencies are left out on purpose).
+# proves the lock complete (before the oracles, whose dependencies are left out on purpose).
 install_locked() {
   pip_quiet --no-deps -r "$LOCK"
   pip_quiet --no-deps --no-build-isolation -e .
   python -m pip check
-  pip_quiet --no-deps "$ORACLE"
+  pip_quiet --no-deps "${ORACLES[@]}"
 }
 
-# freeze: every installed distribution but pip and this package, torch written as its pin.
+# freeze: every installed distribution but pip, the oracles and this package, torch written as its pin.
 freeze() {
   python -m pip freeze --all --exclude-editable --disable-pip-version-check \
-    | grep -v -i -E "^(pip|ista[-_]daslab[-_]optimizers)==" | sed -E "s/^torch==.*/$TORCH_PIN/"
+    | grep -v -i -E "^(pip|ista[-_]daslab[-_]optimizers|apollo[-_]torch)==" | sed -E "s/^torch==.*/$TORCH_PIN/"
 }
 
 # build_docs: the documentation site (mkdocs.yml, docs/) built strictly, so a broken link, an unknown

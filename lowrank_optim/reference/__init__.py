@@ -2,9 +2,11 @@
 
 They share no code with the engine: one tensor at a time, explicit loops, the basis from
 ``scipy.fft``; clarity over speed. Every parameter of a group with an integer ``rank`` that is 2-D
-is projected; all others get plain AdamW.
+is projected; all others get plain AdamW. ``ReferenceAPOLLOAdamW`` draws its random projections from
+seeded CPU generators, never from the global random state.
 """
+from .apollo import ReferenceAPOLLOAdamW
 from .dct_adamw import ReferenceDCTAdamW
 from .galore_adamw import ReferenceGaLoreAdamW
 
-__all__ = ["ReferenceDCTAdamW", "ReferenceGaLoreAdamW"]
+__all__ = ["ReferenceAPOLLOAdamW", "ReferenceDCTAdamW", "ReferenceGaLoreAdamW"]
