@@ -2,6 +2,7 @@
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from .apollo import APOLLOAdamW, APOLLOMini
 from .clipping import clip_grad_norm_
 from .dct_adam import DCTAdamW, DCTProjAdam
 from .galore import GaLoreAdamW, GaLoreAdamW8bit
@@ -17,7 +18,8 @@ except _PackageNotFoundError:  # imported from a source tree that was never inst
     __version__ = "0+unknown"
 
 __all__ = [
-    "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "GaLoreAdamW8bit", "lowrank_param_groups", "available_optimizers",
+    "APOLLOAdamW", "APOLLOMini", "DCTAdamW", "DCTProjAdam", "GaLoreAdamW", "GaLoreAdamW8bit", "lowrank_param_groups",
+    "available_optimizers",
     "create_optimizer", "register_optimizer", "optimizer_state_bytes", "clip_grad_norm_",
     "SLTrainLinear", "convert_to_sltrain", "merge_sltrain",
     "SSTAdamW", "SSTLinear", "convert_to_sst", "merge_sst", "sst_layers",

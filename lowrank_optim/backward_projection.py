@@ -18,27 +18,30 @@ when ``(t + o_j) mod T = 0`` (``t`` its step count, ``T`` = ``update_proj_gap``,
 ``o_j = ⌊j·T/W⌋``), so a step holds at most ``⌈W/T⌉`` full projected gradients. The first step,
 which has no subspace yet, holds all of them once.
 
-**Stepping in the backward pass** (``step_in_backward=True``, which implies the mode) goes one
-step further: *every* parameter of the optimizer, projected or plain, is hooked, and at the last
-of ``accumulation_steps`` backward passes of a window its hook takes the parameter's whole step
+**Stepping in the backward pass** (``step_in_backward=True``, which implies the mode) goes one step
+further: *every* parameter of the optimizer, projected or plain, is hooked, and at the last of
+``accumulation_steps`` backward passes of a window its hook takes the parameter's whole step
 (refresh if due, moments, weight update) and frees its gradient and accumulator. Nothing
 gradient-sized survives the backward pass: at most one parameter's full gradient exists at a time
 (plus the accumulators of the other weights inside a window when ``accumulation_steps > 1``).
-:meth:`step` only closes the window (a parameter that missed some micro-batches steps there on
-what it accumulated; a window no parameter completed is an error, as is a backward pass after a
-parameter's step and before :meth:`step`). With ``accumulation_steps=1`` the refresh schedule is
-the standard one and each hook has the step's full gradient, so the trajectory is the standard
-loop's, the scaled residual included; with more, refreshes are staggered as above and the residual
-is refused. What it gives up: clipping by a global norm (every update happens before that norm
-exists: both clipping calls raise), the atomicity of a step (an error in one hook leaves the
-parameters stepped before it stepped) and ``skip_nonfinite``. The learning rate is read from the
-group when the hook runs, so a scheduler stepped after :meth:`step` acts on the next window, as
-in the standard loop. With ``process_group``, each hook averages its parameter's window gradient
-(accumulator, refreshing or plain gradient) with ``torch.distributed.all_reduce`` before stepping;
-the hooks run in the same order on every rank.
+:meth:`step` only closes the window (a parameter that missed some micro-batches steps there on what
+it accumulated; a window no parameter completed is an error, as is a backward pass after a
+parameter's step and before :meth:`step`). With ``accumulation_steps=1`` the refresh schedule is the
+standard one and each hook has the step's full gradient, so the trajectory is the standard loop's,
+the scaled residual included; with more, refreshes are staggered as above. A weight whose update
+rule reads the full gradient (the scaled residual, APOLLO) is not projected in its hooks: its
+gradient accumulates full-size through the window, as a plain parameter's does, and its last hook
+steps it exactly as the standard loop would. What it gives up: clipping by a global norm (every
+update happens before that norm exists: both clipping calls raise), the atomicity of a step (an
+error in one hook leaves the parameters stepped before it stepped) and ``skip_nonfinite``. The
+learning rate is read from the group when the hook runs, so a scheduler stepped after :meth:`step`
+acts on the next window, as in the standard loop. With ``process_group``, each hook averages its
+parameter's window gradient (accumulator, refreshing or plain gradient) with
+``torch.distributed.all_reduce`` before stepping; the hooks run in the same order on every rank.
 
-**What the mode refuses.** The scaled residual (DCTProjAdam's default) adds ``c·φ∘G`` with the
-step's full ``G``, which the hooks free: ``residual="scaled"`` is an error (pass ``"none"``).
+**What the mode refuses.** Without ``step_in_backward``, an update rule that reads the step's full
+``G`` (the scaled residual, DCTProjAdam's default, adds ``c·φ∘G``; APOLLO scales ``G``), which the
+hooks free: ``residual="scaled"`` and ``update_rule="apollo"`` are errors naming the parameter.
 FSDP2-sharded parameters are refused too (their gradients are reduce-scattered by FSDP itself).
 
 **Clipping.** Every clipping route (``torch.nn.utils.clip_grad_norm_`` by any reference,
@@ -169,15 +172,17 @@ class InBackward:
         return param_label(self.optimizer.plan_of(param).key, param)
 
     def _check_parameters(self) -> None:
-        residual_allowed = self.step_in_backward and self.accumulation_steps == 1
         groups = {param: group for group in self.optimizer.param_groups for param in group["params"]}
+        self._full_gradient = set()          # projected weights whose rule reads G: never projected in a hook
         for param in self._params:
             plan = self.optimizer.plan_of(param)
             use = plan.rule.full_gradient_use(groups[param]) if plan.projected else None
-            if use is not None and not residual_allowed:
+            if use is not None and not self.step_in_backward:
                 raise ValueError(f"{self._label(param)}: {use[0]} needs each step's full gradient, which "
                                  f"backward_projection=True frees in the backward pass; {use[1]} (or "
-                                 "step_in_backward=True with accumulation_steps=1, where the hook has it)")
+                                 "step_in_backward=True, where the last hook of a window has it)")
+            if use is not None:
+                self._full_gradient.add(param)
             if plan.sharding is not None:
                 raise ValueError(f"{self._label(param)}: backward_projection=True with FSDP2-sharded parameters is "
                                  "not supported (FSDP2 reduce-scatters full gradients itself); use it with one "
@@ -239,7 +244,8 @@ class InBackward:
         if not window.started:
             self.optimizer.refresh_stats = {}
         last = count == self.accumulation_steps
-        if self.optimizer.plan_of(param).projected and (not last or isinstance(param.grad, ProjectedGradient)):
+        projected_here = self.optimizer.plan_of(param).projected and param not in self._full_gradient
+        if projected_here and (not last or isinstance(param.grad, ProjectedGradient)):
             self._project(param)     # at a window's only backward pass the step projects G itself
         window.backward_passes[param] = count
         if last:

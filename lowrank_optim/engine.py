@@ -222,7 +222,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 rank = self._projection_rank(group, param, self._rank_given[group_index],
                                              (group_index, index) in vocabulary)
                 plans[param] = self._resolve_plan(group, param, self._key(group_index, group, index), rank,
-                                                  warn=warn and self._rank_given[group_index])
+                                                  warn=warn and self._rank_given[group_index], position=len(plans) + 1)
         if self._staggered:
             projected = [(group, param) for group in self.param_groups for param in group["params"]
                          if plans[param].projected]
@@ -247,12 +247,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: {self._nothing_projected_warning()}", UserWarning, stacklevel=4)
 
     def _resolve_plan(self, group: dict, param: torch.Tensor, key: str, rank: int | None,
-                      warn: bool) -> ParameterPlan:
+                      warn: bool, position: int) -> ParameterPlan:
         """:func:`~lowrank_optim.planning.resolve_plan`; ``warn``: the group asked for that rank
         itself, so a weight it would not compress is warned about, once."""
         plan = resolve_plan(group, param, key, rank, side_mode=group[self.side_key],
                             projector=None if rank is None else PROJECTORS[self._projector_name(group)],
-                            moments_dtype=self._moments_dtype(group, param))
+                            moments_dtype=self._moments_dtype(group, param), position=position)
         if warn and plan.note is not None:
             warnings.warn(f"{type(self).__name__}: {param_label(key, param)} stays plain AdamW: {plan.note}; pass a "
                           "smaller rank to project it", UserWarning, stacklevel=5)
@@ -378,7 +378,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
             plan = target.plan
             try:
                 target.new_subspace, target.low_rank_grad = plan.projector.select_and_project(
-                    target.grad, plan.rank, plan.side, plan.backend, plan.sharding)
+                    target.grad, plan.rank, plan.side, plan.backend, plan.sharding,
+                    previous=stored_subspace(self.state.get(target.param, {})))
             except (RuntimeError, ValueError) as error:     # torch.linalg.LinAlgError included
                 for done in refreshing:
                     done.new_subspace = done.low_rank_grad = None

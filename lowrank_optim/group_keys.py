@@ -3,8 +3,9 @@
 :class:`~lowrank_optim.engine.ProjectedAdamW` runs :func:`check_shared_group_keys` on each group it
 adds (the subclass checks its own keys); a bad value raises
 :class:`~lowrank_optim.validation.InvalidHyperparameter` naming the key and the value, and the group
-is not added. An update rule's own keys (:attr:`lowrank_optim.rules.UpdateRule.options`) are
-checked here too; a group without them gets the rule's defaults.
+is not added. An update rule's own keys (:attr:`lowrank_optim.rules.UpdateRule.defaults`) are
+checked here too (:meth:`~lowrank_optim.rules.UpdateRule.check`); a group without them gets the
+rule's defaults.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ TORCH_KEYWORDS = ("foreach", "maximize", "capturable", "differentiable", "fused"
 
 def rule_keys() -> set[str]:
     """The group keys of every registered update rule."""
-    return {key for rule in RULES.values() for key in rule.options}
+    return {key for rule in RULES.values() for key in rule.defaults}
 
 
 def check_shared_group_keys(group: dict) -> None:
@@ -51,6 +52,7 @@ def check_shared_group_keys(group: dict) -> None:
     check_moment_block_size(group["moment_block_size"])
     check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
     check_choice("update_rule", group["update_rule"], tuple(RULES))
-    for key, choices in RULES[group["update_rule"]].options.items():
-        group.setdefault(key, choices[0])
-        check_choice(key, group[key], choices)
+    rule = RULES[group["update_rule"]]
+    for key, default in rule.defaults.items():
+        group.setdefault(key, default)
+    rule.check(group)

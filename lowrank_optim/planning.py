@@ -85,9 +85,10 @@ def compressing(plan: ParameterPlan, param: torch.Tensor, group: dict, moments_d
 
 
 def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *, side_mode: str,
-                 projector: type[Projector] | None, moments_dtype: torch.dtype) -> ParameterPlan:
-    """The plan of ``param`` (named ``key``) in ``group`` at ``rank`` (None: plain), projected on the
-    side ``side_mode`` resolves to by ``projector``; the plain plan with a ``note`` when projecting
+                 projector: type[Projector] | None, moments_dtype: torch.dtype, position: int = 0) -> ParameterPlan:
+    """The plan of ``param`` (named ``key``, the ``position``-th of the optimizer, 1-based) in
+    ``group`` at ``rank`` (None: plain), projected on the side ``side_mode`` resolves to by
+    ``projector``; the plain plan with a ``note`` when projecting
     would not compress it (:func:`compressing`). ``ValueError`` naming the parameter for what its
     group cannot do with it (quantized moments of an FSDP2 shard, the Triton weight update with
     stochastic rounding, a backend its device cannot run)."""
@@ -111,7 +112,8 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
     if rank is None:
         return plain
     side = local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label)
-    plan = replace(plain, rank=rank, side=side, projector=projector(group), rule=RULES[group["update_rule"]],
+    plan = replace(plain, rank=rank, side=side, projector=projector(group, position=position, side=side, rank=rank),
+                   rule=RULES[group["update_rule"]],
                    moments_spec=MomentSpec.of(projected_shape(param.shape, side, rank), side, bits, block_size))
     note = compressing(plan, param, group, moments_dtype)
     return plan if note is None else replace(plain, note=note)

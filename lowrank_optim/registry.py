@@ -41,6 +41,8 @@ class OptimizerInfo:
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "moments")
 DCT_KEYS = ("rank", "update_proj_gap", "scale", "score", "moments", "proj_side")
+# APOLLO's own scale default (1; Mini 128) is the paper's: the script's --scale (GaLore's 0.25) is not forwarded
+APOLLO_KEYS = ("rank", "update_proj_gap", "proj_type", "moments")
 
 _INFO: dict[str, OptimizerInfo] = {
     "adamw": OptimizerInfo("AdamW (torch.optim)", fsdp=True),
@@ -49,6 +51,9 @@ _INFO: dict[str, OptimizerInfo] = {
     "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True),
     "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
     "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
+    "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True),
+    # rank 1 on every 2-D parameter but the embedding tables: the optimizer's own rule, not GaLore's groups
+    "apollo_mini": OptimizerInfo("APOLLO-Mini", fsdp=True, backward_projection=True),
     "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
                                parameterization="sst"),
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.layout import layout_for, slot_dim
+from .channels import along_channels, channel_squared_norms
 from .sharding import Sharding, summed
 
 GROWTH_LIMIT = 1.01
@@ -31,10 +31,9 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
     (``m×1`` right, ``1×n`` left) and the limiter's new norm, from the one remembered at the last
     step (``previous_norm``, None on the first). On an FSDP2 shard (rows on the right, columns on
     the left: ``φ`` is local) ``‖S_t‖²`` is summed over the shards, one scalar all-reduce."""
-    dim = slot_dim(layout_for(side))
-    inside = _squared_norms(low_rank_grad, dim)
-    phi = _squared_norms(normalized, dim).div_(inside.clamp_min(1e-30)).sqrt_()
-    outside = (_squared_norms(grad, dim) - inside).clamp_min(0)
+    inside = channel_squared_norms(low_rank_grad, side)
+    phi = channel_squared_norms(normalized, side).div_(inside.clamp_min(1e-30)).sqrt_()
+    outside = (channel_squared_norms(grad, side) - inside).clamp_min(0)
     squared_norm = (phi.square() * outside).sum()
     norm = summed(squared_norm, sharding).sqrt()
     if previous_norm is None:
@@ -43,13 +42,4 @@ def residual_coefficients(grad: torch.Tensor, low_rank_grad: torch.Tensor, norma
         ceiling = GROWTH_LIMIT * previous_norm
         limit = torch.where((previous_norm > 0) & (norm > ceiling), ceiling / norm.clamp_min(1e-30), 1.0)
     coefficients = phi * limit
-    return (coefficients.view(-1, 1) if side == "right" else coefficients.view(1, -1)), norm * limit
-
-
-def _squared_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
-    """``Σ_dim matrix²`` in at least fp32: a fused norm along contiguous rows, a sum of squares
-    across rows (where the strided norm reduction is several times slower on CPU)."""
-    dtype = torch.promote_types(matrix.dtype, torch.float32)
-    if dim == matrix.ndim - 1 and matrix.is_contiguous():
-        return torch.linalg.vector_norm(matrix, dim=dim, dtype=dtype).square()
-    return matrix.to(dtype).square().sum(dim=dim)
+    return along_channels(coefficients, side), norm * limit

@@ -52,21 +52,28 @@ class Projector(ABC):
     family: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}
 
-    def __init__(self, group: dict):
+    def __init__(self, group: dict, *, position: int = 0, side: str | None = None, rank: int | None = None):
+        """A projector serves one parameter of ``group``: its 1-based ``position`` among the
+        optimizer's parameters (a seed), its ``side`` and ``rank`` (None: given to each call)."""
         self.group = group
+        self.position = position
+        self.side = side
+        self.rank = rank
 
     @abstractmethod
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
-               sharding: Sharding | None = None) -> Subspace:
-        """A new subspace for ``grad``. Must not modify anything; raises on failure.
+               sharding: Sharding | None = None, previous: Subspace | None = None) -> Subspace:
+        """A new subspace for ``grad``, replacing ``previous`` (empty or None at the first refresh;
+        a projector may continue from it, as a seed chain does). Must not modify anything; raises on failure.
 
         With ``sharding`` (:mod:`lowrank_optim.sharding`) ``grad`` is this rank's shard, split
         along the dimension the projection keeps; every rank must select the same subspace."""
 
     def select_and_project(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
-                           sharding: Sharding | None = None) -> tuple[Subspace, torch.Tensor | None]:
+                           sharding: Sharding | None = None,
+                           previous: Subspace | None = None) -> tuple[Subspace, torch.Tensor | None]:
         """:meth:`select`, plus ``R`` for the new subspace when selecting computes it anyway."""
-        return self.select(grad, rank, side, backend, sharding), None
+        return self.select(grad, rank, side, backend, sharding, previous), None
 
     @abstractmethod
     def basis(self, subspace: Subspace, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -55,11 +55,12 @@ class DCTProjector(Projector):
         return self.group.get("basis", "cached") == "generated"
 
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
-               sharding: Sharding | None = None) -> Subspace:
+               sharding: Sharding | None = None, previous: Subspace | None = None) -> Subspace:
         return self.select_and_project(grad, rank, side, backend, sharding)[0]
 
     def select_and_project(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
-                           sharding: Sharding | None = None) -> tuple[Subspace, torch.Tensor | None]:
+                           sharding: Sharding | None = None,
+                           previous: Subspace | None = None) -> tuple[Subspace, torch.Tensor | None]:
         """The PyTorch path computes all of ``S`` to score the columns, so ``R`` is ``S``'s selected
         columns (rows on the left) for free; the Triton path scores without forming ``S``, and so
         do the blocked GEMMs of ``basis="generated"`` (which has no ``C`` for the kernel to read).

@@ -28,7 +28,7 @@ class SVDProjector(Projector):
     family = "svd"
 
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
-               sharding: Sharding | None = None) -> Subspace:
+               sharding: Sharding | None = None, previous: Subspace | None = None) -> Subspace:
         """On an FSDP2 shard the whole gradient is all-gathered first (``m·n`` numbers: the costly
         path) and ``P`` is broadcast from the group's first rank, so all ranks hold the same ``P``."""
         full = grad if sharding is None else sharding.gather(grad)

@@ -71,12 +71,19 @@ class ProjectedStep:
 class UpdateRule(ABC):
     """How a projected weight is updated from its projected gradient and moments.
 
-    ``options`` maps the rule's own param-group keys to their allowed values (the first is the
-    default a group without the key gets). :meth:`full_gradient_use` says whether the update
-    reads ``G`` itself (then the in-backward modes, which free ``G``, refuse the group)."""
+    ``defaults`` maps the rule's own param-group keys to the values a group without them gets;
+    :meth:`check` validates them and the shared keys the rule cannot honour.
+    :meth:`full_gradient_use` says whether the update reads ``G`` itself (then
+    ``backward_projection``, which frees ``G``, refuses the group, and ``step_in_backward`` keeps
+    its full gradient through an accumulation window)."""
 
     name: ClassVar[str]
-    options: ClassVar[dict[str, tuple]] = {}
+    defaults: ClassVar[dict[str, object]] = {}
+
+    def check(self, group: dict) -> None:
+        """Raise :class:`~lowrank_optim.validation.InvalidHyperparameter` for a key of ``group``
+        this rule cannot run with (the default: every group is fine)."""
+        return None
 
     def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
         """``(what reads G, how to avoid it)`` when ``group``'s update reads the full gradient, else None."""

@@ -144,13 +144,13 @@ BUILD_MISTAKES = [
     (["--optimizer", "dct_adamw", "--optimizer_kwargs", '{"residual": "big"}'], r"error: --optimizer_kwargs: "
      r"Invalid residual: 'big' \(expected one of"),
     (["--tokenizer", "bpe:100"], r"error: --tokenizer: expected a BPE vocabulary size of at least 258, got 100"),
-    # accumulation 2: the residual the user asks for needs the full gradient the mode frees (the library's ValueError)
-    (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--total_batch_size", "8",
-      "--rank", "8", "--optimizer_kwargs", '{"residual": "scaled"}'],
+    # the residual the user asks for needs the full gradient the mode frees (the library's ValueError)
+    (["--optimizer", "dct_adamw", "--backward_projection", "--rank", "8", "--optimizer_kwargs",
+      '{"residual": "scaled"}'],
      r"error: --optimizer_kwargs: parameter layers\.0\.attn\.q_proj"
      r"\.weight \(shape \(32, 32\)\): residual='scaled' needs each step's full gradient, which "
-     r"backward_projection=True frees in the backward pass; pass residual='none' \(or step_in_backward=True with "
-     r"accumulation_steps=1"),
+     r"backward_projection=True frees in the backward pass; pass residual='none' \(or step_in_backward=True, where "
+     r"the last hook of a window has it"),
     (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--optimizer_kwargs",
       '{"skip_nonfinite": true}'], r"error: --optimizer_kwargs: Invalid skip_nonfinite: True with step_in_backward"),
 ]  # fmt: skip

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW, convert_to_sst
+from lowrank_optim import APOLLOAdamW, APOLLOMini, DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW, convert_to_sst
 from support.toy import make_model, projected_groups
 
 RANK = 16
@@ -50,6 +50,14 @@ def _galore(cls=GaLoreAdamW, **config):
                                    lr=3e-3, weight_decay=0.01, **kw)
 
 
+def _apollo(cls=APOLLOAdamW, **config):
+    return lambda model, **kw: cls(model.named_parameters(), lr=3e-3, update_proj_gap=GAP, weight_decay=0.01,
+                                   **{"rank": RANK, **config}, **kw)
+
+
+APOLLO_MODES = ("standard", "step_in_backward")      # its update scales the full gradient: no backward projection
+
+
 def _sst(model, **kw):
     return SSTAdamW(model.parameters(), lr=3e-3, weight_decay=0.01, update_interval=GAP, **kw)
 
@@ -68,6 +76,10 @@ BUILDS: dict[str, Build] = {
     "galore_randomized_svd": Build(_galore(projector="randomized_svd")),
     "galore_8bit": Build(_galore(GaLoreAdamW8bit)),
     "galore_adam_atan2": Build(_galore(update_rule="adam_atan2")),      # a second update rule (lowrank_optim.rules)
+    "apollo": Build(_apollo(), modes=APOLLO_MODES),
+    "apollo_mini": Build(_apollo(APOLLOMini, rank=1), modes=APOLLO_MODES),
+    "apollo_dct_tensor": Build(_apollo(proj="dct", scale_type="tensor", moments="transport"), modes=APOLLO_MODES),
+    "apollo_8bit": Build(_apollo(moment_bits=8), modes=APOLLO_MODES),
     "sst": Build(_sst, modes=("standard",), sst=True, torch_keywords=False),
 }
 
