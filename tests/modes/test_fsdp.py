@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, SSTAdamW
+from lowrank_optim import APOLLOAdamW, DCTProjAdam, GaLoreAdamW, SSTAdamW
 from lowrank_optim.sharding import Sharding, projection_shard_placement
 
 STEPS = 6
@@ -47,12 +47,25 @@ def _galore(model):
                        lr=1e-2, weight_decay=0.1)
 
 
-OPTIMIZERS = {"dct": _dct, "dct_wide_right": _dct_wide_right, "galore": _galore}
+def _apollo(model, **keys):
+    """Every weight projected (as :func:`_dct`); channel factors and the limiter reduce over shards."""
+    return APOLLOAdamW([{"params": list(model.named_parameters()), "rank": 0.5}], lr=1e-2, update_proj_gap=2,
+                       weight_decay=0.1, **keys)
+
+
+def _apollo_tensor(model):
+    return _apollo(model, scale_type="tensor", scale=128.0)
+
+
+OPTIMIZERS = {"dct": _dct, "dct_wide_right": _dct_wide_right, "galore": _galore, "apollo": _apollo,
+              "apollo_tensor": _apollo_tensor}
 # Each sharded run: its optimizer, whether shards follow projection_shard_placement (else FSDP2's
 # default, rows), and whether the mesh is HSDP's (replicate × shard, here 1 × 2) instead of 1-D.
 SHARDED_RUNS = {"dct": ("dct", True, False), "dct_default_layout": ("dct", False, False),
-                "galore": ("galore", True, False), "dct_hsdp": ("dct", True, True)}
-UNSHARDED_TWIN = {"dct": "dct", "dct_default_layout": "dct_wide_right", "galore": "galore", "dct_hsdp": "dct"}
+                "galore": ("galore", True, False), "dct_hsdp": ("dct", True, True),
+                "apollo": ("apollo", True, False), "apollo_tensor": ("apollo_tensor", True, False)}
+UNSHARDED_TWIN = {"dct": "dct", "dct_default_layout": "dct_wide_right", "galore": "galore", "dct_hsdp": "dct",
+                  "apollo": "apollo", "apollo_tensor": "apollo_tensor"}
 
 
 def _shard(model, placement: bool, hsdp: bool = False):
