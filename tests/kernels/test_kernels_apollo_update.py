@@ -194,3 +194,11 @@ def test_aot_compiles_for_sm80_and_sm90():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("compiled") == 10
+
+
+def test_triton_with_stochastic_rounding_is_refused_for_apollo():
+    """The fused update rounds to nearest: a bf16 weight that asks for stochastic rounding is refused
+    on backend='triton' (by name), as for the other rules, never run on PyTorch silently."""
+    weight = torch.nn.Parameter(torch.randn(24, 40, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"\(shape \(24, 40\)\): backend='triton' with bf16_stochastic_round=True"):
+        APOLLOAdamW([{"params": [weight], "rank": 4}], backend="triton", bf16_stochastic_round=True)
