@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.layout import layout_for, slot_dim
+from .kernels.apollo_update import channel_squared_norms
 
-
-def channel_squared_norms(matrix: torch.Tensor, side: str) -> torch.Tensor:
-    """``‖matrix_c‖²`` of each channel ``c`` (1-D), in at least fp32: a fused norm along contiguous
-    rows, a sum of squares across rows (where the strided norm reduction is several times slower on CPU)."""
-    dim = slot_dim(layout_for(side))
-    dtype = torch.promote_types(matrix.dtype, torch.float32)
-    if dim == matrix.ndim - 1 and matrix.is_contiguous():
-        return torch.linalg.vector_norm(matrix, dim=dim, dtype=dtype).square()
-    return matrix.to(dtype).square().sum(dim=dim)
+__all__ = ["along_channels", "channel_squared_norms"]
 
 
 def along_channels(factors: torch.Tensor, side: str) -> torch.Tensor:

@@ -25,9 +25,11 @@ decoupled, after the update in the Hugging Face form (``APOLLOAdamW``), before i
 Bias correction is folded into ``η_t`` (apollo-torch's); per-slot correction is refused.
 
 The update reads the full ``G``: ``backward_projection`` refuses it, and ``step_in_backward``
-keeps a weight's full gradient through an accumulation window. The moments step on the parameter's
-backend (Triton's fused moment kernel on CUDA); the scaled update is two element-wise PyTorch
-operations (stochastic rounding for bf16 weights when the group asks for it).
+keeps a weight's full gradient through an accumulation window. The moments, the channel norms of
+``G`` and the update ``W ← a·W − b·(ℓs∘G)`` run on the parameter's backend
+(:mod:`lowrank_optim.kernels.apollo_update`; on Triton one pass over ``G`` for the norms and one
+over ``G`` and ``W`` for the update, ``ℓs`` a device tensor); a bf16 weight with stochastic
+rounding is updated by PyTorch in fp32 (``backend="triton"`` refuses that group).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ import math
 import torch
 
 from ..channels import along_channels, channel_squared_norms
+from ..kernels.dispatch import channel_squared_norms as dispatched_squared_norms
+from ..kernels.dispatch import scaled_weight_update_
 from ..kernels.weight_update import update_coefficients
 from ..quantization import add_stochastic_round_
 from ..sharding import summed
@@ -86,14 +90,12 @@ class APOLLORule(UpdateRule):
         bias = math.sqrt(1.0 - hyper.beta2**t) / (1.0 - hyper.beta1**t) if hyper.correct_bias else 1.0
         a, b = update_coefficients(lr=hyper.lr, scale=math.sqrt(hyper.scale) * bias, weight_decay=hyper.weight_decay,
                                    decay_before_update=hyper.form.decay_before_update)
-        coefficients = along_channels(factors, step.side) if factors.ndim else factors
         if step.generator is not None:
+            coefficients = along_channels(factors, step.side) if factors.ndim else factors
             exact = step.weight.float().mul_(a - 1.0).addcmul_(step.grad.float(), coefficients, value=-b)
             add_stochastic_round_(step.weight, exact, generator=step.generator)
             return
-        if a != 1.0:
-            step.weight.mul_(a)
-        step.weight.addcmul_(step.grad, coefficients.to(step.weight.dtype), value=-b)
+        scaled_weight_update_(step.backend, step.weight, step.grad, factors, step.side, a=a, b=b)
 
 
 def _scaling_factors(normalized: torch.Tensor, low_rank_grad: torch.Tensor, step: ProjectedStep,
@@ -110,8 +112,7 @@ def _scaling_factors(normalized: torch.Tensor, low_rank_grad: torch.Tensor, step
 
 def _limited(factors: torch.Tensor, step: ProjectedStep, limit: float) -> torch.Tensor:
     """``ℓ·s`` with ``ℓ`` the norm-growth limiter's factor (module doc); records ``‖U‖``."""
-    dtype = torch.promote_types(step.grad.dtype, torch.float32)
-    grad_squares = channel_squared_norms(step.grad, step.side) if factors.ndim else step.grad.to(dtype).square().sum()
+    grad_squares = dispatched_squared_norms(step.backend, step.grad, step.side if factors.ndim else None)
     norm = summed((factors.square() * grad_squares).sum(), step.sharding).sqrt()
     previous = step.state.get("limiter_norm")
     if previous is not None:

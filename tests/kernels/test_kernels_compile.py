@@ -70,6 +70,17 @@ def _quantized(pointers=None, **constexprs):
             _MOMENT_FLOATS, constexprs, dict(num_warps=4, enable_fp_fusion=False))
 
 
+def _apollo_norms(dtype):
+    return ("apollo_update_triton", "_channel_squared_norms_kernel", dict(grad_ptr=dtype, partial_ptr="fp32"), (),
+            dict(BLOCK_C=32, BLOCK_L=128), dict(num_warps=4))
+
+
+def _apollo_update(dtype, factors):
+    return ("apollo_update_triton", "_scaled_weight_update_kernel",
+            dict(weight_ptr=dtype, grad_ptr=dtype, factors_ptr="fp32"), ("decay", "neg_step"),
+            dict(FACTORS=factors, BLOCK_M=16, BLOCK_N=256), dict(num_warps=4))
+
+
 CASES = [
     # Kernel 1: plain, remap, per-slot corrections with the remap, for both slot layouts; bf16
     # gradient with fp32 moments (bf16 weights), and bf16 moments.
@@ -98,6 +109,13 @@ CASES = [
     # the options its launcher passes (4 warps, no FP fusion).
     _quantized(BITS=8, BLOCK=256, BLOCK_SLOTS=8, HAS_REMAP=True, PER_SLOT=True),
     _quantized(dict(grad_ptr="bf16"), BITS=4, BLOCK=64, BLOCK_SLOTS=32, HAS_REMAP=False, PER_SLOT=False),
+    # APOLLO's two passes (not autotuned; the launcher's tiles and warps): channel norms of an fp32
+    # and a bf16 gradient, the scaled update per row, per column and by one factor, fp32/bf16/fp16.
+    _apollo_norms("fp32"),
+    _apollo_norms("bf16"),
+    _apollo_update("fp32", "rows"),
+    _apollo_update("bf16", "columns"),
+    _apollo_update("fp16", "tensor"),
 ]
 # Configs over a target's shared memory, which the autotuner skips there (it times a launch that
 # raises OutOfResources as infinitely slow): on A100 the largest tile of the dense (GaLore)
