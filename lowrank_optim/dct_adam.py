@@ -6,8 +6,9 @@ import torch
 from .adam_form import AdamForm
 from .engine import ProjectedAdamW
 from .projectors import PROJECTORS
-from .rank import check_rank, resolve_rank
+from .rank import check_rank, default_rule_rank
 from .registry import register_optimizer
+from .selection import NOTHING_PROJECTED_BY_DEFAULT
 from .validation import check_choice
 
 PROJ_SIDES = ("auto", "reverse_std", "left", "right")
@@ -167,19 +168,13 @@ class DCTProjAdam(ProjectedAdamW):
             check_choice(key, group[key], choices)
 
     def _projection_rank(self, group: dict, param: torch.Tensor, rank_given: bool, vocabulary: bool) -> int | None:
-        if group["rank"] is None or param.ndim != 2:
-            return None
-        rank = resolve_rank(group["rank"], param.shape)
-        if not rank_given and (rank >= min(param.shape) or vocabulary):
-            return None
-        return rank
+        return default_rule_rank(group["rank"], param.shape, rank_given, vocabulary)
 
     def _projector_name(self, group: dict) -> str:
         return "dct"
 
     def _nothing_projected_warning(self) -> str:
-        return ("no parameter is projected (no 2-D parameter outside the embedding and output head is larger "
-                "than its rank): this is plain AdamW. Give a param group its own rank to project its weights")
+        return NOTHING_PROJECTED_BY_DEFAULT
 
 
 DCTAdamW = DCTProjAdam

@@ -32,3 +32,16 @@ def resolve_rank(rank: int | float, shape) -> int:
     if isinstance(rank, int):
         return min(rank, smaller)
     return max(1, int(rank * smaller))
+
+
+def default_rule_rank(rank: int | float | None, shape, rank_given: bool, vocabulary: bool) -> int | None:
+    """The projection rank of a parameter of ``shape`` under the default rule of the optimizers that
+    project ``model.parameters()`` (:mod:`lowrank_optim.selection`), or None (plain): 2-D
+    parameters only; in a group without its own ``rank`` (``rank_given`` False) not an embedding
+    table (``vocabulary``) nor a weight the rank would span."""
+    if rank is None or len(shape) != 2:
+        return None
+    resolved = resolve_rank(rank, shape)
+    if not rank_given and (resolved >= min(shape) or vocabulary):
+        return None
+    return resolved

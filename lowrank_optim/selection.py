@@ -40,6 +40,9 @@ from torch import nn
 EMBEDDING_NAME_PATTERNS = ("embed", "wte", "wpe", "lm_head", "tok_embeddings")
 TOP_LEVEL_HEAD_NAMES = ("output.weight",)
 VOCABULARY_ASPECT_RATIO = 8.0
+NOTHING_PROJECTED_BY_DEFAULT = (
+    "no parameter is projected (no 2-D parameter outside the embedding and output head is larger than its rank): "
+    "this is plain AdamW. Give a param group its own rank to project its weights")
 
 
 def is_vocabulary_name(name: str | None) -> bool:
