@@ -65,3 +65,15 @@ def test_communication_counts_the_collectives_of_the_optimizer_step_under_fsdp2(
     assert galore["broadcast calls"] == len(result["weights"])
     assert steps["DCTProjAdam residual=none: ordinary step"] == {}
     assert steps["DCTProjAdam residual=none: refresh step"]["all-reduce calls"] > 0
+
+
+def test_apollo_scaling_compares_both_projections_at_each_rank(tmp_path):
+    from experiments.bench import apollo_scaling
+
+    out = tmp_path / "scaling.md"
+    apollo_scaling.main(["--steps", "3", "--warmup", "1", "--gap", "2", "--ranks", "1", "4", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| random")
+            or line.startswith("| dct")]
+    assert len(rows) == 4
+    assert all(math.isfinite(float(row[2].split(" ")[0])) and float(row[3]) >= 0 and float(row[5].rstrip(" |")) >= 0
+               for row in rows)
