@@ -244,8 +244,8 @@ class TrainConfig:
     )
     step_in_backward: bool = _flag(
         False,
-        "take each parameter's optimizer step inside the backward pass; implies --backward_projection, "
-        "needs --grad_clipping 0",
+        "take each parameter's optimizer step inside the backward pass (dct_adamw, galore_adamw, apollo_adamw, "
+        "apollo_mini); implies --backward_projection, needs --grad_clipping 0",
         switch=True,
     )
     activation_checkpointing: bool = _flag(

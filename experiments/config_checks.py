@@ -93,8 +93,15 @@ def _check_resume(config: TrainConfig) -> None:
 def _check_backward_projection(config: TrainConfig, parameterization: str, flag: str = "--backward_projection") -> None:
     """``--backward_projection`` (or ``flag``, a mode that implies it) projects gradients of the
     library's projected optimizers, on dense weights, without FSDP2 (which reduce-scatters full
-    gradients itself): those whose ``OptimizerInfo.backward_projection`` is set."""
-    supported = [name for name in available_methods() if info_for(name).backward_projection]
+    gradients itself): those whose ``OptimizerInfo.backward_projection`` is set, and for
+    ``--backward_projection`` itself not ``full_gradient`` (APOLLO)."""
+    alone = flag == "--backward_projection"
+    if alone and info_for(config.optimizer).full_gradient:
+        raise UsageError(flag, f"{config.optimizer}'s update scales each step's full gradient, which "
+                         "--backward_projection frees in the backward pass; train with the standard loop, or "
+                         "with --step_in_backward --grad_clipping 0 (whose hooks still have it)")
+    supported = [name for name in available_methods()
+                 if info_for(name).backward_projection and not (alone and info_for(name).full_gradient)]
     if config.optimizer not in supported or parameterization != "dense":
         raise UsageError(flag, f"needs the optimizer {' or '.join(supported)} "
                          f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "

@@ -10,13 +10,18 @@
 
 Optimizer names are the registry's, plus :data:`PEER_OPTIMIZERS`, the one place that extends it
 with the peer packages used as benchmark baselines (``galore_torch_adamw`` =
-``galore_torch.GaLoreAdamW``; ``torchao_adamw8bit``/``torchao_adamw4bit`` = ``torchao.optim``'s) and
-the old name ``lowrank_plain_adamw`` of the library's plain AdamW path.
+``galore_torch.GaLoreAdamW``; ``torchao_adamw8bit``/``torchao_adamw4bit`` = ``torchao.optim``'s;
+``apollo_torch_adamw``/``apollo_torch_mini`` = apollo-torch's APOLLO and APOLLO-Mini, benchmark only
+under its non-commercial licence) and the old name ``lowrank_plain_adamw`` of the library's plain AdamW path.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +61,36 @@ def _torchao(name: str) -> Callable[..., torch.optim.Optimizer]:
     return factory
 
 
+# apollo-torch's param-group keys of its two published configurations (its README); the script's
+# --scale (GaLore's 0.25) is not theirs, so it is not forwarded, as for the library's APOLLO.
+APOLLO_TORCH_GROUPS = {
+    "apollo_torch_adamw": {"proj": "random", "scale_type": "channel", "scale": 1.0},
+    "apollo_torch_mini": {"proj": "random", "scale_type": "tensor", "scale": 128.0, "rank": 1},
+}
+
+
+def _apollo_torch_module():
+    """apollo-torch's ``apollo_torch.apollo`` alone: its package ``__init__`` imports bitsandbytes (kernel
+    loading noise, CUDA extras), so an empty package module stands in for it, as in tests/support/oracles.py."""
+    if "apollo_torch" not in sys.modules:
+        spec = importlib.util.find_spec("apollo_torch")
+        if spec is None:
+            raise UsageError("--optimizer", "apollo_torch_adamw/apollo_torch_mini need the apollo-torch package "
+                             "(pip install --no-deps apollo-torch==1.0.3; non-commercial licence: benchmark only)")
+        shell = types.ModuleType("apollo_torch")
+        shell.__path__ = list(spec.submodule_search_locations)
+        sys.modules["apollo_torch"] = shell
+    return importlib.import_module("apollo_torch.apollo")
+
+
+def _apollo_torch(name: str) -> Callable[..., torch.optim.Optimizer]:
+    def factory(params, **kwargs) -> torch.optim.Optimizer:
+        groups = [{**group, **APOLLO_TORCH_GROUPS[name]} if "rank" in group else group for group in params]
+        return _apollo_torch_module().AdamW(groups, **kwargs)
+
+    return factory
+
+
 @dataclass(frozen=True)
 class Peer:
     """An optimizer the library does not register (another package's, or an old name): its factory
@@ -71,6 +106,11 @@ PEER_OPTIMIZERS: dict[str, Peer] = {
         "galore_torch GaLoreAdamW (peer)", ("rank", "update_proj_gap", "scale", "proj_type"), resumable=False)),
     **{f"torchao_adamw{bits}bit": Peer(_torchao(f"AdamW{bits}bit"), OptimizerInfo(f"torchao AdamW{bits}bit (peer)"))
        for bits in (8, 4)},
+    # apollo-torch keeps a projector object and an int seed in its state: not loadable with weights_only=True.
+    "apollo_torch_adamw": Peer(_apollo_torch("apollo_torch_adamw"), OptimizerInfo(
+        "apollo-torch APOLLO (peer)", ("rank", "update_proj_gap", "proj_type"), resumable=False)),
+    "apollo_torch_mini": Peer(_apollo_torch("apollo_torch_mini"), OptimizerInfo(
+        "apollo-torch APOLLO-Mini (peer)", ("rank", "update_proj_gap", "proj_type"), resumable=False)),
     # The old name of the library's plain path (``adamw8bit``/``adamw4bit`` with float moments by default).
     "lowrank_plain_adamw": Peer(plain_adamw, OptimizerInfo("AdamW (library plain path)")),
 }

@@ -26,8 +26,10 @@ class OptimizerInfo:
     ``model.parameters()``. ``config_keywords``: ``(constructor keyword, training-config field)``
     pairs. ``parameterization``: the model transform it trains (``dense``: none; ``sst``:
     :func:`lowrank_optim.convert_to_sst`). ``fsdp``: it steps FSDP2's DTensor shards
-    (:mod:`lowrank_optim.sharding`). ``backward_projection``: it takes ``backward_projection=True``
-    and ``step_in_backward=True``. ``resumable``: its state loads with ``torch.load(weights_only=True)``.
+    (:mod:`lowrank_optim.sharding`). ``backward_projection``: it takes ``step_in_backward=True`` and,
+    unless ``full_gradient``, ``backward_projection=True``. ``full_gradient``: its projected update reads
+    each step's full gradient (APOLLO scales it), which ``backward_projection=True`` alone frees in the
+    backward pass. ``resumable``: its state loads with ``torch.load(weights_only=True)``.
     """
 
     label: str
@@ -36,6 +38,7 @@ class OptimizerInfo:
     parameterization: str = "dense"
     fsdp: bool = False
     backward_projection: bool = False
+    full_gradient: bool = False
     resumable: bool = True
 
 
@@ -51,9 +54,9 @@ _INFO: dict[str, OptimizerInfo] = {
     "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True),
     "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
     "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
-    "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True),
+    "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True, full_gradient=True),
     # rank 1 on every 2-D parameter but the embedding tables: the optimizer's own rule, not GaLore's groups
-    "apollo_mini": OptimizerInfo("APOLLO-Mini", fsdp=True, backward_projection=True),
+    "apollo_mini": OptimizerInfo("APOLLO-Mini", fsdp=True, backward_projection=True, full_gradient=True),
     "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
                                parameterization="sst"),
 }

@@ -12,6 +12,9 @@ Low-bit rows: DCTProjAdam and GaLoreAdamW with ``moment_bits`` 8 and 4 next to t
 the library's plain AdamW path with 8-/4-bit moments (registered ``adamw8bit``/``adamw4bit``);
 ``GaLoreAdamW(projector="randomized_svd")`` refresh next to the full-SVD one; ``--torchao`` adds
 torchao's ``AdamW8bit``/``AdamW4bit`` (off by default: their compiled step needs seconds to build).
+APOLLO (``APOLLOAdamW`` at ``--rank``, channel scaling; ``proj="dct"`` too) and APOLLO-Mini (rank 1, tensor
+scaling), next to apollo-torch's APOLLO and APOLLO-Mini (peers, when installed). ``--only`` keeps the rows
+whose label contains one of its words (torch's default AdamW, the ratios' base, always runs).
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ import warnings
 
 import torch
 
+from experiments import methods
 from experiments.bench.common import device_label, synchronize
+from experiments.errors import UsageError
 from lowrank_optim import create_optimizer, optimizer_state_bytes
 from lowrank_optim.registry import optimizer_info
+
+BASELINE = "torch.optim.AdamW (default)"
+PEERS = ("galore_torch", "apollo_torch")
 
 
 def _label(name: str, kwargs: dict) -> str:
@@ -50,7 +58,7 @@ def _candidates(rank: int, torchao: bool = False):
         )
 
     rows = [
-        ("torch.optim.AdamW (default)", "ordinary", lambda p: torch.optim.AdamW([p])),
+        (BASELINE, "ordinary", lambda p: torch.optim.AdamW([p])),
         ("torch.optim.AdamW (foreach)", "ordinary", lambda p: torch.optim.AdamW([p], foreach=True)),
         ("torch.optim.AdamW (fused)", "ordinary", lambda p: torch.optim.AdamW([p], fused=True)),
         # The library's plain AdamW path (DCTProjAdam projecting nothing) with low-bit moments.
@@ -76,7 +84,22 @@ def _candidates(rank: int, torchao: bool = False):
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
             print("galore_torch not installed: peer baseline skipped", file=sys.stderr)
+        apollo = [("apollo_adamw", rank, {}), ("apollo_adamw", rank, {"proj": "dct"}), ("apollo_mini", 1, {})]
+        rows += [(_label(name, kwargs), kind, _projected(name, r, gap, kwargs)) for name, r, kwargs in apollo]
+        try:
+            rows += [(f"apollo_torch APOLLO{suffix}", kind, _apollo_torch(name, rank, gap))
+                     for suffix, name in (("", "apollo_torch_adamw"), ("-Mini", "apollo_torch_mini"))]
+        except UsageError:
+            print("apollo-torch not installed: peer baseline skipped", file=sys.stderr)
     return rows
+
+
+def _apollo_torch(name: str, rank: int, gap: int):
+    """``factory(param)``: apollo-torch's APOLLO (``rank``, channel) or APOLLO-Mini (rank 1, tensor) on ``param``,
+    built as the training script's peers are (experiments.methods; its module alone, without bitsandbytes)."""
+    methods._apollo_torch_module()         # raises UsageError when apollo-torch is not installed
+    return lambda p: methods.create_optimizer(name, [{"params": [p], "rank": rank, "update_proj_gap": gap,
+                                                      "proj_type": "std"}])
 
 
 def _interleaved_medians(optimizers: list, device: str, repeats: int) -> list[float]:
@@ -106,6 +129,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                        help="keep the rows whose label contains one of these words (default: every row)")
     parser.add_argument("--torchao", action="store_true",
                         help="also time torchao.optim.AdamW8bit / AdamW4bit (compiled; peer baselines)")
     args = parser.parse_args(argv)
@@ -114,7 +139,8 @@ def main(argv=None) -> None:
 
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=args.device).manual_seed(0)
-    candidates = _candidates(args.rank, args.torchao)
+    candidates = [row for row in _candidates(args.rank, args.torchao)
+                  if not args.only or row[0] == BASELINE or any(word in row[0] for word in args.only)]
     optimizers = []
     for _, _, factory in candidates:
         param = torch.nn.Parameter(torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator))
@@ -122,19 +148,20 @@ def main(argv=None) -> None:
         optimizers.append(factory(param))
     seconds = _interleaved_medians(optimizers, args.device, args.repeats)
     rows = [
+        # the peers keep Python projector objects in their state: not counted
         dict(optimizer=label, step=kind, ms=s * 1e3,
-             state_bytes=None if label == "galore_torch.GaLoreAdamW" else optimizer_state_bytes(optimizer))
+             state_bytes=None if label.startswith(PEERS) else optimizer_state_bytes(optimizer))
         for (label, kind, _), optimizer, s in zip(candidates, optimizers, seconds)
     ]
 
-    adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == "torch.optim.AdamW (default)")
-    svd_refresh_ms = next(r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh")
+    adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == BASELINE)
+    svd_refresh_ms = next((r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh"), None)
     device = device_label(args.device)
     print(f"\n{args.shape[0]}×{args.shape[1]} {args.dtype}, rank {args.rank}, {device}, torch {torch.__version__}\n")
     print("| optimizer | step | ms | × AdamW (default) | GaLoreAdamW refresh ÷ this | state bytes |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        speedup = f"{svd_refresh_ms / r['ms']:.1f}" if r["step"] == "refresh" else ""
+        speedup = f"{svd_refresh_ms / r['ms']:.1f}" if r["step"] == "refresh" and svd_refresh_ms else ""
         state = "" if r["state_bytes"] is None else f"{r['state_bytes']:,}"
         print(f"| {r['optimizer']} | {r['step']} | {r['ms']:.1f} | {r['ms'] / adamw_ms:.2f} | {speedup} | {state} |")
     if args.csv:

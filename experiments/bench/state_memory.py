@@ -41,7 +41,7 @@ from experiments.bench.memory_worker import accumulator_shapes
 from experiments.bench.memory_worker import build_optimizer as build_configuration
 from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
-from lowrank_optim import DCTProjAdam, lowrank_param_groups
+from lowrank_optim import APOLLOAdamW, DCTProjAdam, lowrank_param_groups
 from lowrank_optim.quantization import moment_bits_for, moment_state_bytes
 from lowrank_optim.registry import plain_adamw
 
@@ -221,6 +221,19 @@ def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
     return sum(size * size * dtype.itemsize for size, dtype in copies)
 
 
+def cached_random_projection_bytes(optimizer: APOLLOAdamW, summary) -> int:
+    """The ``P`` (``k×r``, the gradient's dtype) of the current seed that the random projector keeps per
+    projected weight of a ``proj="random"`` group, outside the optimizer state
+    (:mod:`lowrank_optim.projectors.random`); the state itself holds the seed."""
+    total = 0
+    params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
+    for row, (group, param) in zip(summary, params, strict=True):
+        if row.projected and group["proj"] == "random":
+            size = row.shape[1] if row.side == "right" else row.shape[0]
+            total += size * row.rank * param.element_size()
+    return total
+
+
 def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) -> dict:
     """Bytes per parameter of training state (weights, gradients, optimizer state, projection) on the
     meta device, bf16 weights and gradients, for the configurations of ``python -m
@@ -250,6 +263,8 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         subspaces = projection                      # held in the optimizer state (indices, P)
         if isinstance(optimizer, DCTProjAdam):
             projection += cached_dct_bytes(optimizer, summary)
+        if isinstance(optimizer, APOLLOAdamW):      # P of the current seed, kept by the projector (not state)
+            projection += cached_random_projection_bytes(optimizer, summary)
         projected_ids = {id(p) for p in projected}
         plain_grads = sum(p.numel() * 2 for p in params if id(p) not in projected_ids)
         accumulators = 0
@@ -304,6 +319,25 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, proj_side="reverse_std", basis="generated"),
         "hook", "the larger side compressed: moments of r·min(m, n) values (a cached basis would add C of 4096 and "
         "11008: 0.123 B/param)")
+
+    def apollo_mini(**kwargs):
+        """APOLLO-Mini over the named parameters (its own rule: rank 1 on every 2-D weight but the embedding
+        and head, which stay plain AdamW with the same moment bits), stepped in the backward pass."""
+        def build(model):
+            optimizer = create_optimizer("apollo_mini", model.named_parameters(), lr=1e-3, update_proj_gap=gap,
+                                         step_in_backward=True, **kwargs)
+            return optimizer, [p for p in model.parameters() if optimizer.plan_of(p).projected]
+        return build
+
+    add("APOLLO-Mini, 8-bit moments, step in backward", apollo_mini(moment_bits=8), "hook",
+        "accumulation 1 (the hook has the full gradient APOLLO scales); rank 1, tensor scale: the 8-bit moments "
+        "are nearly all the plain embedding's and head's; projection = the seeds and each weight's k×1 P of the "
+        "current seed, which the projector keeps outside the state")
+    add("APOLLO-Mini, 8-bit moments in blocks of 2048, step in backward", apollo_mini(moment_bits=8,
+                                                                                       moment_block_size=2048),
+        "hook", "as above, moment_block_size=2048")
+    add("APOLLO-Mini, 4-bit moments, step in backward", apollo_mini(moment_bits=4), "hook",
+        "as above, 4-bit moments (the plain embedding and head; quality not measured here)")
     for row in rows:
         row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
     return {"config": config, "rank": rank, "gap": gap, "rows": rows}

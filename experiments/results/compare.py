@@ -75,6 +75,12 @@ METHODS: dict[str, Method] = {
     "adamw_lib_4bit": Method("adamw4bit", 1e-3),
     "torchao_adamw8bit": Method("torchao_adamw8bit", 1e-3),
     "torchao_adamw4bit": Method("torchao_adamw4bit", 1e-3),
+    # APOLLO's update is the full gradient scaled channel by channel to Adam's magnitude: AdamW's lr range.
+    "apollo": Method("apollo_adamw", 3e-3),
+    "apollo_mini": Method("apollo_mini", 3e-3),
+    "apollo_dct": Method("apollo_adamw", 3e-3, {"optimizer_kwargs": {"proj": "dct"}}, note="proj='dct'"),
+    "apollo_torch": Method("apollo_torch_adamw", 3e-3),
+    "apollo_torch_mini": Method("apollo_torch_mini", 3e-3),
     "sst": Method("sst_adamw", 3e-3),
     "sltrain": Method("adamw", 3e-3, {"parameterization": "sltrain"}, label="SLTrain"),
 }

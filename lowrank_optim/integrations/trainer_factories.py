@@ -121,6 +121,23 @@ class GaLoreAdamW8bitFactory(GaLoreAdamWFactory):
     name = "galore_adamw8bit"
 
 
+class APOLLOAdamWFactory(DCTProjAdamFactory):
+    """:class:`~lowrank_optim.APOLLOAdamW` with :class:`DCTProjAdamFactory`'s parameter layout: the
+    default rule (every 2-D parameter but the embedding and the output head) over the trainable named
+    parameters, the embedding tables in a group with ``rank=None``; ``target_modules`` (optional)
+    restricts projection to the ``nn.Linear`` weights it selects. All other keys are ``APOLLOAdamW``'s
+    (``rank=0.25``, ``proj``, ``scale_type``, ``scale=1``, ``update_proj_gap=200``, ...)."""
+
+    name = "apollo_adamw"
+
+
+class APOLLOMiniFactory(APOLLOAdamWFactory):
+    """:class:`~lowrank_optim.APOLLOMini` (rank 1, one scale per tensor, ``scale=128``) with
+    :class:`APOLLOAdamWFactory`'s parameter layout; the other keys are ``APOLLOMini``'s."""
+
+    name = "apollo_mini"
+
+
 class SSTAdamWFactory(TrainerOptimizerFactory):
     """:class:`~lowrank_optim.SSTAdamW` over the trainable named parameters of a model already
     converted with :func:`~lowrank_optim.convert_to_sst` (convert before building the ``Trainer``).
@@ -139,6 +156,8 @@ class SSTAdamWFactory(TrainerOptimizerFactory):
 
 TRAINER_FACTORIES: dict[str, type[TrainerOptimizerFactory]] = {
     "adamw": AdamWFactory,
+    "apollo_adamw": APOLLOAdamWFactory,
+    "apollo_mini": APOLLOMiniFactory,
     "dct_adamw": DCTProjAdamFactory,
     "galore_adamw": GaLoreAdamWFactory,
     "galore_adamw8bit": GaLoreAdamW8bitFactory,

@@ -26,6 +26,8 @@ from .trainer_callback import (
 from .trainer_factories import (
     TRAINER_FACTORIES,
     AdamWFactory,
+    APOLLOAdamWFactory,
+    APOLLOMiniFactory,
     DCTProjAdamFactory,
     GaLoreAdamW8bitFactory,
     GaLoreAdamWFactory,
@@ -39,6 +41,8 @@ __all__ = [
     "TRAINER_FACTORIES",
     "ClipInOptimizerCallback",
     "AdamWFactory",
+    "APOLLOAdamWFactory",
+    "APOLLOMiniFactory",
     "DCTProjAdamFactory",
     "GaLoreAdamW8bitFactory",
     "GaLoreAdamWFactory",

@@ -73,8 +73,7 @@ class APOLLORule(UpdateRule):
                 "gradient, nothing is left outside the subspace; pass 'none')"))
 
     def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
-        return ("update_rule='apollo'", "its update scales the full gradient; use the standard loop or "
-                "step_in_backward=True")
+        return ("update_rule='apollo'", "its update scales the full gradient; use the standard loop")
 
     def state_bytes(self, group: dict) -> int:
         return 0 if group["norm_growth_limit"] is None else 4

@@ -71,3 +71,10 @@ def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
     assert 0 <= cached["state"] - galore["state"] <= 4 * 224
     assert generated["state"] == cached["state"]
     assert cached["projection"] - generated["projection"] == 4096 * 4096 * (2 + 4)
+    # APOLLO-Mini: its 224 rank-1 weights, seeds and cached P are small against the plain embedding and
+    # head (2 × 32000·4096 values each, 8-bit: 1 byte + a 4-byte scale per 256); P is k×1 bf16 per weight
+    mini = next(row for row in rows if row["label"] == "APOLLO-Mini, 8-bit moments, step in backward")
+    plain = 2 * 2 * 32000 * 4096 * (1 + 4 / 256)
+    assert plain < mini["state"] < plain + 4 * 10**6
+    assert mini["projection"] - 224 * (8 + 4) == 32 * 2 * (4 * 4096 + 3 * 4096)  # one P column of k = 4096 each
+    assert round(mini["total"] / mini["parameters"], 3) == 2.119

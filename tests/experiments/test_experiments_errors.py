@@ -82,16 +82,23 @@ FLAG_MISTAKES = [
     (["--model_config", "llama_tiniest"], "error: --model_config: no such file, and not a name in "
      "experiments/configs/: expected one of llama_130m, llama_1b, llama_350m, llama_60m, llama_7b, llama_micro, "
      "llama_tiny, got 'llama_tiniest' (did you mean 'llama_tiny'?)"),
-    (["--fsdp", "--optimizer", "sst_adamw"], "error: --fsdp: trains the optimizers adamw, dct_adamw, galore_adamw "
-     "with the dense parameterization; got optimizer 'sst_adamw', parameterization 'sst' (use DDP for those)"),
+    (["--fsdp", "--optimizer", "sst_adamw"], "error: --fsdp: trains the optimizers adamw, apollo_adamw, apollo_mini, "
+     "dct_adamw, galore_adamw with the dense parameterization; got optimizer 'sst_adamw', parameterization 'sst' "
+     "(use DDP for those)"),
     (["--optimizer_kwargs", '{"betas": [0.9]}'], "error: --optimizer_kwargs: betas: expected 2 values, got 1: [0.9]"),
     (["--backward_projection"], "error: --backward_projection: needs the optimizer dct_adamw or galore_adamw on the "
      "dense parameterization; got optimizer 'adamw', parameterization 'dense'"),
-    (["--step_in_backward", "--grad_clipping", "0"], "error: --step_in_backward: needs the optimizer dct_adamw or "
-     "galore_adamw on the dense parameterization; got optimizer 'adamw', parameterization 'dense'"),
+    # APOLLO's update scales the full gradient: --step_in_backward keeps it, --backward_projection alone frees it
+    *[(["--backward_projection", "--optimizer", name], f"error: --backward_projection: {name}'s update scales each "
+       "step's full gradient, which --backward_projection frees in the backward pass; train with the standard loop, "
+       "or with --step_in_backward --grad_clipping 0 (whose hooks still have it)")
+      for name in ("apollo_adamw", "apollo_mini")],
+    (["--step_in_backward", "--grad_clipping", "0"], "error: --step_in_backward: needs the optimizer apollo_adamw or "
+     "apollo_mini or dct_adamw or galore_adamw on the dense parameterization; got optimizer 'adamw', parameterization "
+     "'dense'"),
     (["--step_in_backward", "--grad_clipping", "0", "--optimizer", "dct_adamw", "--parameterization", "sltrain"],
-     "error: --step_in_backward: needs the optimizer dct_adamw or galore_adamw on the dense parameterization; got "
-     "optimizer 'dct_adamw', parameterization 'sltrain'"),
+     "error: --step_in_backward: needs the optimizer apollo_adamw or apollo_mini or dct_adamw or galore_adamw on the "
+     "dense parameterization; got optimizer 'dct_adamw', parameterization 'sltrain'"),
     (["--step_in_backward", "--grad_clipping", "0", "--optimizer", "dct_adamw", "--fsdp"], "error: "
      "--step_in_backward: cannot be combined with --fsdp (FSDP2 reduce-scatters full gradients); under torchrun the "
      "optimizer all-reduces the projected gradients itself"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -125,3 +127,51 @@ def test_the_plain_low_bit_adamw_is_reached_by_name():
                                                          optimizer_kwargs={"moment_bits": 4}))
     assert old_name.param_groups[0]["moment_bits"] == 4
     assert {"adamw8bit", "adamw4bit", "galore_adamw8bit", "lowrank_plain_adamw"} <= set(available_methods())
+
+
+def test_galore_flags_reach_apollo_but_not_galore_scale():
+    """--rank/--update_proj_gap/--proj_type/--moments go onto APOLLO's projected group; --scale (GaLore's
+    0.25 by default) does not: APOLLO keeps its own alpha (1; APOLLO-Mini 128), the paper's."""
+    config = TrainConfig(optimizer="apollo_adamw", rank=8, update_proj_gap=50, proj_type="reverse_std",
+                         moments="reset", scale=0.5)
+    optimizer = build_optimizer(Llama(SMALL), config)
+    projected, plain = optimizer.param_groups
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"], projected["moments"]) == (
+        8, 50, "reverse_std", "reset")
+    assert (projected["scale"], projected["scale_type"], projected["proj"]) == (1.0, "channel", "random")
+    assert sum(row.projected for row in optimizer.projection_summary()) == 7  # q, k, v, o, gate, up, down
+
+
+def test_apollo_mini_takes_the_model_with_its_own_rank_1_rule():
+    """APOLLO-Mini is built over model.parameters(): every 2-D weight but the embedding and head at rank 1,
+    one scale per tensor, alpha 128, whatever --rank and --scale say; --optimizer_kwargs still reach it."""
+    config = TrainConfig(optimizer="apollo_mini", rank=8, scale=0.25, optimizer_kwargs={"moment_bits": 8})
+    assert "rank" not in optimizer_kwargs(config)
+    # unnamed parameters: the shape rule finds the embedding and head (a vocabulary no other matrix has; SMALL's
+    # 64 is also its MLP width, which the rule could not tell)
+    optimizer = build_optimizer(Llama(dataclasses.replace(SMALL, vocab_size=96)), config)
+    (group,) = optimizer.param_groups
+    assert (group["rank"], group["scale_type"], group["scale"], group["moment_bits"]) == (1, "tensor", 128.0, 8)
+    rows = optimizer.projection_summary()
+    assert sum(row.projected for row in rows) == 7
+
+
+def test_step_in_backward_reaches_apollo_with_the_accumulation():
+    config = TrainConfig(optimizer="apollo_mini", step_in_backward=True, grad_clipping=0.0, gradient_accumulation=2)
+    optimizer = build_optimizer(Llama(SMALL), config)
+    assert (optimizer.step_in_backward, optimizer.accumulation_steps) == (True, 2)
+    optimizer.stop_backward_projection()
+
+
+@pytest.mark.parametrize(("name", "rank", "scale_type", "scale"), [("apollo_torch_adamw", 8, "channel", 1.0),
+                                                                  ("apollo_torch_mini", 1, "tensor", 128.0)])
+def test_apollo_torch_peers_get_their_published_group_keys(name, rank, scale_type, scale):
+    """apollo-torch's APOLLO and APOLLO-Mini (benchmark baselines) on the attn/mlp weights, with their own
+    scale (not --scale) and, for Mini, rank 1 whatever --rank says."""
+    pytest.importorskip("apollo_torch")
+    optimizer = build_optimizer(Llama(SMALL), TrainConfig(optimizer=name, rank=8, update_proj_gap=50, scale=0.25))
+    assert type(optimizer).__module__ == "apollo_torch.apollo"
+    projected = optimizer.param_groups[0]
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj"]) == (rank, 50, "random")
+    assert (projected["scale_type"], projected["scale"]) == (scale_type, scale)
+    assert "rank" not in optimizer.param_groups[1]

@@ -40,8 +40,8 @@ from experiments.pretrain import LOSS_PLOT, build_run, train, train_step  # noqa
 # The library's optimizers this suite expects; each is skipped while it is not registered.
 EXPECTED_OPTIMIZERS = ("adamw", "galore_adamw", "dct_adamw", "sst_adamw", "galore_torch_adamw")
 PROJECTED = ("galore_adamw", "dct_adamw")
-# galore_torch keeps a Python projector object in its state: torch.load(weights_only=True) fails.
-NOT_RESUMABLE = ("galore_torch_adamw",)
+# galore_torch and apollo-torch keep Python projector objects in their state: torch.load(weights_only=True) fails.
+NOT_RESUMABLE = ("galore_torch_adamw", "apollo_torch_adamw", "apollo_torch_mini")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,15 @@ RUN_CASES += [(f"{name}_backward_projection", {"optimizer": name, "backward_proj
 # --step_in_backward needs clipping off (it is on by default); accumulation 2 (batch 4 of 8).
 STEP_IN_BACKWARD = {"step_in_backward": True, "grad_clipping": 0.0}
 RUN_CASES += [(f"{name}_step_in_backward", {"optimizer": name, **STEP_IN_BACKWARD}) for name in PROJECTED]
+# APOLLO scales the full gradient: --step_in_backward accumulates it through the window (accumulation 2 here);
+# APOLLO-Mini with 8-bit moments and per-parameter steps is the issue's memory recipe; the DCT variant by its key.
+APOLLO = ("apollo_adamw", "apollo_mini")
+RUN_CASES += [(f"{name}_step_in_backward", {"optimizer": name, **STEP_IN_BACKWARD}) for name in APOLLO]
+RUN_CASES += [
+    ("apollo_mini_8bit_step_in_backward", {"optimizer": "apollo_mini", "optimizer_kwargs": {"moment_bits": 8},
+                                           **STEP_IN_BACKWARD}),
+    ("apollo_adamw_dct", {"optimizer": "apollo_adamw", "optimizer_kwargs": {"proj": "dct"}}),
+]
 
 
 @pytest.mark.parametrize(("case", "overrides"), RUN_CASES, ids=[case for case, _ in RUN_CASES])
@@ -124,6 +133,9 @@ RESUME_CASES = [
     # accumulation 1: dct_adamw keeps its scaled residual (its residual_norm state is resumed too)
     ("dct_adamw_step_in_backward_accumulation_1", {"optimizer": "dct_adamw", "total_batch_size": 4,
                                                    **STEP_IN_BACKWARD}),
+    # APOLLO's subspace state is a seed: the resumed run draws the same projections
+    ("apollo_adamw", {"optimizer": "apollo_adamw"}),
+    ("apollo_mini_step_in_backward", {"optimizer": "apollo_mini", **STEP_IN_BACKWARD}),
 ]
 
 

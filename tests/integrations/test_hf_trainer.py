@@ -14,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from lowrank_optim.integrations.transformers import (  # noqa: E402
     TRAINER_FACTORIES,
+    APOLLOAdamWFactory,
+    APOLLOMiniFactory,
     ClipInOptimizerCallback,
     DCTProjAdamFactory,
     GaLoreAdamWFactory,
@@ -25,6 +27,8 @@ from lowrank_optim.integrations.transformers import (  # noqa: E402
 RANK = 8
 OPTIMIZERS = {      # name -> (kwargs, convert the model first with SST)
     "adamw": ({"lr": 1e-3}, False),
+    "apollo_adamw": ({"lr": 1e-3, "rank": RANK, "update_proj_gap": 3}, False),
+    "apollo_mini": ({"lr": 1e-3, "update_proj_gap": 3}, False),
     "dct_adamw": ({"lr": 1e-2, "rank": RANK, "update_proj_gap": 3}, False),
     "galore_adamw": ({"lr": 1e-2, "rank": RANK, "update_proj_gap": 3}, False),
     "galore_adamw8bit": ({"lr": 1e-2, "rank": RANK, "update_proj_gap": 3}, False),
@@ -73,7 +77,7 @@ def test_the_library_imports_without_transformers():
 
 def test_registry_covers_the_library_and_names_unknown_optimizers():
     assert set(TRAINER_FACTORIES) == set(OPTIMIZERS)
-    known = "adamw, dct_adamw, galore_adamw, galore_adamw8bit, sst_adamw"
+    known = "adamw, apollo_adamw, apollo_mini, dct_adamw, galore_adamw, galore_adamw8bit, sst_adamw"
     with pytest.raises(ValueError, match=rf"Invalid name: 'galore' \(known: {known}"):
         trainer_optimizer("galore")
 
@@ -90,7 +94,8 @@ def test_each_factory_trains_named_trainable_parameters(tmp_path, name):
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
 
     optimizer = unwrap_optimizer(trainer.optimizer)
-    assert type(optimizer).__name__ == {"adamw": "AdamW", "dct_adamw": "DCTProjAdam",
+    assert type(optimizer).__name__ == {"adamw": "AdamW", "dct_adamw": "DCTProjAdam", "apollo_adamw": "APOLLOAdamW",
+                                        "apollo_mini": "APOLLOMini",
                                         "galore_adamw": "GaLoreAdamW", "galore_adamw8bit": "GaLoreAdamW8bit",
                                         "sst_adamw": "SSTAdamW"}[name]
     given = [n for group in optimizer.param_groups for n in group["param_names"]]
@@ -105,6 +110,12 @@ def test_each_factory_trains_named_trainable_parameters(tmp_path, name):
     if name in ("dct_adamw", "galore_adamw", "galore_adamw8bit"):      # q_proj 32x32, up_proj 64x32: moments of rank 8
         assert moment_shape("model.layers.0.self_attn.q_proj.weight") in {(32, RANK), (RANK, 32)}
         assert moment_shape("model.layers.1.mlp.up_proj.weight") == (64, RANK)
+        for dense in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"):
+            assert moment_shape(dense) == tuple(params[dense].shape)
+    if name in ("apollo_adamw", "apollo_mini"):      # APOLLO: moments of the rank-r projection (Mini: rank 1)
+        rank = RANK if name == "apollo_adamw" else 1
+        assert moment_shape("model.layers.0.self_attn.q_proj.weight") in {(32, rank), (rank, 32)}
+        assert moment_shape("model.layers.1.mlp.up_proj.weight") == (64, rank)
         for dense in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"):
             assert moment_shape(dense) == tuple(params[dense].shape)
     if name == "sst_adamw":                          # only the active pairs have moments
@@ -130,6 +141,16 @@ def test_galore_defaults_and_dct_target_modules():
     default = DCTProjAdamFactory()(model, lr=1e-2, rank=8).param_groups    # the embedding table: a plain group
     assert default[1]["param_names"] == ["model.embed_tokens.weight"] and default[1]["rank"] is None
     assert "model.embed_tokens.weight" not in default[0]["param_names"]
+
+
+def test_apollo_factories_take_dct_layout_and_their_own_defaults():
+    model = tiny_llama()
+    groups = APOLLOAdamWFactory()(model, lr=1e-2, target_modules=r".*\.mlp\..*").param_groups
+    assert all(".mlp." in n for n in groups[0]["param_names"]) and groups[1]["rank"] is None
+    assert (groups[0]["rank"], groups[0]["scale"], groups[0]["scale_type"]) == (0.25, 1.0, "channel")
+    mini = APOLLOMiniFactory()(model, lr=1e-2).param_groups              # the embedding table: a plain group
+    assert mini[1]["param_names"] == ["model.embed_tokens.weight"] and mini[1]["rank"] is None
+    assert (mini[0]["rank"], mini[0]["scale"], mini[0]["scale_type"]) == (1, 128.0, "tensor")
 
 
 def test_factories_refuse_a_model_without_sst_layers_and_a_missing_lr(tmp_path):
