@@ -11,7 +11,7 @@ from support.distributed_harness import assert_identical, half, run_and_collect
 from support.toy import batch, make_model, max_rel_diff, projected_groups
 from torch import nn
 
-from lowrank_optim import DCTProjAdam, GaLoreAdamW, clip_grad_norm_
+from lowrank_optim import APOLLOAdamW, DCTProjAdam, GaLoreAdamW, clip_grad_norm_
 
 STEPS = 100
 TOLERANCE = 1e-10
@@ -37,8 +37,16 @@ def _galore_in_backward(model, **kwargs):
                        step_in_backward=True, accumulation_steps=2, **kwargs)
 
 
+def _apollo_in_backward(model, **kwargs):
+    """APOLLO's update scales the full gradient: its weights' gradients accumulate full-size in the
+    window and each hook all-reduces them whole."""
+    return APOLLOAdamW(model.named_parameters(), lr=1e-2, rank=4, update_proj_gap=7, weight_decay=0.1,
+                       step_in_backward=True, accumulation_steps=2, **kwargs)
+
+
 SETUPS = {"dct": _dct, "galore": _galore, "dct_in_backward": _dct_in_backward,
-          "galore_in_backward": _galore_in_backward}
+          "galore_in_backward": _galore_in_backward, "apollo_in_backward": _apollo_in_backward}
+PROJECTING = [name for name in SETUPS if not name.startswith("apollo")]
 
 
 def _loss(model, step, part=slice(None)):
@@ -95,10 +103,15 @@ def test_every_rank_holds_the_same_state_after_100_steps(results, name):
     assert_identical(first["params"], second["params"])
 
 
-@pytest.mark.parametrize("name", SETUPS)
+@pytest.mark.parametrize("name", PROJECTING)
 def test_ordinary_steps_send_less_than_a_full_all_reduce(results, name):
     """DDP all-reduces every gradient in full; here projected weights send R (m×r) except at their
     staggered refreshes, and the embedding and head (full, plain) dominate this toy."""
     sent, full = results[name][0]["sent"], results[name][0]["full"]
     assert max(sent) == full                                       # the first step: every gradient full
     assert min(sent) < full
+
+
+def test_apollo_sends_every_gradient_whole(results):
+    sent, full = results["apollo_in_backward"][0]["sent"], results["apollo_in_backward"][0]["full"]
+    assert min(sent) == max(sent) == full
