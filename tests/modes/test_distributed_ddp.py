@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_optim import (
+    APOLLOAdamW,
+    APOLLOMini,
     DCTProjAdam,
     GaLoreAdamW,
     GaLoreAdamW8bit,
@@ -67,6 +69,14 @@ def _dct4bit(model):
     return model, DCTProjAdam(model.named_parameters(), lr=1e-2, update_proj_gap=2, rank=4, moment_bits=4)
 
 
+def _apollo(model):
+    return model, APOLLOAdamW(model.named_parameters(), lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)
+
+
+def _apollo_mini(model):
+    return model, APOLLOMini(model.named_parameters(), lr=1e-3, update_proj_gap=2, weight_decay=0.1)
+
+
 def _registered(name):
     return lambda model: (model, create_optimizer(name, model.parameters(), lr=1e-2, weight_decay=0.1))
 
@@ -75,7 +85,8 @@ def _registered(name):
 # the same order (DDP pairs collectives by order; a set's order changes with each process's hash seed).
 PLAIN_LOW_BIT = ("adamw8bit", "adamw4bit")
 SETUPS = {"adamw": _adamw, "galore_adamw": _galore, "dct_adamw": _dct, "sst_adamw": _sst, "sltrain": _sltrain,
-          "galore_adamw8bit": _galore8bit, "dct_adamw_4bit": _dct4bit, **{n: _registered(n) for n in PLAIN_LOW_BIT}}
+          "galore_adamw8bit": _galore8bit, "dct_adamw_4bit": _dct4bit, "apollo_adamw": _apollo,
+          "apollo_mini": _apollo_mini, **{n: _registered(n) for n in PLAIN_LOW_BIT}}
 # Quantized moments: wide enough that the embedding, head and projected moments (1100×4, 4×1100)
 # reach the 4096 values below which moments stay in float.
 LOW_BIT = {"galore_adamw8bit", "dct_adamw_4bit", *PLAIN_LOW_BIT}
