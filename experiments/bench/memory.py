@@ -23,6 +23,10 @@ and each with ``step_in_backward=True`` (every parameter stepped in its hook, on
 step, DCTProjAdam with its default residual; ``*_sib``); the 8-bit step-in-backward rows and
 AdamW(fused) also with the model's activation checkpointing (``*_ckpt``: layers recomputed in the
 backward pass, so that activations do not set the peak; AdamW's peak, at its step, is unchanged).
+APOLLOAdamW (rank 256, channel scaling) and APOLLOMini (rank 1, tensor scaling, scale 128) over the
+same groups, 8-bit moments, step in backward, with and without checkpointing: no backward
+projection (APOLLO refuses it: its update scales the full gradient), so each hook steps its weight
+with the full gradient and frees it.
 
 Phases (measured separately, each the max of its forward+backward and ``opt.step()`` peaks):
 

@@ -63,17 +63,22 @@ MIB = 2**20
 @dataclass(frozen=True)
 class OptimizerSpec:
     label: str
-    optimizer: str              # the registry's name: "adamw" (torch.optim.AdamW), "galore_adamw" or "dct_adamw"
+    optimizer: str              # the registry's name: "adamw" (torch.optim.AdamW), "galore_adamw", "dct_adamw",
+                                # "apollo_adamw" or "apollo_mini"
     bits: int | None = None     # moment_bits
-    backward: bool = False      # backward_projection
+    backward: bool = False      # backward_projection (APOLLO refuses it: its update scales the full gradient)
     fused: bool = False         # torch AdamW: fused=True (else foreach=True)
-    in_backward: bool = False   # step_in_backward (implies backward projection; one backward pass per step)
+    in_backward: bool = False   # step_in_backward (one backward pass per step; GaLore's and DCT's rows also set
+                                # backward: their hooks project; APOLLO's hooks step with the full gradient)
     checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
+    rank: int | None = None     # the projected group's rank instead of the bench's --rank (APOLLO-Mini: 1)
 
     @property
     def projected(self) -> bool:
-        """Built over GaLore's param groups (``lowrank_param_groups``)."""
-        return bool(optimizer_info(self.optimizer).projection_keys)
+        """Built over GaLore's param groups (``lowrank_param_groups``): the registry's projected optimizers,
+        and those given a ``rank`` here (APOLLO-Mini, registered to take ``model.parameters()``: its own
+        rule selects the same attention and MLP weights of a LLaMA, the embedding and head stay plain)."""
+        return bool(optimizer_info(self.optimizer).projection_keys) or self.rank is not None
 
     @property
     def deferred(self) -> bool:
@@ -104,6 +109,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                                           "galore_adamw", 8, True, in_backward=True, checkpointing=True),
     "dct_8bit_sib_ckpt": OptimizerSpec("DCTProjAdam 8-bit + step in backward (residual scaled) + activation "
                                        "checkpointing", "dct_adamw", 8, True, in_backward=True, checkpointing=True),
+    # APOLLO: no backward projection (refused); under step in backward each hook steps its weight with the
+    # full gradient. APOLLO-Mini: rank 1, scale_type "tensor", scale 128 (its defaults), GaLore's groups.
+    "apollo_8bit_sib": OptimizerSpec("APOLLO 8-bit + step in backward", "apollo_adamw", 8, in_backward=True),
+    "apollo_8bit_sib_ckpt": OptimizerSpec("APOLLO 8-bit + step in backward + activation checkpointing",
+                                          "apollo_adamw", 8, in_backward=True, checkpointing=True),
+    "apollo_mini_8bit_sib": OptimizerSpec("APOLLO-Mini 8-bit + step in backward", "apollo_mini", 8,
+                                          in_backward=True, rank=1),
+    "apollo_mini_8bit_sib_ckpt": OptimizerSpec("APOLLO-Mini 8-bit + step in backward + activation checkpointing",
+                                               "apollo_mini", 8, in_backward=True, checkpointing=True, rank=1),
 }
 
 
@@ -174,7 +188,7 @@ def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int, **ove
     if not spec.projected:
         kwargs = {"fused": True} if spec.fused else {"foreach": True}
         return create_optimizer(spec.optimizer, model.parameters(), lr=1e-3, **kwargs), []
-    groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=gap)
+    groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=spec.rank or rank, update_proj_gap=gap)
     projected = [param for _, param in groups[0]["params"]]
     kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward,
                   step_in_backward=spec.in_backward, **overrides)

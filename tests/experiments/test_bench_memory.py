@@ -1,7 +1,7 @@
 """experiments/bench/memory_worker.py (the per-configuration process of experiments.bench.memory):
 on a tiny LLaMA, the JSON it writes has the documented fields, its components add up to the peak,
 and backward projection holds fewer gradient bytes than the standard optimizer at an ordinary step;
-stepping in the backward pass holds none."""
+stepping in the backward pass holds none (APOLLO's rows too, whose hooks step with the full gradient)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_pa
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY), encoding="utf-8")
     runs = {key: _start(tmp_path, config, key, gap)
-            for key, gap in (("dct_8bit", 2), ("dct_8bit_bp", 200), ("dct_8bit_sib", 2))}
+            for key, gap in (("dct_8bit", 2), ("dct_8bit_bp", 200), ("dct_8bit_sib", 2), ("apollo_8bit_sib", 2),
+                             ("apollo_mini_8bit_sib_ckpt", 2))}
     results = {}
     for key, (process, out) in runs.items():
         _, stderr = process.communicate(timeout=120)
@@ -76,3 +77,13 @@ def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_pa
     assert all(s["grad_bytes"] == s["accumulator_bytes"] == s["full_projected_grads"] == 0 for s in in_backward)
     assert results["dct_8bit_sib"]["expected_accumulator_bytes"] == 0
     assert in_backward[1]["loss"] == standard[1]["loss"]
+
+    # APOLLO under step in backward (no backward projection: its hooks step each weight with its full
+    # gradient): nothing left after backward either; APOLLO-Mini (rank 1, GaLore's groups: the same 14
+    # weights) keeps less state than APOLLO at rank 32
+    for key in ("apollo_8bit_sib", "apollo_mini_8bit_sib_ckpt"):
+        assert not results[key]["backward_projection"] and results[key]["expected_accumulator_bytes"] == 0
+        assert all(s["grad_bytes"] == s["accumulator_bytes"] == s["full_projected_grads"] == 0
+                   for s in results[key]["steps"])
+    assert results["apollo_mini_8bit_sib_ckpt"]["steps"][1]["state_bytes"] < \
+        results["apollo_8bit_sib"]["steps"][1]["state_bytes"]
