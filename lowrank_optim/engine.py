@@ -409,10 +409,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
             low_rank_grad = plan.projector.project(target.grad, subspace, plan.side, plan.backend)
         if target.new_subspace is not None:
             self.refresh_stats[plan.key]["captured"] = _captured_fraction(low_rank_grad, target.grad, plan.sharding)
-        basis, indices = plan.projector.basis_columns(
-            subspace, compressed_size(target.weight.shape, plan.side), moments.float_dtype, plan.backend)
+        basis_columns = functools.partial(plan.projector.basis_columns, subspace,
+                                          compressed_size(target.weight.shape, plan.side), moments.float_dtype,
+                                          plan.backend)
         plan.rule.update(
-            ProjectedStep(target.weight, target.grad, low_rank_grad, moments, basis, indices, plan.side,
+            ProjectedStep(target.weight, target.grad, low_rank_grad, moments, basis_columns, plan.side,
                           self._slot_step_counts(target, state), source_slots, state, plan.sharding, plan.backend,
                           self._rounding(target.param) if plan.stochastic_round else None),
             AdamHyperparameters.of(group, self.adam_form), group)

@@ -9,6 +9,7 @@ one line in :data:`lowrank_optim.rules.RULES`; a param group chooses it with ``u
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,7 +48,9 @@ class ProjectedStep:
 
     ``weight``: the parameter (this rank's shard under FSDP2); ``grad``: its gradient ``G`` (negated
     under ``maximize``), None when it was projected in the backward pass; ``low_rank_grad``: ``R``;
-    ``basis``, ``indices``: ``P = basis[:, indices]`` (``indices`` None: ``P = basis``); ``step``:
+    ``basis_columns()``: ``(basis, indices)`` with ``P = basis[:, indices]`` (``indices`` None:
+    ``P = basis``), in the moments' float dtype, formed on call (a rule that never back-projects,
+    as APOLLO, never draws or gathers ``P``); ``step``:
     the incremented step count, or per-slot counts shaped to broadcast against the moments;
     ``source_slots``: a slot remap of the moments still to apply (a transporting DCT refresh);
     ``state``: the parameter's state dict, for entries the rule owns; ``generator``: stochastic
@@ -57,8 +60,7 @@ class ProjectedStep:
     grad: torch.Tensor | None
     low_rank_grad: torch.Tensor
     moments: Moments
-    basis: torch.Tensor
-    indices: torch.Tensor | None
+    basis_columns: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
     side: str
     step: int | torch.Tensor
     source_slots: torch.Tensor | None

@@ -24,8 +24,9 @@ def apply_projected_update_(step: ProjectedStep, normalized: torch.Tensor, hyper
                             residual: bool) -> None:
     """Update ``step.weight`` with ``ΔW`` from ``N`` (``normalized``), the scaled residual
     included when ``residual`` (its limiter's norm kept in ``step.state["residual_norm"]``)."""
-    if normalized.dtype != step.basis.dtype:          # quantized moments give an fp32 N
-        normalized = normalized.to(step.basis.dtype)
+    basis, indices = step.basis_columns()
+    if normalized.dtype != basis.dtype:          # quantized moments give an fp32 N
+        normalized = normalized.to(basis.dtype)
     phi = None
     if residual:
         phi, step.state["residual_norm"] = residual_coefficients(
@@ -33,20 +34,21 @@ def apply_projected_update_(step: ProjectedStep, normalized: torch.Tensor, hyper
     coefficients = dict(lr=hyper.lr, scale=hyper.scale, weight_decay=hyper.weight_decay,
                         decay_before_update=hyper.form.decay_before_update)
     if step.generator is not None:
-        _stochastic_weight_update_(step, normalized, phi, update_coefficients(**coefficients))
+        _stochastic_weight_update_(step, normalized, basis, indices, phi, update_coefficients(**coefficients))
         return
-    projected_weight_update_(step.backend, step.weight, normalized, step.basis, step.indices, step.side,
+    projected_weight_update_(step.backend, step.weight, normalized, basis, indices, step.side,
                              **coefficients, residual_grad=None if phi is None else step.grad,
                              residual_low_rank_grad=None if phi is None else step.low_rank_grad,
                              residual_coefficients=phi)
 
 
-def _stochastic_weight_update_(step: ProjectedStep, normalized: torch.Tensor, phi: torch.Tensor | None,
+def _stochastic_weight_update_(step: ProjectedStep, normalized: torch.Tensor, basis: torch.Tensor,
+                               indices: torch.Tensor | None, phi: torch.Tensor | None,
                                coefficients: tuple[float, float]) -> None:
     """``W ← SR(a·W − b·ΔW)`` with ``ΔW`` (residual included when ``phi``) formed in fp32."""
     a, b = coefficients
     core = normalized.float() if phi is None else normalized.float() - phi.float() * step.low_rank_grad.float()
-    delta = back_project(core, step.basis.float(), step.indices, step.side)
+    delta = back_project(core, basis.float(), indices, step.side)
     if phi is not None:
         delta.addcmul_(phi.float(), step.grad.float())
     update = delta.mul_(-b)
