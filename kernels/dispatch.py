@@ -14,7 +14,7 @@ kernels are defined after the caller had its chance to set ``TRITON_INTERPRET``.
   optionally with the scaled residual (Fira) of the gradient outside the subspace;
 * :func:`channel_squared_norms` and :func:`scaled_weight_update_`: APOLLO's update
   ``W ← a·W − b·(f∘G)`` with per-channel (or one) factors ``f``, and the channel norms of ``G``
-  its norm-growth limiter reads (:mod:`.apollo_update`: two memory-bound passes over ``G``).
+  its norm-growth limiter reads (:mod:`.channel_scaling`: two memory-bound passes over ``G``).
 
 Both moment updates take the moments' layout in one vocabulary (``"columns"``, ``"rows"``,
 ``"flat"``, :mod:`.layout`) and compute, in fp32 for quantized moments::
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from .apollo_update import channel_squared_norms as _reference_channel_squared_norms
-from .apollo_update import scaled_weight_update_ as _reference_scaled_weight_update_
+from .channel_scaling import channel_squared_norms as _reference_channel_squared_norms
+from .channel_scaling import scaled_weight_update_ as _reference_scaled_weight_update_
 from .backend import RESOLVED_BACKENDS
 from .column_select import gather_project
 from .moment_update import adam_moment_update_
@@ -123,7 +123,7 @@ def channel_squared_norms(backend: str, matrix: torch.Tensor, side: str | None) 
     least fp32 (fp32 from Triton, which takes 2-D matrices)."""
     _check_moment_backend(backend)
     if backend == "triton":
-        from .apollo_update_triton import channel_squared_norms_triton
+        from .channel_scaling_triton import channel_squared_norms_triton
         return channel_squared_norms_triton(matrix, side)
     return _reference_channel_squared_norms(matrix, side)
 
@@ -131,10 +131,10 @@ def channel_squared_norms(backend: str, matrix: torch.Tensor, side: str | None) 
 def scaled_weight_update_(backend: str, weight: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor, side: str,
                           *, a: float, b: float) -> None:
     """``W ← a·W − b·(f∘G)`` in place, ``factors`` ``f`` one per channel of ``side`` or 0-d
-    (:mod:`.apollo_update`)."""
+    (:mod:`.channel_scaling`)."""
     _check_moment_backend(backend)
     if backend == "triton":
-        from .apollo_update_triton import scaled_weight_update_triton_
+        from .channel_scaling_triton import scaled_weight_update_triton_
         scaled_weight_update_triton_(weight, grad, factors, side, a=a, b=b)
     else:
         _reference_scaled_weight_update_(weight, grad, factors, side, a=a, b=b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.apollo_update import channel_squared_norms
+from .kernels.channel_scaling import channel_squared_norms
 
 __all__ = ["along_channels", "channel_squared_norms"]
 

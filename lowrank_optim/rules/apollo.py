@@ -27,7 +27,7 @@ Bias correction is folded into ``η_t`` (apollo-torch's); per-slot correction is
 The update reads the full ``G``: ``backward_projection`` refuses it, and ``step_in_backward``
 keeps a weight's full gradient through an accumulation window. The moments, the channel norms of
 ``G`` and the update ``W ← a·W − b·(ℓs∘G)`` run on the parameter's backend
-(:mod:`lowrank_optim.kernels.apollo_update`; on Triton one pass over ``G`` for the norms and one
+(:mod:`lowrank_optim.kernels.channel_scaling`; on Triton one pass over ``G`` for the norms and one
 over ``G`` and ``W`` for the update, ``ℓs`` a device tensor); a bf16 weight with stochastic
 rounding is updated by PyTorch in fp32 (``backend="triton"`` refuses that group).
 """

@@ -71,12 +71,12 @@ def _quantized(pointers=None, **constexprs):
 
 
 def _apollo_norms(dtype):
-    return ("apollo_update_triton", "_channel_squared_norms_kernel", dict(grad_ptr=dtype, partial_ptr="fp32"), (),
+    return ("channel_scaling_triton", "_channel_squared_norms_kernel", dict(grad_ptr=dtype, partial_ptr="fp32"), (),
             dict(BLOCK_C=32, BLOCK_L=128), dict(num_warps=4))
 
 
-def _apollo_update(dtype, factors):
-    return ("apollo_update_triton", "_scaled_weight_update_kernel",
+def _channel_scaling(dtype, factors):
+    return ("channel_scaling_triton", "_scaled_weight_update_kernel",
             dict(weight_ptr=dtype, grad_ptr=dtype, factors_ptr="fp32"), ("decay", "neg_step"),
             dict(FACTORS=factors, BLOCK_M=16, BLOCK_N=256), dict(num_warps=4))
 
@@ -113,9 +113,9 @@ CASES = [
     # and a bf16 gradient, the scaled update per row, per column and by one factor, fp32/bf16/fp16.
     _apollo_norms("fp32"),
     _apollo_norms("bf16"),
-    _apollo_update("fp32", "rows"),
-    _apollo_update("bf16", "columns"),
-    _apollo_update("fp16", "tensor"),
+    _channel_scaling("fp32", "rows"),
+    _channel_scaling("bf16", "columns"),
+    _channel_scaling("fp16", "tensor"),
 ]
 # Configs over a target's shared memory, which the autotuner skips there (it times a launch that
 # raises OutOfResources as infinitely slow): on A100 the largest tile of the dense (GaLore)

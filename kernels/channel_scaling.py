@@ -1,4 +1,4 @@
-"""APOLLO's scaled weight update and the channel norms of its limiter, PyTorch reference.
+"""Channel-scaled weight updates (APOLLO's) and channel norms (also Fira's residual), PyTorch reference.
 
 For a weight ``W`` (``m×n``), its gradient ``G`` and per-channel factors ``f`` (APOLLO's ``s``,
 with the norm-growth limiter's factor already folded in by the caller)::

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from lowrank_optim.kernels.apollo_update import channel_squared_norms, scaled_weight_update_  # noqa: E402
-from lowrank_optim.kernels.apollo_update_triton import (  # noqa: E402
+from lowrank_optim.kernels.channel_scaling import channel_squared_norms, scaled_weight_update_  # noqa: E402
+from lowrank_optim.kernels.channel_scaling_triton import (  # noqa: E402
     BLOCK_L,
     channel_squared_norms_triton,
     scaled_weight_update_triton_,
@@ -171,7 +171,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     import warnings
     warnings.simplefilter("ignore")
     from triton.backends.compiler import GPUTarget
-    from lowrank_optim.kernels.apollo_update_triton import compile_for_target
+    from lowrank_optim.kernels.channel_scaling_triton import compile_for_target
     variants = [dict(kernel="norms", dtype="fp32"), dict(kernel="norms", dtype="bf16"),
                 dict(kernel="update", dtype="bf16", factors="rows"), dict(kernel="update", factors="columns"),
                 dict(kernel="update", dtype="fp16", factors="tensor")]

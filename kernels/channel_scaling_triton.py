@@ -1,4 +1,4 @@
-"""APOLLO's weight update in two memory-bound passes, Triton (math in :mod:`.apollo_update`).
+"""APOLLO's weight update in two memory-bound passes, Triton (math in :mod:`.channel_scaling`).
 
 1. :func:`channel_squared_norms_triton`: ``‖G_c‖²`` per channel in fp32, one read of ``G``. The
    grid is ``(channel blocks, splits)``: each program sums the squares of ``BLOCK_C`` channels over
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .apollo_update import factor_shape
+from .channel_scaling import factor_shape
 from .triton_support import check_launchable
 
 # NOTE: fixed tiles, no autotuning: both passes are memory-bound and element-wise along their
@@ -95,7 +95,7 @@ def _channel_strides(matrix: torch.Tensor, side: str) -> tuple[int, int, int, in
 
 
 def channel_squared_norms_triton(grad: torch.Tensor, side: str | None) -> torch.Tensor:
-    """Same contract as :func:`.apollo_update.channel_squared_norms` for a 2-D ``grad`` (any strides),
+    """Same contract as :func:`.channel_scaling.channel_squared_norms` for a 2-D ``grad`` (any strides),
     always fp32; ``side`` None sums the rows' norms (0-d)."""
     if side not in FACTOR_MODES:
         raise ValueError(f"Invalid side: {side!r} (expected 'right', 'left' or None)")
@@ -120,7 +120,7 @@ def channel_squared_norms_triton(grad: torch.Tensor, side: str | None) -> torch.
 
 def scaled_weight_update_triton_(weight: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor, side: str, *,
                                  a: float, b: float) -> None:
-    """Same contract as :func:`.apollo_update.scaled_weight_update_`, in one pass."""
+    """Same contract as :func:`.channel_scaling.scaled_weight_update_`, in one pass."""
     if grad.shape != weight.shape:
         raise ValueError(f"grad {tuple(grad.shape)} does not match the weight {tuple(weight.shape)}")
     mode = FACTOR_MODES[side] if factor_shape(weight.shape, side, factors) else "tensor"
