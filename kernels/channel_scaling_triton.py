@@ -136,24 +136,3 @@ def scaled_weight_update_triton_(weight: torch.Tensor, grad: torch.Tensor, facto
         float(a), -float(b),
         FACTORS=mode, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=UPDATE_WARPS,
     )
-
-
-def compile_for_target(target, *, kernel: str = "update", dtype: str = "fp32", factors: str = "rows"):
-    """Ahead-of-time compile of one kernel (``"norms"`` or ``"update"``) for a
-    ``triton.backends.compiler.GPUTarget`` (no GPU needed), for ``dtype`` weights and gradients
-    (``"fp32"``, ``"bf16"``, ``"fp16"``) and, for the update, ``factors`` in ``"rows"``,
-    ``"columns"``, ``"tensor"``. Returns the ``triton.compile`` result (``.asm["ptx"]``, ``.asm["cubin"]``)."""
-    if kernel == "norms":
-        signature = dict(grad_ptr=f"*{dtype}", partial_ptr="*fp32", C="i32", L="i32", chunk="i32",
-                         stride_c="i32", stride_l="i32", BLOCK_C="constexpr", BLOCK_L="constexpr")
-        fn, constexprs, warps = _channel_squared_norms_kernel, dict(BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L), NORM_WARPS
-    elif kernel == "update":
-        signature = dict(weight_ptr=f"*{dtype}", grad_ptr=f"*{dtype}", factors_ptr="*fp32", M="i32", N="i32",
-                         stride_wm="i32", stride_wn="i32", stride_gm="i32", stride_gn="i32", decay="fp32",
-                         neg_step="fp32", FACTORS="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr")
-        fn, warps = _scaled_weight_update_kernel, UPDATE_WARPS
-        constexprs = dict(FACTORS=factors, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    else:
-        raise ValueError(f"Invalid kernel: {kernel!r} (expected 'norms' or 'update')")
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=target, options=dict(num_warps=warps))

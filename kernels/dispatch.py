@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
+from .backend import RESOLVED_BACKENDS
 from .channel_scaling import channel_squared_norms as _reference_channel_squared_norms
 from .channel_scaling import scaled_weight_update_ as _reference_scaled_weight_update_
-from .backend import RESOLVED_BACKENDS
 from .column_select import gather_project
 from .moment_update import adam_moment_update_
 from .quantized_moment_update import Codebook

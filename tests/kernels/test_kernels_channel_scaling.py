@@ -3,12 +3,9 @@ reference against float64, the Triton kernels against the reference, the optimiz
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, set before they are defined
 (the interpreter's bf16 arithmetic is wrong: fp32 and fp16 here, bf16 compiled in
-test_kernels_compile.py and below for sm80/sm90).
+test_kernels_compile.py for sm80/sm90).
 """
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -165,35 +162,6 @@ def test_apollo_on_triton_follows_torch(group):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
-
-
-_AOT_SCRIPT = textwrap.dedent("""
-    import warnings
-    warnings.simplefilter("ignore")
-    from triton.backends.compiler import GPUTarget
-    from lowrank_optim.kernels.channel_scaling_triton import compile_for_target
-    variants = [dict(kernel="norms", dtype="fp32"), dict(kernel="norms", dtype="bf16"),
-                dict(kernel="update", dtype="bf16", factors="rows"), dict(kernel="update", factors="columns"),
-                dict(kernel="update", dtype="fp16", factors="tensor")]
-    for capability in (80, 90):
-        for variant in variants:
-            compiled = compile_for_target(GPUTarget("cuda", capability, 32), **variant)
-            assert f".target sm_{capability}" in compiled.asm["ptx"], capability
-            assert len(compiled.asm["cubin"]) > 0
-            print("compiled", capability, variant)
-""")
-
-
-def test_aot_compiles_for_sm80_and_sm90():
-    """Lower the real kernels (not the interpreter) to PTX and cubin for A100 and H100 targets: a
-    fresh process without TRITON_INTERPRET, no GPU needed."""
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment.setdefault("TRITON_DEFAULT_FP_FUSION", "1")        # silences Triton 3.9's notice
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=environment, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 10
 
 
 def test_triton_with_stochastic_rounding_is_refused_for_apollo():
