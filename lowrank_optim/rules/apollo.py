@@ -103,9 +103,8 @@ def _scaling_factors(normalized: torch.Tensor, low_rank_grad: torch.Tensor, step
     if scale_type == "channel":
         return channel_squared_norms(normalized, step.side).sqrt_().div_(
             channel_squared_norms(low_rank_grad, step.side).sqrt_().add_(NORM_GUARD))
-    dtype = torch.promote_types(normalized.dtype, torch.float32)
-    squares = torch.stack([normalized.to(dtype).square().sum(), low_rank_grad.to(dtype).square().sum()])
-    squares = summed(squares, step.sharding)
+    squares = summed(torch.stack([channel_squared_norms(normalized, None), channel_squared_norms(low_rank_grad, None)]),
+                     step.sharding)
     return squares[0].sqrt() / (squares[1].sqrt() + NORM_GUARD)
 
 
