@@ -20,20 +20,16 @@ from __future__ import annotations
 import torch
 
 from ..adam_form import bias_corrections
-from .base import AdamHyperparameters, ProjectedStep, UpdateRule
+from .adamw import AdamWRule
+from .base import AdamHyperparameters, ProjectedStep
 from .weight_step import apply_projected_update_
 
 
-class AdamAtan2Rule(UpdateRule):
-    """Adam-atan2 on the projected moments (module doc)."""
+class AdamAtan2Rule(AdamWRule):
+    """Adam-atan2 on the projected moments (module doc): :class:`~.adamw.AdamWRule` with another
+    ``N``, so the same residual, state and full-gradient use."""
 
     name = "adam_atan2"
-
-    def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
-        return ("residual='scaled'", "pass residual='none'") if group["residual"] == "scaled" else None
-
-    def state_bytes(self, group: dict) -> int:
-        return 4 if group["residual"] == "scaled" else 0
 
     def update(self, step: ProjectedStep, hyper: AdamHyperparameters, group: dict) -> None:
         if step.source_slots is not None:
