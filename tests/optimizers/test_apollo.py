@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from support.apollo_cases import GAP, apollo_params, set_apollo_gradients
 from support.oracles import apollo_torch_adamw
 from support.toy import loss_of, make_model, max_rel_diff, train, train_in_micro_batches, twin
 
@@ -13,23 +14,9 @@ from lowrank_optim import APOLLOAdamW, APOLLOMini
 from lowrank_optim.reference import ReferenceAPOLLOAdamW
 
 TOLERANCE = 1e-11        # float64, the same formulas in another association order (a few ulps per step)
-GAP = 5
-SHAPES = [(24, 10), (10, 24), (12, 12)]
 CONFIGS = {"channel": dict(scale_type="channel", rank=4, scale=2.0),
            "tensor": dict(scale_type="tensor", rank=4, scale=2.0),
            "mini": dict(scale_type="tensor", rank=1, scale=128.0)}
-
-
-def _params():
-    generator = torch.Generator().manual_seed(7)
-    matrices = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64)) for s in SHAPES]
-    return matrices + [torch.nn.Parameter(torch.randn(6, generator=generator, dtype=torch.float64))]
-
-
-def _gradients(params, step):
-    for index, p in enumerate(params):
-        generator = torch.Generator().manual_seed(100 * step + index)
-        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64) * (1.0 + 0.6 * math.sin(1.7 * step))
 
 
 def _groups(params, config, **extra):
@@ -42,7 +29,7 @@ def _groups(params, config, **extra):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("oracle", ["reference", "apollo_torch"])
 def test_every_step_agrees_in_float64_across_resamples(oracle, config, limiter):
-    ours_params, their_params = _params(), _params()
+    ours_params, their_params = apollo_params(), apollo_params()
     ours = APOLLOAdamW(_groups(ours_params, config), lr=1e-2, weight_decay=0.1,
                        norm_growth_limit=1.01 if limiter else None)
     if oracle == "reference":
@@ -53,8 +40,8 @@ def test_every_step_agrees_in_float64_across_resamples(oracle, config, limiter):
                                       weight_decay=0.1,
                                       disable_nl=not limiter)
     for step in range(12):                       # resamples before steps 1, 6, 11
-        _gradients(ours_params, step)
-        _gradients(their_params, step)
+        set_apollo_gradients(ours_params, step)
+        set_apollo_gradients(their_params, step)
         ours.step()
         theirs.step()
         for a, b in zip(ours_params, their_params):

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from support.apollo_cases import GAP, STEPS, apollo_gradient, apollo_params, set_apollo_gradients
 from support.oracles import (
     apollo_torch_adamw,
     apollo_torch_projector,
@@ -25,33 +26,11 @@ from lowrank_optim.reference.apollo import next_projection_seed, projection_seed
 # differences are a few ulps per step; 1e-11 leaves room for 12 steps and catches any real difference
 # (the smallest one below, ε placement, is 1e-4 relative).
 TOLERANCE = 1e-11
-SHAPES = [(24, 10), (10, 24), (12, 12)]   # right projection, left projection, square (right)
-GAP = 5                                    # refreshes before 1-based steps 1, 6, 11
-STEPS = 12
 CONFIGS = {   # (scale_type, rank, scale)
     "channel": ("channel", 4, 2.0),
     "tensor": ("tensor", 4, 2.0),
     "mini": ("tensor", 1, 128.0),
 }
-
-
-def _params(shapes=SHAPES, bias=True):
-    generator = torch.Generator().manual_seed(7)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64)) for shape in shapes]
-    if bias:
-        params.append(torch.nn.Parameter(torch.randn(6, generator=generator, dtype=torch.float64)))
-    return params
-
-
-def _gradient(shape, step, index):
-    """A fixed gradient whose size swings by ±60 % from step to step, so the limiter has growth to cut."""
-    generator = torch.Generator().manual_seed(100 * step + index)
-    return torch.randn(shape, generator=generator, dtype=torch.float64) * (1.0 + 0.6 * math.sin(1.7 * step))
-
-
-def _set_gradients(params, step):
-    for index, p in enumerate(params):
-        p.grad = _gradient(p.shape, step, index)
 
 
 def _rel(a, b):
@@ -70,7 +49,7 @@ def _groups(params, rank, scale_type, scale, proj_type="std", gap=GAP):
 def _pair(config, limiter, weight_decay=0.1, proj_type="std", lr=1e-2):
     oracle_cls = apollo_torch_adamw()
     scale_type, rank, scale = CONFIGS[config]
-    ours_params, oracle_params = _params(), _params()
+    ours_params, oracle_params = apollo_params(), apollo_params()
     ours = ReferenceAPOLLOAdamW(_groups(ours_params, rank, scale_type, scale, proj_type), lr=lr,
                                 weight_decay=weight_decay, norm_growth_limit=1.01 if limiter else None)
     oracle = oracle_cls(_groups(oracle_params, rank, scale_type, scale, proj_type), lr=lr,
@@ -92,8 +71,8 @@ def _oracle_matrix(projector, shape):
 def test_step_by_step_agreement_with_apollo_torch(config, limiter):
     ours, ours_params, oracle, oracle_params = _pair(config, limiter)
     for step in range(STEPS):
-        _set_gradients(ours_params, step)
-        _set_gradients(oracle_params, step)
+        set_apollo_gradients(ours_params, step)
+        set_apollo_gradients(oracle_params, step)
         ours.step()
         oracle.step()
         for p, q in zip(ours_params, oracle_params):
@@ -109,7 +88,7 @@ def test_step_by_step_agreement_with_apollo_torch(config, limiter):
     first = ours.state[ours_params[0]]
     assert first["seed"] == projection_seed(1, 2) != projection_seed(1, 1)
     # the runs moved
-    assert max(_rel(p.detach(), q) for p, q in zip(ours_params, _params())) > 1e-2
+    assert max(_rel(p.detach(), q) for p, q in zip(ours_params, apollo_params())) > 1e-2
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -118,11 +97,11 @@ def test_the_limiter_changes_these_trajectories(config):
     with_limiter, with_params, _, _ = _pair(config, True)
     without, without_params, _, _ = _pair(config, False)
     for step in range(STEPS):
-        _set_gradients(with_params, step)
-        _set_gradients(without_params, step)
+        set_apollo_gradients(with_params, step)
+        set_apollo_gradients(without_params, step)
         with_limiter.step()
         without.step()
-    for p, q, p0 in zip(with_params, without_params, _params()):
+    for p, q, p0 in zip(with_params, without_params, apollo_params()):
         if p.ndim == 2:   # the displacements differ by 4 to 20 % here
             assert _rel(p - p0, q - p0) > 0.02
 
@@ -164,11 +143,11 @@ def test_projection_rule_is_apollo_torchs():
 
 
 def test_reference_draws_nothing_from_the_global_random_state():
-    params = _params()
+    params = apollo_params()
     ours = ReferenceAPOLLOAdamW(_groups(params, 4, "channel", 1.0), lr=1e-2)
     before = torch.get_rng_state()
     for step in range(STEPS):
-        _set_gradients(params, step)
+        set_apollo_gradients(params, step)
         ours.step()
     assert torch.equal(before, torch.get_rng_state())
 
@@ -182,16 +161,16 @@ def test_reverse_std_tensor_agrees_but_reverse_std_channel_crashes_apollo_torch(
     and do not broadcast against G. The reference scales along the dimension that is not compressed."""
     ours, ours_params, oracle, oracle_params = _pair("tensor", True, proj_type="reverse_std")
     for step in range(STEPS):
-        _set_gradients(ours_params, step)
-        _set_gradients(oracle_params, step)
+        set_apollo_gradients(ours_params, step)
+        set_apollo_gradients(oracle_params, step)
         ours.step()
         oracle.step()
     for p, q in zip(ours_params, oracle_params):
         assert _rel(p.detach(), q.detach()) < TOLERANCE
 
     ours, ours_params, oracle, oracle_params = _pair("channel", True, proj_type="reverse_std")
-    _set_gradients(ours_params, 0)
-    _set_gradients(oracle_params, 0)
+    set_apollo_gradients(ours_params, 0)
+    set_apollo_gradients(oracle_params, 0)
     ours.step()
     with pytest.raises(RuntimeError, match="must match the size"):
         oracle.step()
@@ -200,14 +179,14 @@ def test_reverse_std_tensor_agrees_but_reverse_std_channel_crashes_apollo_torch(
 def _one_param_run(bias_correction, limiter, eps, steps, constant=False):
     """apollo-torch and the reference on one tall matrix, one subspace; per step, both updates' norms."""
     oracle_cls = apollo_torch_adamw()
-    ours_p, oracle_p = _params([(24, 10)], bias=False), _params([(24, 10)], bias=False)
+    ours_p, oracle_p = apollo_params([(24, 10)], bias=False), apollo_params([(24, 10)], bias=False)
     ours = ReferenceAPOLLOAdamW(_groups(ours_p, 4, "tensor", 1.0, gap=100), lr=1e-2, eps=eps,
                                 norm_growth_limit=1.01 if limiter else None, bias_correction=bias_correction)
     oracle = oracle_cls(_groups(oracle_p, 4, "tensor", 1.0, gap=100), lr=1e-2, eps=eps, disable_nl=not limiter)
     ours_norms, oracle_norms = [], []
     for step in range(steps):
         before = (ours_p[0].detach().clone(), oracle_p[0].detach().clone())
-        grad = _gradient((24, 10), 0 if constant else step, 0)
+        grad = apollo_gradient((24, 10), 0 if constant else step, 0)
         ours_p[0].grad, oracle_p[0].grad = grad.clone(), grad.clone()
         ours.step()
         oracle.step()
@@ -244,12 +223,12 @@ def test_apollo_torch_limiter_sees_the_uncorrected_update():
 def test_moments_reset_is_an_option_apollo_torch_does_not_have():
     """apollo-torch keeps M and V across a refresh although they then describe the old random subspace."""
     ours, ours_params, oracle, oracle_params = _pair("channel", False)
-    params = _params()
+    params = apollo_params()
     reset = ReferenceAPOLLOAdamW(_groups(params, 4, "channel", 2.0), lr=1e-2, weight_decay=0.1,
                                  norm_growth_limit=None, moments="reset")
     for step in range(GAP + 1):
         for ps in (ours_params, oracle_params, params):
-            _set_gradients(ps, step)
+            set_apollo_gradients(ps, step)
         ours.step()
         oracle.step()
         reset.step()
@@ -271,11 +250,11 @@ def _loads_weights_only(optimizer) -> bool:
 def test_state_loads_weights_only_unlike_both_peers():
     """Both peers keep a projector object in the state; the reference keeps tensors and ints."""
     ours, ours_params, oracle, oracle_params = _pair("channel", True)
-    peer_params = _params()
+    peer_params = apollo_params()
     peer = pytorch_optimizer_apollo()(_pytorch_optimizer_groups(peer_params, "channel"), lr=1e-2)
     for step in range(2):
         for ps in (ours_params, oracle_params, peer_params):
-            _set_gradients(ps, step)
+            set_apollo_gradients(ps, step)
         ours.step()
         oracle.step()
         peer.step()
@@ -322,7 +301,7 @@ def injected_projection(monkeypatch):
 
 
 def _single_matrix_pair(shape, scale_type, scale=2.0):
-    ours_p, peer_p = _params([shape], bias=False), _params([shape], bias=False)
+    ours_p, peer_p = apollo_params([shape], bias=False), apollo_params([shape], bias=False)
     ours = ReferenceAPOLLOAdamW(_groups(ours_p, 4, scale_type, scale), lr=1e-2)
     peer = pytorch_optimizer_apollo()(_pytorch_optimizer_groups(peer_p, scale_type, scale=scale)[:1], lr=1e-2)
     return ours, ours_p[0], peer, peer_p[0]
@@ -341,7 +320,7 @@ def test_pytorch_optimizer_plain_params_agree_and_decay_by_the_corrected_step():
     ours = ReferenceAPOLLOAdamW(ours_p, lr=1e-2)
     peer = peer_cls(peer_p, lr=1e-2, foreach=False)
     for step in range(STEPS):
-        ours_p[0].grad, peer_p[0].grad = _gradient((7,), step, 0), _gradient((7,), step, 0)
+        ours_p[0].grad, peer_p[0].grad = apollo_gradient((7,), step, 0), apollo_gradient((7,), step, 0)
         ours.step()
         peer.step()
         assert _rel(ours_p[0].detach(), peer_p[0].detach()) < TOLERANCE
@@ -351,7 +330,7 @@ def test_pytorch_optimizer_plain_params_agree_and_decay_by_the_corrected_step():
     optimizers = [ReferenceAPOLLOAdamW(bare_p, lr=lr), ReferenceAPOLLOAdamW(ours_p, lr=lr, weight_decay=decay),
                   peer_cls(peer_p, lr=lr, weight_decay=decay, foreach=False)]
     for ps, optimizer in zip((bare_p, ours_p, peer_p), optimizers):
-        ps[0].grad = _gradient((7,), 0, 0)
+        ps[0].grad = apollo_gradient((7,), 0, 0)
         optimizer.step()
     bare = bare_p[0].detach()
     step_size = lr * math.sqrt(1 - 0.999) / (1 - 0.9)
@@ -366,7 +345,7 @@ def test_pytorch_optimizer_refreshes_one_step_early(injected_projection):
     before steps 1, gap+1, 2·gap+1. The moments agree until the peer's early refresh."""
     ours, p, peer, q = _single_matrix_pair((24, 10), "channel")
     for step in range(STEPS):
-        p.grad, q.grad = _gradient(p.shape, step, 0), _gradient(q.shape, step, 0)
+        p.grad, q.grad = apollo_gradient(p.shape, step, 0), apollo_gradient(q.shape, step, 0)
         ours.step()
         peer.step()
         moments_agree = _rel(ours.state[p]["m"], peer.state[q]["exp_avg"]) < TOLERANCE
@@ -385,7 +364,7 @@ def test_pytorch_optimizer_scales_the_projected_gradient_and_projects_back(injec
     alpha = 2.0
     ours, p, peer, q = _single_matrix_pair(shape, scale_type, scale=alpha)
     start = q.detach().clone()
-    grad = _gradient(shape, 0, 0)
+    grad = apollo_gradient(shape, 0, 0)
     p.grad, q.grad = grad.clone(), grad.clone()
     ours.step()
     peer.step()
@@ -415,9 +394,9 @@ def test_pytorch_optimizer_draws_its_projection_from_the_global_random_state():
     matrices = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        q = _params([(24, 10)], bias=False)
+        q = apollo_params([(24, 10)], bias=False)
         peer = peer_cls(_pytorch_optimizer_groups(q, "channel")[:1], lr=1e-2)
-        q[0].grad = _gradient((24, 10), 0, 0)
+        q[0].grad = apollo_gradient((24, 10), 0, 0)
         before = torch.get_rng_state()
         peer.step()
         assert not torch.equal(before, torch.get_rng_state())
