@@ -15,6 +15,9 @@ kernels are defined after the caller had its chance to set ``TRITON_INTERPRET``.
 * :func:`channel_squared_norms` and :func:`scaled_weight_update_`: APOLLO's update
   ``W ← a·W − b·(f∘G)`` with per-channel (or one) factors ``f``, and the channel norms of ``G``
   its norm-growth limiter reads (:mod:`.channel_scaling`: two memory-bound passes over ``G``).
+* :func:`int8_weight_update_`: ``Ŵ ← SR(a·Ŵ − b·ΔW)`` on a weight stored as int8 rows and
+  scales (:mod:`.int8_weight_update`), dequantized, updated and re-quantized with stochastic
+  rounding in one pass.
 
 Both moment updates take the moments' layout in one vocabulary (``"columns"``, ``"rows"``,
 ``"flat"``, :mod:`.layout`) and compute, in fp32 for quantized moments::
@@ -35,6 +38,7 @@ from .backend import RESOLVED_BACKENDS
 from .channel_scaling import channel_squared_norms as _reference_channel_squared_norms
 from .channel_scaling import scaled_weight_update_ as _reference_scaled_weight_update_
 from .column_select import gather_project
+from .int8_weight_update import int8_weight_update_ as _reference_int8_weight_update_
 from .moment_update import adam_moment_update_
 from .quantized_moment_update import Codebook
 from .quantized_moment_update import quantized_adam_moment_update_ as _reference_quantized_update_
@@ -138,3 +142,15 @@ def scaled_weight_update_(backend: str, weight: torch.Tensor, grad: torch.Tensor
         scaled_weight_update_triton_(weight, grad, factors, side, a=a, b=b)
     else:
         _reference_scaled_weight_update_(weight, grad, factors, side, a=a, b=b)
+
+
+def int8_weight_update_(backend: str, codes: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, a: float,
+                        b: float, seed: torch.Tensor) -> None:
+    """``Ŵ ← SR(a·Ŵ − b·ΔW)`` in place on an int8 weight's ``codes`` and ``scales``, the rounding
+    noise from ``seed``; both backends write the same bits (:mod:`.int8_weight_update`)."""
+    _check_moment_backend(backend)
+    if backend == "triton":
+        from .int8_weight_update_triton import int8_weight_update_triton_
+        int8_weight_update_triton_(codes, scales, delta, a=a, b=b, seed=seed)
+    else:
+        _reference_int8_weight_update_(codes, scales, delta, a=a, b=b, seed=seed)

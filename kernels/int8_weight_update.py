@@ -1,0 +1,144 @@
+"""Int8 weights stored for training: the row-wise format, (de)quantization and the stochastically
+rounded update ``W ← SR(a·Ŵ − b·ΔW)``, PyTorch reference of :mod:`.int8_weight_update_triton`.
+
+Self-contained (torch and :mod:`.philox` only); :mod:`lowrank_optim.weights` builds the weights
+on it. What lives here is what the Triton kernel matches bit for bit.
+
+**Format.** An ``m×n`` weight is ``m`` int8 rows ``q`` (codes in ``[−127, 127]``, never −128)
+and one scale ``s_i`` per row, in :data:`SCALE_DTYPES` (the dtype the weight computes in)::
+
+    Ŵ[i, j] = s_i · q[i, j]
+
+**Scale.** ``s_i`` is the *smallest* value of the scale dtype that is ``≥ a_i / 127`` with
+``a_i = max_j |W[i, j]|`` (fp32 ``a_i / 127``, then rounded up to bf16 for bf16 scales): every
+``t = W / s_i`` lies in ``[−127, 127]``, so rounding never needs a clip. (Rounding the scale to
+nearest instead, as torchao's ``quantize_int8_rowwise`` does in bf16, puts the row's absmax above
+127 steps in about three rows of four, clipped: a bias at each row's largest weight.) The fp32
+division can still land one ulp past 127; that ulp is clamped, a bias below ``2⁻¹⁷`` of a step.
+A zero row has ``s_i = 0`` and codes 0.
+
+**Rounding.** Round to nearest (``quantize_rows`` without a seed: the conversion; error at most
+``s_i / 2`` per value), or stochastic (unbiased)::
+
+    q = ⌊t⌋ + [u < t − ⌊t⌋],   u = (philox(seed, i·n + j) >> 8) · 2⁻²⁴      ⇒   E[q] = t
+
+exactly for fp32 ``t`` (its fraction is a multiple of ``2⁻¹⁷`` when ``|t| ≤ 127``, so
+``P(u < frac) = frac``). The noise is counter-based (:func:`.philox.philox_randint`, Triton's
+``tl.randint``): the same ``seed`` gives the same codes on every device, chunking and backend.
+
+**The update** (:func:`int8_weight_update_`), fp32 throughout, per row::
+
+    w = (q·s)·a − ΔW·b            s_new = scale(max_j |w_j|)            q_new = SR(w / s_new)
+
+so ``E[s_new·q_new] = a·Ŵ − b·ΔW``: the weight moves by ``b·ΔW`` in expectation even when that
+is far below half a step ``s_i / 2`` (round to nearest would leave it where it is).
+
+NOTE: each expression is a fixed sequence of separately rounded fp32 operations (products and
+differences never fused into an FMA, correctly rounded division), the order the kernel uses with
+FP fusion off; the comparison with ``u`` and the floor are exact. Both paths then write the same
+codes and scales on finite inputs. Non-finite ``W``, ``ΔW``, ``a`` or ``b`` are the caller's to
+refuse (the rows they touch are undefined).
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import philox_randint
+
+CODE_DTYPE = torch.int8
+SCALE_DTYPES = (torch.float32, torch.bfloat16)
+CODE_MAX = 127
+_NOISE_BITS = 24                       # u has 24 random bits: exact in fp32
+_CHUNK_VALUES = 1 << 20                # rows per pass bound the temporaries (philox needs a dozen int64 words)
+
+
+def check_storage(codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """ValueError unless ``codes`` (``m×n`` int8) and ``scales`` (``m`` values of a scale dtype)
+    store one weight."""
+    if codes.dtype != CODE_DTYPE or codes.ndim != 2:
+        raise ValueError(f"int8 weight codes must be a 2-D int8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
+    if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (codes.shape[0],):
+        raise ValueError(f"int8 weight scales must be {codes.shape[0]} values of torch.float32 or torch.bfloat16 "
+                         f"(one per row), got {scales.dtype} of shape {tuple(scales.shape)}")
+
+
+def row_scales(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The scales (fp32 values of ``scale_dtype``) of rows with fp32 ``absmax``: ``absmax / 127``,
+    rounded up to bf16 for bf16 scales (module doc)."""
+    scales = absmax / float(CODE_MAX)
+    if scale_dtype == torch.bfloat16:
+        # NOTE: the fp32 pattern plus 0xFFFF, low 16 bits cut: the next bf16 at or above (positive values)
+        bits = (scales.view(torch.int32) + 0xFFFF) & -0x10000
+        scales = bits.view(torch.float32)
+    return scales
+
+
+def _codes_of_rows(rows: torch.Tensor, scale_dtype: torch.dtype, seed: torch.Tensor | None,
+                   first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, fp32 scales)`` of fp32 ``rows``, row ``first_row`` of the weight first (it names
+    the noise offsets)."""
+    scales = row_scales(rows.abs().amax(dim=1), scale_dtype)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    t = (rows / safe[:, None]).clamp_(-CODE_MAX, CODE_MAX)
+    if seed is None:
+        return t.round_().to(CODE_DTYPE), scales
+    n_cols = rows.shape[1]
+    offsets = torch.arange(first_row * n_cols, (first_row + rows.shape[0]) * n_cols, device=rows.device)
+    noise = (philox_randint(seed, offsets) >> (32 - _NOISE_BITS)).view(rows.shape).float()
+    low = t.floor()
+    rounded_up = noise < (t - low) * float(1 << _NOISE_BITS)
+    return (low + rounded_up.float()).to(CODE_DTYPE), scales
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, _CHUNK_VALUES // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def quantize_rows(weight: torch.Tensor, *, scale_dtype: torch.dtype,
+                  seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of a 2-D float ``weight`` (quantized from its fp32 values): round to
+    nearest, or stochastically with the noise of ``seed`` (one int64 value in ``[0, 2⁶³)``)."""
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(f"an int8 weight is a 2-D float matrix, got {weight.dtype} of shape {tuple(weight.shape)}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"Invalid scale_dtype: {scale_dtype} (expected torch.float32 or torch.bfloat16)")
+    codes = torch.empty(weight.shape, dtype=CODE_DTYPE, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for start, stop in _row_chunks(*weight.shape):
+        chunk_codes, chunk_scales = _codes_of_rows(weight[start:stop].float(), scale_dtype, seed, start)
+        codes[start:stop] = chunk_codes
+        scales[start:stop] = chunk_scales      # exact: the values are the scale dtype's
+    return codes, scales
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Ŵ = s_i·q[i, j]``, computed in fp32 (exact for bf16 scales), returned in ``dtype``
+    (default: the scales' dtype)."""
+    check_storage(codes, scales)
+    values = codes.float() * scales.float()[:, None]
+    return values.to(dtype or scales.dtype)
+
+
+def int8_weight_update_(codes: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, a: float, b: float,
+                        seed: torch.Tensor) -> None:
+    """``Ŵ ← SR(a·Ŵ − b·ΔW)`` in place on ``codes``/``scales`` (module doc), ``delta`` ``ΔW`` in
+    any float dtype and the weight's shape, the noise from ``seed``."""
+    check_update(codes, scales, delta, seed)
+    a32, b32 = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    for start, stop in _row_chunks(*codes.shape):
+        scale = scales[start:stop].float()[:, None]
+        rows = (codes[start:stop].float() * scale) * a32 - delta[start:stop].float() * b32
+        new_codes, new_scales = _codes_of_rows(rows, scales.dtype, seed, start)
+        codes[start:stop] = new_codes
+        scales[start:stop] = new_scales
+
+
+def check_update(codes: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, seed: torch.Tensor) -> None:
+    """ValueError naming the argument that does not fit an int8 weight update."""
+    check_storage(codes, scales)
+    if delta.shape != codes.shape or not delta.is_floating_point():
+        raise ValueError(f"delta of {delta.dtype} and shape {tuple(delta.shape)} does not update an int8 weight of "
+                         f"shape {tuple(codes.shape)} (expected a float tensor of that shape)")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed must be one int64 value, got {seed.dtype} of shape {tuple(seed.shape)}")
