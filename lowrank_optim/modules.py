@@ -48,7 +48,7 @@ def select_linear_modules(model: nn.Module, target_modules: TargetModules) -> li
     """
     linears = [(name, module) for name, module in model.named_modules() if name and isinstance(module, nn.Linear)]
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        head = _output_head(model, linears)
+        head = output_head(model)
         selected = [(name, m) for name, m in linears if type(m) is nn.Linear and m is not head]
     else:
         is_selected = _name_rule(target_modules)
@@ -112,11 +112,14 @@ def _name_rule(target_modules: TargetModules):
     return lambda name: any(part in name for part in parts)
 
 
-def _output_head(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head of ``model`` (module docstring): ``model.get_output_embeddings()`` when the
+    model has that method, else its last ``nn.Linear`` (or subclass); ``None`` when there is none."""
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     if callable(get_output_embeddings):
         return get_output_embeddings()
-    return linears[-1][1] if linears else None
+    linears = [module for name, module in model.named_modules() if name and isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def _describe(target_modules: TargetModules) -> str:
