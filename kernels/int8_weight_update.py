@@ -9,22 +9,24 @@ and one scale ``s_i`` per row, in :data:`SCALE_DTYPES` (the dtype the weight com
 
     Ŵ[i, j] = s_i · q[i, j]
 
-**Scale.** ``s_i`` is the *smallest* value of the scale dtype that is ``≥ a_i / 127`` with
-``a_i = max_j |W[i, j]|`` (fp32 ``a_i / 127``, then rounded up to bf16 for bf16 scales): every
-``t = W / s_i`` lies in ``[−127, 127]``, so rounding never needs a clip. (Rounding the scale to
-nearest instead, as torchao's ``quantize_int8_rowwise`` does in bf16, puts the row's absmax above
-127 steps in about three rows of four, clipped: a bias at each row's largest weight.) The fp32
-division can still land one ulp past 127; that ulp is clamped, a bias below ``2⁻¹⁷`` of a step.
-A zero row has ``s_i = 0`` and codes 0.
+**Scale.** ``s_i = a_i / 127`` with ``a_i = max_j |W[i, j]|``, in fp32 to nearest for fp32
+scales and then rounded *up* to the next bf16 value for bf16 scales: ``t = W / s_i`` then stays in
+``[−127, 127]`` up to the fp32 rounding of ``a_i / 127`` and of the division (one ulp, ``2⁻¹⁷``
+of a step at 127), which is clamped. (Rounding a bf16 scale to nearest instead, as torchao's
+``quantize_int8_rowwise`` does, puts the row's absmax up to half a bf16 ulp, ``127·2⁻⁹`` steps,
+above 127, where it is clipped: a bias at each row's largest weight, in most rows.) A zero row
+has ``s_i = 0`` and codes 0.
 
 **Rounding.** Round to nearest (``quantize_rows`` without a seed: the conversion; error at most
 ``s_i / 2`` per value), or stochastic (unbiased)::
 
     q = ⌊t⌋ + [u < t − ⌊t⌋],   u = (philox(seed, i·n + j) >> 8) · 2⁻²⁴      ⇒   E[q] = t
 
-exactly for fp32 ``t`` (its fraction is a multiple of ``2⁻¹⁷`` when ``|t| ≤ 127``, so
-``P(u < frac) = frac``). The noise is counter-based (:func:`.philox.philox_randint`, Triton's
-``tl.randint``): the same ``seed`` gives the same codes on every device, chunking and backend.
+The probability of rounding up is ``⌈f·2²⁴⌉·2⁻²⁴`` for the fp32 fraction ``f = t − ⌊t⌋``:
+exactly ``f`` when ``|t| ≥ 1/2`` (``f`` is then a multiple of ``2⁻²⁴``), within ``2⁻²³``
+otherwise, so ``E[q] = t`` to ``2⁻²³`` of a step. The noise is counter-based
+(:func:`.philox.philox_randint`, Triton's ``tl.randint``): the same ``seed`` gives the same codes
+on every device, chunking and backend.
 
 **The update** (:func:`int8_weight_update_`), fp32 throughout, per row::
 

@@ -15,8 +15,8 @@ backward and FSDP2 hooks are written for; a row is also what one kernel program 
 groups (e.g. 128 values) would bound an outlier's damage to its group, but the scales would no
 longer be torchao's (its ``F.linear`` applies one scale per output row) and a 128-group would
 cost ``2/128`` bytes per value more; rows suffice here because stochastic rounding keeps every
-update in expectation whatever the step ``s_i``. The scale is the *smallest* value of its dtype
-``≥ absmax/127`` (rounding to nearest, as torchao does, puts a row's absmax past 127 steps in
+update in expectation whatever the step ``s_i``. The scale is ``absmax/127``, rounded *up* to
+bf16 for bf16 scales (rounding to nearest, as torchao does, puts a row's absmax past 127 steps in
 most bf16 rows and clips it: a bias) (:mod:`lowrank_optim.kernels.int8_weight_update`).
 
 Why torchao's tensor, and what is built around it

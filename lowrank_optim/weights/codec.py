@@ -1,7 +1,7 @@
 """Float weight ↔ int8 weight, and the seed of the rounding noise drawn from a generator.
 
 The format and both roundings are :mod:`lowrank_optim.kernels.int8_weight_update`'s: per-row
-scale ``s_i`` (the smallest value of the scale dtype ``≥ max_j |W[i, j]| / 127``), codes in
+scale ``s_i ≈ max_j |W[i, j]| / 127`` (rounded up to bf16 for bf16 scales), codes in
 ``[−127, 127]``; to nearest (``|Ŵ − W| ≤ s_i / 2``) or stochastically (``E[Ŵ] = W``).
 """
 from __future__ import annotations

@@ -70,6 +70,12 @@ def _quantized(pointers=None, **constexprs):
             _MOMENT_FLOATS, constexprs, dict(num_warps=4, enable_fp_fusion=False))
 
 
+def _int8_weight(scales, delta):
+    return ("int8_weight_update_triton", "_int8_weight_update_kernel",
+            dict(codes_ptr="i8", scales_ptr=scales, delta_ptr=delta, seed_ptr="i64"), ("a", "b"),
+            dict(SCALE_BF16=scales == "bf16", BLOCK_N=2048), dict(num_warps=4, enable_fp_fusion=False))
+
+
 def _apollo_norms(dtype):
     return ("channel_scaling_triton", "_channel_squared_norms_kernel", dict(grad_ptr=dtype, partial_ptr="fp32"), (),
             dict(BLOCK_C=32, BLOCK_L=128), dict(num_warps=4))
@@ -116,6 +122,10 @@ CASES = [
     _channel_scaling("fp32", "rows"),
     _channel_scaling("bf16", "columns"),
     _channel_scaling("fp16", "tensor"),
+    # The int8 weight update (not autotuned; the launcher's options, its largest column block):
+    # fp32 scales and update, bf16 scales (rounded up in the kernel) and a bf16 update.
+    _int8_weight("fp32", "fp32"),
+    _int8_weight("bf16", "bf16"),
 ]
 # Configs over a target's shared memory, which the autotuner skips there (it times a launch that
 # raises OutOfResources as infinitely slow): on A100 the largest tile of the dense (GaLore)
