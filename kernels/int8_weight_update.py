@@ -58,10 +58,21 @@ def check_storage(codes: torch.Tensor, scales: torch.Tensor) -> None:
     """ValueError unless ``codes`` (``m×n`` int8) and ``scales`` (``m`` values of a scale dtype)
     store one weight."""
     if codes.dtype != CODE_DTYPE or codes.ndim != 2:
-        raise ValueError(f"int8 weight codes must be a 2-D int8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
+        raise ValueError(f"int8 weight codes must be a 2-D int8 tensor, got {codes.dtype} of shape "
+                         f"{tuple(codes.shape)}")
     if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (codes.shape[0],):
         raise ValueError(f"int8 weight scales must be {codes.shape[0]} values of torch.float32 or torch.bfloat16 "
                          f"(one per row), got {scales.dtype} of shape {tuple(scales.shape)}")
+
+
+def check_update(codes: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, seed: torch.Tensor) -> None:
+    """ValueError naming the argument that does not fit an int8 weight update."""
+    check_storage(codes, scales)
+    if delta.shape != codes.shape or not delta.is_floating_point():
+        raise ValueError(f"delta of {delta.dtype} and shape {tuple(delta.shape)} does not update an int8 weight of "
+                         f"shape {tuple(codes.shape)} (expected a float tensor of that shape)")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed must be one int64 value, got {seed.dtype} of shape {tuple(seed.shape)}")
 
 
 def row_scales(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -134,13 +145,3 @@ def int8_weight_update_(codes: torch.Tensor, scales: torch.Tensor, delta: torch.
         new_codes, new_scales = _codes_of_rows(rows, scales.dtype, seed, start)
         codes[start:stop] = new_codes
         scales[start:stop] = new_scales
-
-
-def check_update(codes: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, seed: torch.Tensor) -> None:
-    """ValueError naming the argument that does not fit an int8 weight update."""
-    check_storage(codes, scales)
-    if delta.shape != codes.shape or not delta.is_floating_point():
-        raise ValueError(f"delta of {delta.dtype} and shape {tuple(delta.shape)} does not update an int8 weight of "
-                         f"shape {tuple(codes.shape)} (expected a float tensor of that shape)")
-    if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"seed must be one int64 value, got {seed.dtype} of shape {tuple(seed.shape)}")

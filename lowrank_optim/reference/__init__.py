@@ -3,7 +3,8 @@
 They share no code with the engine: one tensor at a time, explicit loops, the basis from
 ``scipy.fft``; clarity over speed. Every parameter of a group with an integer ``rank`` that is 2-D
 is projected; all others get plain AdamW. ``ReferenceAPOLLOAdamW`` draws its random projections from
-seeded CPU generators, never from the global random state.
+seeded CPU generators, never from the global random state. :mod:`.int8_weights` is the float64
+reference of the int8 weight format and its stochastically rounded update.
 """
 from .apollo import ReferenceAPOLLOAdamW
 from .dct_adamw import ReferenceDCTAdamW

@@ -10,8 +10,10 @@ dequantize their weight when they run, one layer at a time.
 
 :func:`dequantize_model_weights` replaces every int8 parameter by an ordinary one holding ``Ŵ``
 (``dtype``, default bf16), so ``save_pretrained``, any optimizer and any exporter see a plain
-model; :func:`quantize_model_weights` of that model stores the same codes again (exactly when the
-export dtype is fp32, which represents every ``s_i·q`` exactly; within one step in bf16).
+model. Converting that model again re-quantizes ``Ŵ`` to nearest: a row whose largest code is
+below 127 (stochastic rounding may leave 126) gets a scale ``max|q|/127`` times its old one, and
+each value moves by at most half of that new step (plus the export's rounding: ``2⁻⁹`` relative
+in bf16, none in fp32, which holds every ``s·q``).
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from lowrank_optim.kernels.int8_weight_update import int8_weight_update_, quantize_rows  # noqa: E402
 from lowrank_optim.kernels.int8_weight_update_triton import block_columns, int8_weight_update_triton_  # noqa: E402
 from lowrank_optim.kernels.philox import philox_randint  # noqa: E402

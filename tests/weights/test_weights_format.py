@@ -9,9 +9,9 @@ step of slack. bf16 scales are equal; fp32 scales within an fp32 ulp (the refere
 """
 import pytest
 import torch
+from lowrank_optim.kernels.int8_weight_update import check_storage, quantize_rows
 from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
 
-from lowrank_optim.kernels.int8_weight_update import check_storage, quantize_rows
 from lowrank_optim.reference.int8_weights import reference_dequantize, reference_quantize
 from lowrank_optim.weights import dequantize_weight, int8_storage, is_int8_weight, quantize_weight
 

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-
 from lowrank_optim.kernels.int8_weight_update import int8_weight_update_ as kernel_update_
 from lowrank_optim.kernels.philox import philox_randint
+
 from lowrank_optim.reference.int8_weights import reference_dequantize, reference_int8_update
 from lowrank_optim.rounding import rounding_generator
 from lowrank_optim.weights import dequantize_weight, int8_storage, int8_update_, quantize_weight
