@@ -42,14 +42,15 @@ probed on CPU with torch 2.13:
   ``init_sync=False`` (the replicas are equal anyway: every rank converts the same weights)
   forward, backward and the gradient all-reduce work (the gradients are plain).
 
-So torchao's tensor serves as the parameter (forward, backward, gradient, device moves, FSDP2
-all-gather), and the library adds what it cannot do: the scale rule, the seeded counter-based
-stochastic rounding and the fused update (:mod:`.update`, a PyTorch path and a Triton kernel that
-write the same bits, checked against :mod:`lowrank_optim.reference.int8_weights` in float64),
-``F.embedding`` (:mod:`.embedding`), plain-tensor checkpoints (:mod:`.checkpoint`) and the model
-conversion (:mod:`.convert`). torchao is needed only here (``pip install 'lowrank-optim[int8]'``),
-imported on first use. Writing a tensor subclass of our own would duplicate torchao's FSDP2 and
-device handling for no gain in what the update needs, which is direct access to codes and scales.
+So torchao's tensor serves as the parameter (forward, backward, gradient, device moves; its FSDP2
+all-gather hooks are not exercised here), and the library adds what it cannot do: the scale rule,
+the seeded counter-based stochastic rounding and the fused update (:mod:`.update`, a PyTorch path
+and a Triton kernel that write the same bits, checked against
+:mod:`lowrank_optim.reference.int8_weights` in float64), ``F.embedding`` (:mod:`.embedding`),
+plain-tensor checkpoints (:mod:`.checkpoint`) and the model conversion (:mod:`.convert`). torchao
+is needed only here (``pip install 'lowrank-optim[int8]'``), imported on first use. Writing a
+tensor subclass of our own would duplicate torchao's FSDP2 and device handling for no gain in
+what the update needs, which is direct access to codes and scales.
 Not covered yet: FSDP2-sharded int8 weights in :func:`int8_update_` (a DTensor's local rows would
 need the global row offset for the noise), and the optimizers' update paths (stage 2).
 """
