@@ -18,8 +18,8 @@ when ``B`` does not divide ``length``): a block never mixes two slots. Each bloc
 scale, its absmax ``a = max |x|``.
 
 **Codes.** ``t = x / a`` (``a = 0``: ``t = 0``) is coded as the index of the nearest level of the
-map, ``code = #{k : midpoint_k ≤ t}`` over the midpoints between consecutive levels (a tie goes to
-the larger level); ``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte
+map, ``code = #{k : midpoint_k ≤ t}`` over the decision boundaries between consecutive levels (the
+map's midpoints, nearest in its rounding domain; a tie goes to the larger level); ``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte
 along the slot, value ``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the
 high nibble (an odd slot's last high nibble is 0, never read).
 
@@ -65,8 +65,9 @@ class Codebook(NamedTuple):
 
     ``levels``: fp32, ``2**bits`` values in ``[-1, 1]``, non-decreasing: the map's levels, then
     the top level repeated for codes a map does not use (so any byte decodes inside the table).
-    ``midpoints``: fp32, ``2**bits − 1`` values, ``(q_k + q_{k+1}) / 2`` between the map's levels
-    (computed in float64, then rounded) padded with ``+inf``, so a branchless binary search of
+    ``midpoints``: fp32, ``2**bits − 1`` values, the decision boundaries between the map's levels
+    (``(q_k + q_{k+1}) / 2``, or ``((√q_k + √q_{k+1}) / 2)²`` for a map that rounds in the
+    square-root domain; computed in float64, then rounded) padded with ``+inf``, so a branchless binary search of
     ``bits`` steps finds every code and never returns an unused one.
     ``fill_code``: the code of the level nearest zero, written where a slot starts from zero."""
 

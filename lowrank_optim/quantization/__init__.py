@@ -30,7 +30,7 @@ exact (``q = ±1`` are levels).
 bits   ``m`` (signed)                                   ``v`` (unsigned, **no zero level**)
 =====  ===============================================  ==============================================
 8      dynamic tree: 0, ±[5.5·10^−7, 1], 255 levels      dynamic tree: [5.5·10^−9, 1], 256 levels
-4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    linear: k/16, k = 1…16 (torchao)
+4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    square root: (k/16)², k = 1…16, nearest in √
 =====  ===============================================  ==============================================
 
 A zero level in ``v`` would blow up ``N = m̂/(√v̂ + ε)`` for values rounded to it (maps doc).
@@ -72,7 +72,7 @@ Dependencies: none beyond torch (and Triton for the kernel). The maps are built 
 definitions; :mod:`.reference` is an independent float64 implementation the tests compare with.
 """
 from .blockwise import dequantize, quantize, quantized_zeros, requantize_transformed
-from .maps import codebook, dynamic_map, linear_zero_free_map, quantization_map
+from .maps import codebook, dynamic_map, linear_zero_free_map, quantization_map, square_root_map
 from .policy import (
     DEFAULT_BLOCK_SIZES,
     MIN_QUANTIZED_NUMEL,
@@ -91,5 +91,6 @@ __all__ = [
     "add_stochastic_round_", "check_moment_bits", "check_moment_block_size", "codebook", "default_block_size",
     "dequantize", "dynamic_map", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
     "quantization_map", "quantize", "quantized_zeros", "requantize_transformed", "resolve_block_size",
+    "square_root_map",
     "stochastic_round_bf16",
 ]

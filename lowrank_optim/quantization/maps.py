@@ -21,15 +21,28 @@ decades. The all-zero magnitude pattern is
 * the centre of the next decade, ``0.55·10^−c``, in the **unsigned** map (second moment):
   ``2^b`` levels, none of them zero (8 bits: 256, from ``5.5·10^−9`` to 1).
 
-**Linear zero-free map** for the 4-bit second moment (torchao's ``AdamW4bit``; Li et al.,
-"Memory efficient optimizers with 4-bit states", 2023): ``k / 16`` for ``k = 1 … 16``.
+**Linear zero-free map** (torchao's ``AdamW4bit`` second moment; Li et al., "Memory efficient
+optimizers with 4-bit states", 2023): ``k / 2^b`` for ``k = 1 … 2^b``.
+
+**Square-root map** for the 4-bit second moment: the linear zero-free map applied to ``√v``, i.e.
+levels ``(k / 16)²`` of ``v / absmax(v)`` (``k = 1 … 16``), rounded to the level nearest in the
+square-root domain (decision boundaries ``((2k + 1) / 32)²``: :func:`midpoints` with
+``power = 2``). Its lowest level is ``1/256`` of the block's absmax instead of ``1/16``: what a
+second moment needs, because the update divides by ``√v`` and the rounding error that matters is
+that of ``√v``. Measured (``experiments/results/LOWBIT_4BIT.md``, the ablation): with the linear
+map a projected moment's ``v`` (slots of one DCT/SVD direction, whose rows differ by orders of
+magnitude) rounds most of a block up to ``absmax/16``, shrinking those coordinates' updates by up
+to 4× — the whole 4-bit loss (DCTProjAdam +2.0% at 300 steps, GaLoreAdamW +1.0%; ``m`` in 4 bits
+alone costs nothing); the square-root map removes it, as do blocks of 32 (a quarter more bytes)
+and Li et al.'s rank-1 normalization (a second pass over the moment).
 
 Why no zero for ``v``: a value of ``v`` below half the lowest level is stored as 0; the next step
 then has ``v = (1 − β2)·R²`` while ``m`` kept its history, so ``N = m̂/(√v̂ + ε)`` grows by up to
 ``1/√(1 − β2) ≈ 32`` (β2 = 0.999) for that coordinate. Rounding such values up to the lowest level
-instead only shrinks their update. At 4 bits the threshold (1/32 of the block's absmax) is hit all
-the time; at 8 bits a zero level would catch values below ``1.6·10^−7`` of the absmax (torchao's
-and bitsandbytes' unsigned map; rarely), and the zero-free level costs nothing.
+instead only shrinks their update. At 4 bits a linear map's threshold (1/32 of the block's absmax)
+is hit all the time (the square-root map's is 1/1024); at 8 bits a zero level would catch values
+below ``1.6·10^−7`` of the absmax (torchao's and bitsandbytes' unsigned map; rarely), and the
+zero-free level costs nothing.
 """
 from __future__ import annotations
 
@@ -66,18 +79,31 @@ def linear_zero_free_map(bits: int) -> torch.Tensor:
     return torch.arange(1, count + 1, dtype=torch.float64) / count
 
 
+def square_root_map(bits: int) -> torch.Tensor:
+    """``(k / 2^b)²`` for ``k = 1 … 2^b``, float64: the linear zero-free map of ``√v``."""
+    return linear_zero_free_map(bits).square()
+
+
 def quantization_map(bits: int, signed: bool) -> torch.Tensor:
     """The map the library uses, float64, ascending: dynamic signed for ``m`` (8 and 4 bits);
-    for ``v`` dynamic zero-free unsigned at 8 bits, linear zero-free at 4 bits."""
+    for ``v`` dynamic zero-free unsigned at 8 bits, the square-root map at 4 bits."""
     check_bits(bits)
     if signed:
         return dynamic_map(bits, signed=True)
-    return dynamic_map(8, signed=False) if bits == 8 else linear_zero_free_map(4)
+    return dynamic_map(8, signed=False) if bits == 8 else square_root_map(4)
 
 
-def midpoints(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """Decision boundaries between consecutive levels, float64, padded with ``+inf`` to ``2^b − 1``."""
-    middle = (levels[1:] + levels[:-1]) / 2
+def rounding_power(bits: int, signed: bool) -> int:
+    """``p`` of the domain a map rounds in, ``t^(1/p)``: 2 for the square-root map, else 1."""
+    check_bits(bits)
+    return 2 if (bits, signed) == (4, False) else 1
+
+
+def midpoints(levels: torch.Tensor, bits: int, power: int = 1) -> torch.Tensor:
+    """Decision boundaries between consecutive levels, float64, padded with ``+inf`` to ``2^b − 1``:
+    ``((q_k^(1/p) + q_{k+1}^(1/p)) / 2)^p``, the midpoints in the rounding domain (``power`` p)."""
+    root = levels.pow(1.0 / power)
+    middle = ((root[1:] + root[:-1]) / 2).pow(power)
     padding = torch.full((2 ** bits - 1 - middle.numel(),), float("inf"), dtype=torch.float64)
     return torch.cat((middle, padding))
 
@@ -86,7 +112,7 @@ def midpoints(levels: torch.Tensor, bits: int) -> torch.Tensor:
 def _codebook(bits: int, signed: bool, device: str) -> Codebook:
     levels = quantization_map(bits, signed)
     fill_code = int(levels.abs().argmin())
-    boundaries = midpoints(levels, bits)
+    boundaries = midpoints(levels, bits, rounding_power(bits, signed))
     # the spare code of a signed map decodes as the top level: every byte reads inside the table
     table = torch.cat((levels, levels[-1:].expand(2**bits - levels.numel())))
     return Codebook(table.to(device=device, dtype=torch.float32),

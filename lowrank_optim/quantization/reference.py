@@ -1,7 +1,8 @@
 """A slow float64 reference of the quantization scheme, written independently of the fast path.
 
-Loops over slots and blocks; picks the nearest level by ``argmin |t − level|`` (a tie to the larger
-level, as the fast path's midpoint search) in float64 on the float64 map; builds the byte layout
+Loops over slots and blocks; picks the nearest level by ``argmin |t^(1/p) − level^(1/p)|`` in the
+map's rounding domain (``p`` = :func:`~.maps.rounding_power`: 2 for the 4-bit second moment, else
+1; a tie to the larger level, as the fast path's midpoint search) in float64 on the float64 map; builds the byte layout
 element by element. Tests compare the fp32 fast path (and through it the Triton kernel) with it.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from lowrank_optim.kernels.layout import slot_broadcast_shape, slot_dim
 from lowrank_optim.kernels.quantized_moment_update import slot_geometry, storage_shapes
 
-from .maps import quantization_map
+from .maps import quantization_map, rounding_power
 
 
 def _slots(x: torch.Tensor, layout: str) -> list[torch.Tensor]:
@@ -35,6 +36,7 @@ def reference_quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, bl
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` in the fast path's storage; scales float64 (absmax of the float64 values)."""
     levels = quantization_map(bits, signed)
+    power = rounding_power(bits, signed)
     code_shape, scale_shape = storage_shapes(x.shape, bits, layout, block_size)
     codes = torch.zeros(code_shape, dtype=torch.int64)
     scales = torch.zeros(scale_shape, dtype=torch.float64)
@@ -46,7 +48,7 @@ def reference_quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, bl
             absmax = float(chunk.abs().max())
             _slot_storage(scales, layout, slot)[block] = absmax
             normalized = chunk / absmax if absmax > 0 else torch.zeros_like(chunk)
-            distance = (normalized[:, None] - levels[None, :]).abs()
+            distance = (normalized[:, None].pow(1.0 / power) - levels[None, :].pow(1.0 / power)).abs()
             # argmin over the reversed levels: a tie goes to the larger level
             slot_codes[block * block_size:block * block_size + chunk.numel()] = \
                 levels.numel() - 1 - distance.flip(1).argmin(dim=1)

@@ -77,3 +77,24 @@ def test_apollo_scaling_compares_both_projections_at_each_rank(tmp_path):
     assert len(rows) == 4
     assert all(math.isfinite(float(row[2].split(" ")[0])) and float(row[3]) >= 0 and float(row[5].rstrip(" |")) >= 0
                for row in rows)
+
+
+def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
+    """Two compare outputs (seeds 0 and 1): the mean, the spread and the paired Δ% per seed."""
+    from experiments.bench import lowbit_seeds
+
+    losses = {0: {"dct_default": 2.0, "dct_4bit": 2.02}, 1: {"dct_default": 2.1, "dct_4bit": 2.079}}
+    folders = []
+    for seed, rows in losses.items():
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        (folder / "results.md").write_text(f"Model `m`, rank 32, update gap 200, seed {seed}. Device: cpu.\n\n"
+                                           f"Command: `compare --seed {seed}`\n")
+        (folder / "results.json").write_text(json.dumps([{"key": key, "label": key, "final_val_loss": loss}
+                                                         for key, loss in rows.items()]))
+        folders.append(str(folder))
+    lowbit_seeds.main(["--inputs", *folders, "--out", str(tmp_path / "seeds.md")])
+    text = (tmp_path / "seeds.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| dct_4bit"))
+    assert "| 0, 1 | 2.0200, 2.0790 | 2.0495 | 0.0590 | 2.0500 | -0.02% | +1.00%, -1.00% |" in row
+    assert "`compare --seed 0`; `compare --seed 1`" in text

@@ -23,10 +23,11 @@ def _reference_trajectory(weight, grads, indices, *, lr, betas, weight_decay):
     return w
 
 
-@pytest.mark.parametrize("moment_bits, tolerance", [(None, 1e-5), (8, 2e-2), (4, None)])
+@pytest.mark.parametrize("moment_bits, tolerance", [(None, 1e-5), (8, 2e-2), (4, 0.2)])
 def test_adam_atan2_follows_its_float64_reference(moment_bits, tolerance):
-    """Float moments to fp32 rounding, 8-bit ones to their quantization error (measured 1.1e-2);
-    4-bit ones (their error is the subject of the 4-bit issue: 0.26 here) in direction only."""
+    """Float moments to fp32 rounding, 8-bit ones to their quantization error (measured 1.1e-2),
+    4-bit ones to theirs (measured 0.16 with the square-root map of ``v``; the linear map gave 0.26:
+    gradients four decades apart put most of ``v`` below its lowest level)."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(256, 64))
     start = weight.detach().clone()
@@ -39,10 +40,7 @@ def test_adam_atan2_follows_its_float64_reference(moment_bits, tolerance):
     indices = optimizer.state[weight]["proj_indices"]
     expected = _reference_trajectory(start, grads, indices, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
     moved = expected - start.double()
-    if tolerance is None:
-        assert torch.nn.functional.cosine_similarity((weight.double() - start).flatten(), moved.flatten(), dim=0) > 0.95
-        assert "exp_avg_codes" in optimizer.state[weight]
-        return
+    assert ("exp_avg_codes" in optimizer.state[weight]) == (moment_bits is not None)
     assert ((weight.double() - expected).norm() / moved.norm()).item() < tolerance
 
 

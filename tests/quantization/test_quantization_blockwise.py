@@ -1,10 +1,13 @@
 """Block-wise quantization of moments against the scheme's float64 reference.
 
 Error bound checked for every value (package doc): with ``a`` its block's absmax, ``t = x/a`` and
-``q_k ≤ t ≤ q_{k+1}`` the neighbouring levels of the float64 map,
-``|deq − x| ≤ a·(q_{k+1} − q_k)/2 + a·2^−22``; below the lowest level of a zero-free map
-``|deq − x| ≤ a·(q_0 − t) + a·2^−22``. The slack ``a·2^−22`` is fp32 arithmetic: ``t`` rounded
-(≤ 2^−24), the fp32 level (≤ 2^−24) and the fp32 product (≤ 2^−24), all relative to ``a``.
+``q_k ≤ t ≤ q_{k+1}`` the neighbouring levels of the float64 map and ``b_k`` the decision boundary
+between them (their midpoint in the map's rounding domain: the arithmetic midpoint, or
+``((√q_k + √q_{k+1})/2)²`` for the 4-bit second moment's square-root map),
+``|deq − x| ≤ a·max(b_k − q_k, q_{k+1} − b_k) + a·2^−22`` (half the gap for an arithmetic midpoint);
+below the lowest level of a zero-free map ``|deq − x| ≤ a·(q_0 − t) + a·2^−22``. The slack ``a·2^−22``
+is fp32 arithmetic: ``t`` rounded (≤ 2^−24), the fp32 level (≤ 2^−24) and the fp32 product (≤ 2^−24),
+all relative to ``a``.
 """
 import io
 
@@ -23,6 +26,7 @@ from lowrank_optim.quantization import (
     quantized_zeros,
     requantize_transformed,
 )
+from lowrank_optim.quantization.maps import midpoints, rounding_power
 from lowrank_optim.quantization.reference import reference_dequantize, reference_quantize
 
 SLACK = 2.0**-22
@@ -59,12 +63,16 @@ def _per_value_absmax(x64: torch.Tensor, layout: str, block: int) -> torch.Tenso
     return absmax.t() if layout == "columns" else absmax
 
 
-def _error_bound(x64: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def _error_bound(x64: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    levels = quantization_map(bits, signed)
+    boundaries = midpoints(levels, bits, rounding_power(bits, signed))[:levels.numel() - 1]
     t = torch.where(absmax > 0, x64 / absmax.clamp(min=1e-300), torch.zeros_like(x64))
     upper = torch.searchsorted(levels, t.reshape(-1)).clamp(max=levels.numel() - 1).view(t.shape)
     lower = (upper - 1).clamp(min=0)
     below = t < levels[0]
-    gap = torch.where(below, levels[0] - t, (levels[upper] - levels[lower]) / 2)
+    boundary = boundaries[lower]
+    worst = torch.maximum(boundary - levels[lower], levels[upper] - boundary)
+    gap = torch.where(below, levels[0] - t, worst)
     gap = torch.where(t == levels[upper], torch.zeros_like(gap), gap)      # exactly a level
     return absmax * (gap + SLACK)
 
@@ -80,7 +88,7 @@ def test_round_trip_error_is_within_half_a_map_step(bits, signed, layout, kind):
     x64 = x.double()
     absmax = _per_value_absmax(x64, layout, BLOCK[bits])
     error = (restored.double() - x64).abs()
-    bound = _error_bound(x64, absmax, quantization_map(bits, signed))
+    bound = _error_bound(x64, absmax, bits, signed)
     assert torch.all(error <= bound), f"worst excess {float((error - bound).max()):.3g}"
     # the bound is tight: some value comes within 1% of it (excluding the fp32 slack)
     assert float((error / (bound - absmax * SLACK).clamp(min=1e-30)).max()) > 0.99

@@ -10,7 +10,7 @@ from lowrank_optim.quantization import (
     quantization_map,
     quantize,
 )
-from lowrank_optim.quantization.maps import midpoints
+from lowrank_optim.quantization.maps import midpoints, rounding_power, square_root_map
 
 MAPS = [(8, True), (8, False), (4, True), (4, False)]
 
@@ -70,8 +70,32 @@ def torchao_utils():
     return pytest.importorskip("torchao.optim.quant_utils")
 
 
-def test_four_bit_second_moment_map_is_torchaos(torchao_utils):
+def test_four_bit_second_moment_map_is_torchaos_applied_to_the_square_root(torchao_utils):
     assert torch.equal(linear_zero_free_map(4), torch.linspace(0, 1, 17, dtype=torch.float64)[1:])
+    assert torch.equal(quantization_map(4, False), square_root_map(4))
+    assert torch.equal(square_root_map(4).sqrt(), linear_zero_free_map(4))
+    assert rounding_power(4, False) == 2 and {rounding_power(b, s) for b, s in MAPS if (b, s) != (4, False)} == {1}
+    boundaries = midpoints(square_root_map(4), 4, power=2)
+    assert torch.equal(boundaries[:15], ((2 * torch.arange(1, 16, dtype=torch.float64) + 1) / 32) ** 2)
+
+
+def test_square_root_map_keeps_small_second_moments():
+    """What the update divides by is √v: on v spread over three decades inside one block, the
+    square-root map's relative error of √v is a fraction of the linear map's, which rounds every
+    v below absmax/32 up to absmax/16 (the 4-bit loss of the ablation, package doc)."""
+    generator = torch.Generator().manual_seed(2)
+    v = torch.exp(torch.empty(128 * 64).uniform_(-3 * 2.3026, 0, generator=generator))    # 1e-3 … 1
+    root = v.sqrt().double()
+
+    def root_error(levels: torch.Tensor, power: int) -> float:
+        boundaries = midpoints(levels, 4, power)[:levels.numel() - 1]
+        t = v.double().view(-1, 128) / v.double().view(-1, 128).amax(1, keepdim=True)
+        restored = levels[torch.bucketize(t, boundaries, right=True)] * v.double().view(-1, 128).amax(1, keepdim=True)
+        return float(((restored.sqrt().view(-1) - root).abs() / root).mean())
+
+    linear, square_root = root_error(linear_zero_free_map(4), 1), root_error(square_root_map(4), 2)
+    print(f"mean relative error of sqrt(v): linear map {linear:.3f}, square-root map {square_root:.3f}")
+    assert square_root < 0.4 * linear
 
 
 def _set_difference(a, b, rtol=1e-6):
@@ -106,10 +130,18 @@ def test_nearest_level_search_agrees_with_torchao(torchao_utils, bits, signed):
     mine = torch.stack((codes & 15, codes >> 4), -1).reshape(-1) if bits == 4 else codes
     dequantized = ours[mine.long()].view(-1, 256) * scales.view(-1, 1)
 
-    qmap = torch.cat((ours, ours.new_ones(2**bits - ours.numel())))
-    normalized, torchao_scales = torchao_utils.scale_tensor(x.clone(), 256)
+    # the square-root map: torchao's search of √x on the map's square roots (its linear map)
+    power = rounding_power(bits, signed)
+    qmap = ours.pow(1 / power)
+    qmap = torch.cat((qmap, qmap.new_ones(2**bits - qmap.numel())))
+    normalized, torchao_scales = torchao_utils.scale_tensor(x.pow(1 / power), 256)
     search = torchao_utils.quantize_8bit_with_qmap if bits == 8 else torchao_utils.quantize_4bit_with_qmap
     theirs = torchao_utils.dequant_with_qmap(search(normalized, qmap), qmap, torchao_scales).view(-1, 256)
+    if power == 2:
+        # (level·√a)² against level²·a: equal up to fp32 rounding
+        torch.testing.assert_close(scales, torchao_scales.square(), rtol=2**-22, atol=0)
+        torch.testing.assert_close(dequantized, theirs.square(), rtol=2**-20, atol=0)
+        return
     assert torch.equal(scales, torchao_scales)
     differ = dequantized != theirs
     boundaries = codebook(bits, signed).midpoints[:ours.numel() - 1].double()

@@ -1,0 +1,78 @@
+"""Low-bit rows against their 32-bit counterparts over several seeds: mean and spread.
+
+    python -m experiments.bench.lowbit_seeds --inputs DIR [DIR ...] --out FILE.md
+
+Every input folder holds one ``python -m experiments.results.compare`` run (``results.json`` and
+``results.md``, whose header names the seed); the same methods on the same model and budget at
+several seeds. For each method: the final validation loss per seed, its mean and spread
+(max − min); for each low-bit row, ``Δ% = 100·(mean − mean₃₂)/mean₃₂`` against its 32-bit
+counterpart (:data:`~experiments.bench.lowbit_report.REFERENCE`) and the per-seed Δ% (same seed,
+same data: the paired difference, which is less noisy than the difference of the means).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from experiments.bench.common import write_text
+from experiments.bench.lowbit_report import ORDER, REFERENCE, bits_of
+
+
+def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[str, str], list[str]]:
+    """``{key: {seed: final loss}}``, ``{key: label}`` and the commands of the input folders."""
+    losses: dict[str, dict[int, float]] = defaultdict(dict)
+    labels, commands = {}, []
+    for folder in folders:
+        text = (folder / "results.md").read_text(encoding="utf-8")
+        seed = int(re.search(r"seed (\d+)\.", text).group(1))
+        commands += re.findall(r"^Command: `(.*)`$", text, flags=re.M)
+        for row in json.loads((folder / "results.json").read_text(encoding="utf-8")):
+            losses[row["key"]][seed] = row["final_val_loss"]
+            labels[row["key"]] = row["label"]
+    return losses, labels, commands
+
+
+def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
+    keys = [key for key in ORDER if key in losses] + sorted(key for key in losses if key not in ORDER)
+    lines = ["| method | bits | seeds | final val loss per seed | mean | spread | 32-bit mean | Δ% of means "
+             "| paired Δ% per seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        runs = losses[key]
+        seeds = sorted(runs)
+        mean = statistics.fmean(runs.values())
+        spread = max(runs.values()) - min(runs.values())
+        reference = losses.get(REFERENCE.get(key, ""), {})
+        bits = bits_of(key) or 32
+        if reference and bits != 32:
+            reference_mean = statistics.fmean(reference.values())
+            delta = f"{100 * (mean / reference_mean - 1):+.2f}%"
+            paired = ", ".join(f"{100 * (runs[s] / reference[s] - 1):+.2f}%" for s in seeds if s in reference)
+            reference_text = f"{reference_mean:.4f}"
+        else:
+            delta = paired = reference_text = ""
+        per_seed = ", ".join(f"{runs[s]:.4f}" for s in seeds)
+        lines.append(f"| {labels[key]} | {bits} | {', '.join(map(str, seeds))} | {per_seed} | {mean:.4f} "
+                     f"| {spread:.4f} | {reference_text} | {delta} | {paired} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench.lowbit_seeds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", nargs="+", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    losses, labels, commands = read_runs(args.inputs)
+    text = ((f"{args.title}\n\n" if args.title else "") + "Commands: " + "; ".join(f"`{c}`" for c in commands)
+            + "\n\n" + seeds_table(losses, labels))
+    write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
