@@ -27,6 +27,7 @@ import torch
 
 from ..geometry import compressed_size
 from ..kernels.dispatch import project as _project
+from ..kernels.dispatch import project_with_squared_norms as _project_with_squared_norms
 
 if TYPE_CHECKING:
     from ..sharding import Sharding
@@ -107,3 +108,10 @@ class Projector(ABC):
         """``R = G·P`` (right) or ``Pᵀ·G`` (left)."""
         basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
         return _project(backend, grad, basis, indices, side)
+
+    def project_with_squared_norms(self, grad: torch.Tensor, subspace: Subspace, side: str, backend: str,
+                                   norm_side: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`project` and the squared channel norms of ``grad`` along ``norm_side`` (``side``, or
+        None for ``‖G‖²``), in one pass over ``grad`` where the backend can."""
+        basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
+        return _project_with_squared_norms(backend, grad, basis, indices, side, norm_side)
