@@ -13,7 +13,8 @@ the library's plain AdamW path with 8-/4-bit moments (registered ``adamw8bit``/`
 ``GaLoreAdamW(projector="randomized_svd")`` refresh next to the full-SVD one; ``--torchao`` adds
 torchao's ``AdamW8bit``/``AdamW4bit`` (off by default: their compiled step needs seconds to build).
 APOLLO (``APOLLOAdamW`` at ``--rank``, channel scaling; ``proj="dct"`` too) and APOLLO-Mini (rank 1, tensor
-scaling), next to apollo-torch's APOLLO and APOLLO-Mini (peers, when installed). ``--only`` keeps the rows
+scaling), each also with ``basis="generated"`` (``P`` drawn at every step, not cached), next to
+apollo-torch's APOLLO and APOLLO-Mini (peers, when installed). ``--only`` keeps the rows
 whose label contains one of its words (torch's default and fused AdamW, the ratios' bases, always run).
 """
 
@@ -85,7 +86,9 @@ def _candidates(rank: int, torchao: bool = False):
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
             print("galore_torch not installed: peer baseline skipped", file=sys.stderr)
-        apollo = [("apollo_adamw", rank, {}), ("apollo_adamw", rank, {"proj": "dct"}), ("apollo_mini", 1, {})]
+        apollo = [("apollo_adamw", rank, {}), ("apollo_adamw", rank, {"basis": "generated"}),
+                  ("apollo_adamw", rank, {"proj": "dct"}), ("apollo_mini", 1, {}),
+                  ("apollo_mini", 1, {"basis": "generated"})]
         rows += [(_label(name, kwargs), kind, _projected(name, r, gap, kwargs)) for name, r, kwargs in apollo]
         try:
             rows += [(f"apollo_torch APOLLO{suffix}", kind, _apollo_torch(name, rank, gap))

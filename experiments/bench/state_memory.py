@@ -223,12 +223,13 @@ def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
 
 def cached_random_projection_bytes(optimizer: APOLLOAdamW, summary) -> int:
     """The ``P`` (``k×r``, the gradient's dtype) of the current seed that the random projector keeps per
-    projected weight of a ``proj="random"`` group, outside the optimizer state
-    (:mod:`lowrank_optim.projectors.random`); the state itself holds the seed."""
+    projected weight of a ``proj="random"``, ``basis="cached"`` group, outside the optimizer state
+    (:mod:`lowrank_optim.projectors.random`); the state itself holds the seed (``basis="generated"``:
+    nothing else)."""
     total = 0
     params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
     for row, (group, param) in zip(summary, params, strict=True):
-        if row.projected and group["proj"] == "random":
+        if row.projected and group["proj"] == "random" and group["basis"] == "cached":
             size = row.shape[1] if row.side == "right" else row.shape[0]
             total += size * row.rank * param.element_size()
     return total

@@ -61,6 +61,12 @@ class Projector(ABC):
         self.side = side
         self.rank = rank
 
+    @property
+    def generated(self) -> bool:
+        """Whether the matrix ``P`` is cut from (or ``P`` itself) is drawn again at each use instead of
+        kept (group key ``basis="generated"``; a group without the key: ``"cached"``)."""
+        return self.group.get("basis", "cached") == "generated"
+
     @abstractmethod
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
                sharding: Sharding | None = None, previous: Subspace | None = None) -> Subspace:
