@@ -229,15 +229,27 @@ def optimizer_kwargs(config: TrainConfig) -> dict:
     return {**kwargs, **config.optimizer_kwargs}
 
 
+def projection_rank(config: TrainConfig) -> int | float:
+    """The projected group's rank: the optimizer's own (APOLLO-Mini's 1), else ``--rank``."""
+    own = info_for(config.optimizer).projection_rank
+    return config.rank if own is None else own
+
+
 def optimizer_params(model: nn.Module, config: TrainConfig):
-    """``model.parameters()``, or GaLore's two param groups for a projected optimizer."""
+    """``model.parameters()``, or GaLore's two param groups (named parameters) for a projected optimizer:
+    the ``--target_modules`` linears projected, everything else plain."""
     keys = info_for(config.optimizer).projection_keys
     if not keys:
         return model.parameters()
     projection = {key: getattr(config, key) for key in keys if key != "rank" and getattr(config, key) is not None}
-    return lowrank_optim.lowrank_param_groups(
-        model, target_modules=tuple(config.target_modules), rank=config.rank, **projection
+    projected, *rest = lowrank_optim.lowrank_param_groups(
+        model, target_modules=tuple(config.target_modules), rank=projection_rank(config), **projection
     )
+    if config.optimizer in PEER_OPTIMIZERS:      # the peers take a group without "rank" as plain
+        return [projected, *rest]
+    # the library's DCTProjAdam and APOLLO would project the 2-D weights of a group without its own rank
+    # (their default rule), e.g. the attention linears under --target_modules mlp: rank=None keeps them plain
+    return [projected, *({**group, "rank": None} for group in rest)]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

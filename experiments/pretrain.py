@@ -65,7 +65,13 @@ from experiments.evaluation import evaluate, next_token_loss
 from experiments.log_window import LogWindow
 from experiments.logging_utils import RunLogger, perplexity, projection_health, read_metrics
 from experiments.memory import optimizer_state_bytes, parameter_counts, peak_memory_bytes
-from experiments.methods import apply_parameterization, build_optimizer, info_for, resolved_parameterization
+from experiments.methods import (
+    apply_parameterization,
+    build_optimizer,
+    info_for,
+    projection_rank,
+    resolved_parameterization,
+)
 from experiments.model import Llama
 from experiments.model_factory import build_model
 from experiments.model_hf import HFLlama
@@ -309,7 +315,7 @@ def save_run(run: Run) -> None:
 
 def plot_title(config: TrainConfig) -> str:
     """``<run name>: <optimizer>, lr <peak lr>[, rank <r>]`` (rank only where a projection uses it)."""
-    rank = f", rank {config.rank:g}" if resolved_parameterization(config) != "dense" or info_for(
+    rank = f", rank {projection_rank(config):g}" if resolved_parameterization(config) != "dense" or info_for(
         config.optimizer).projection_keys else ""
     return f"{config.run_name}: {config.optimizer}, lr {config.lr:g}{rank}"
 

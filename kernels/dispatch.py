@@ -14,7 +14,9 @@ kernels are defined after the caller had its chance to set ``TRITON_INTERPRET``.
   optionally with the scaled residual (Fira) of the gradient outside the subspace;
 * :func:`channel_squared_norms` and :func:`scaled_weight_update_`: APOLLO's update
   ``W ← a·W − b·(f∘G)`` with per-channel (or one) factors ``f``, and the channel norms of ``G``
-  its norm-growth limiter reads (:mod:`.channel_scaling`: two memory-bound passes over ``G``).
+  its norm-growth limiter reads (:mod:`.channel_scaling`: two memory-bound passes over ``G``);
+  :func:`project_with_squared_norms`: ``R`` and those norms together (on the CPU in one pass
+  over ``G``, :mod:`.projected_norms`).
 * :func:`int8_weight_update_`: ``Ŵ ← SR(a·Ŵ − b·ΔW)`` on a weight stored as int8 rows and
   scales (:mod:`.int8_weight_update`), dequantized, updated and re-quantized with stochastic
   rounding in one pass.
@@ -40,6 +42,7 @@ from .channel_scaling import scaled_weight_update_ as _reference_scaled_weight_u
 from .column_select import gather_project
 from .int8_weight_update import int8_weight_update_ as _reference_int8_weight_update_
 from .moment_update import adam_moment_update_
+from .projected_norms import project_with_squared_norms as _reference_project_with_squared_norms
 from .quantized_moment_update import Codebook
 from .quantized_moment_update import quantized_adam_moment_update_ as _reference_quantized_update_
 from .slot_remap import remap_slots
@@ -58,6 +61,15 @@ def project(backend: str, grad: torch.Tensor, basis: torch.Tensor, indices: torc
         from .column_select_triton import gather_project_triton
         return gather_project_triton(grad, basis, indices, side)
     return gather_project(grad, basis, indices, side)
+
+
+def project_with_squared_norms(backend: str, grad: torch.Tensor, basis: torch.Tensor, indices: torch.Tensor | None,
+                               side: str, norm_side: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, channel_squared_norms(grad, norm_side))``: :func:`project` and :func:`channel_squared_norms`."""
+    if backend == "triton":
+        return project(backend, grad, basis, indices, side), channel_squared_norms(backend, grad, norm_side)
+    _check_moment_backend(backend)
+    return _reference_project_with_squared_norms(grad, basis, indices, side, norm_side)
 
 
 def adam_moment_update(backend: str, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

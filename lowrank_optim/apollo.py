@@ -49,7 +49,7 @@ class APOLLOAdamW(ProjectedAdamW):
             below except ``skip_nonfinite`` may be overridden per group; unknown group keys are refused.
         lr, betas, eps, weight_decay: AdamW's; defaults 1e-3, (0.9, 0.999), 1e-6 (apollo-torch's), 0.0.
         rank (int | float | None, default 0.25): an int, or a fraction of the smaller side.
-        proj (str, default "random"): ``"random"``, the paper's seeded Gaussian ``P``, never stored
+        proj (str, default "random"): ``"random"``, the paper's seeded Gaussian ``P``, never in the state
             (:mod:`lowrank_optim.projectors.random`); ``"dct"``, DCT columns chosen by their alignment with
             the gradient as in :class:`~lowrank_optim.DCTProjAdam` (``r`` indices of state).
         scale_type (str, default "channel"): one factor per channel, or ``"tensor"`` (one per weight).
@@ -64,7 +64,12 @@ class APOLLOAdamW(ProjectedAdamW):
         moments (str, default "keep"): on a resample, ``"keep"`` the moments (apollo-torch's),
             ``"reset"`` them, or (``proj="dct"`` only) ``"transport"`` them to the slots of the
             columns still selected.
-        score, transform, basis: ``proj="dct"``'s options, as in :class:`~lowrank_optim.DCTProjAdam`.
+        basis (str, default "cached"): ``"cached"`` keeps the current ``P`` of each weight outside the state
+            (``proj="random"``: ``k×r`` values per weight; ``"dct"``: one DCT matrix per size), ``"generated"``
+            draws it again at each step and keeps only the seed (``proj="random"``: ``k·r`` CPU draws per
+            weight and step, and off the CPU a copy the device waits for; ``experiments/results/APOLLO.md``
+            measures both).
+        score, transform: ``proj="dct"``'s options, as in :class:`~lowrank_optim.DCTProjAdam`.
         moments_dtype, moment_bits, moment_block_size, bf16_stochastic_round, backend: as in
             :class:`~lowrank_optim.DCTProjAdam` (8/4-bit moments of projected and plain parameters alike).
         foreach, maximize, capturable, differentiable, fused: torch's keywords.

@@ -404,9 +404,14 @@ class ProjectedAdamW(torch.optim.Optimizer):
             self.refresh_stats[plan.key] = {"overlap": overlap}
         subspace = stored_subspace(state)
         state["step"] += 1
-        low_rank_grad = target.low_rank_grad
+        low_rank_grad, grad_squares = target.low_rank_grad, None
         if low_rank_grad is None:
-            low_rank_grad = plan.projector.project(target.grad, subspace, plan.side, plan.backend)
+            squares = plan.rule.grad_squares(group)
+            if squares is None:
+                low_rank_grad = plan.projector.project(target.grad, subspace, plan.side, plan.backend)
+            else:       # one pass over G for both where the backend can (kernels.projected_norms)
+                low_rank_grad, grad_squares = plan.projector.project_with_squared_norms(
+                    target.grad, subspace, plan.side, plan.backend, plan.side if squares == "channel" else None)
         if target.new_subspace is not None:
             self.refresh_stats[plan.key]["captured"] = _captured_fraction(low_rank_grad, target.grad, plan.sharding)
         basis_columns = functools.partial(plan.projector.basis_columns, subspace,
@@ -415,7 +420,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         plan.rule.update(
             ProjectedStep(target.weight, target.grad, low_rank_grad, moments, basis_columns, plan.side,
                           self._slot_step_counts(target, state), source_slots, state, plan.sharding, plan.backend,
-                          self._rounding(target.param) if plan.stochastic_round else None),
+                          self._rounding(target.param) if plan.stochastic_round else None, grad_squares),
             AdamHyperparameters.of(group, self.adam_form), group)
 
     def _rounding(self, param: torch.Tensor) -> torch.Generator | None:

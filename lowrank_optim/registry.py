@@ -23,7 +23,8 @@ class OptimizerInfo:
 
     ``label``: its name in tables. ``projection_keys``: the keys of the projected param group of
     :func:`lowrank_optim.lowrank_param_groups` it takes (``rank`` first); empty: it takes
-    ``model.parameters()``. ``config_keywords``: ``(constructor keyword, training-config field)``
+    ``model.parameters()``. ``projection_rank``: the projected group's rank whatever the config's
+    says (APOLLO-Mini: 1); None: the config's. ``config_keywords``: ``(constructor keyword, training-config field)``
     pairs. ``parameterization``: the model transform it trains (``dense``: none; ``sst``:
     :func:`lowrank_optim.convert_to_sst`). ``fsdp``: it steps FSDP2's DTensor shards
     (:mod:`lowrank_optim.sharding`). ``backward_projection``: it takes ``step_in_backward=True`` and,
@@ -34,6 +35,7 @@ class OptimizerInfo:
 
     label: str
     projection_keys: tuple[str, ...] = ()
+    projection_rank: int | None = None
     config_keywords: tuple[tuple[str, str], ...] = ()
     parameterization: str = "dense"
     fsdp: bool = False
@@ -55,8 +57,10 @@ _INFO: dict[str, OptimizerInfo] = {
     "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
     "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
     "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True, full_gradient=True),
-    # rank 1 on every 2-D parameter but the embedding tables: the optimizer's own rule, not GaLore's groups
-    "apollo_mini": OptimizerInfo("APOLLO-Mini", fsdp=True, backward_projection=True, full_gradient=True),
+    # GaLore's groups (named, the config's target modules, gap, side and moments policy) at rank 1, as
+    # apollo-torch's published APOLLO-Mini; its scale 128 and tensor scaling are the class's defaults
+    "apollo_mini": OptimizerInfo("APOLLO-Mini", APOLLO_KEYS, projection_rank=1, fsdp=True, backward_projection=True,
+                                 full_gradient=True),
     "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
                                parameterization="sst"),
 }

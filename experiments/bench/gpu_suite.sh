@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-shot GPU check: the GPU-only kernel tests, FSDP2 on NCCL, the kernel and optimizer-step
-# benchmarks, the peak-memory benchmark and a short LLaMA-60M comparison of AdamW,
-# GaLoreAdamW and DCTProjAdam. Each step has its own time limit (together 8 minutes on one
+# One-shot GPU check: the GPU-only kernel tests, FSDP2 on NCCL, the kernel benchmark (APOLLO's
+# Triton channel scaling included) and the optimizer-step benchmark (APOLLO and APOLLO-Mini rows
+# included), the peak-memory benchmark and a short LLaMA-60M comparison of AdamW,
+# GaLoreAdamW and DCTProjAdam. Each step has its own time limit (together about 8 minutes on one
 # H100/H200); a failing or timed-out step does not stop the others, and the suite exits 1 at the
 # end if any failed. Results, logs and summary_<device>.md go to experiments/results/<device>/.
 #
@@ -16,7 +17,7 @@
 # (default python3), which must import torch and the installed lowrank_optim.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 COMMAND="bash experiments/bench/gpu_suite.sh${*:+ $*}"
 DRY=0
@@ -76,9 +77,10 @@ else
     SLUG=$(tr '[:upper:]' '[:lower:]' <<<"$DEVICE_NAME" | sed -E 's/[^a-z0-9]+/_/g; s/^_+|_+$//g')
     OUT=${OUT:-$PWD/experiments/results/$SLUG}
     INTERPRET=0
-    # Seconds per step, 480 in all. Estimates for an H100/H200 (the sizes below are chosen to fit
-    # them); the summary's wall times are the measurements to retune them by.
-    declare -A BUDGET=([kernel_tests]=120 [fsdp_smoke]=45 [kernels_bench]=80 [optimizer_step_float32]=40
+    # Seconds per step, 490 in all. Estimates for an H100/H200 (the sizes below are chosen to fit
+    # them; kernels_bench's APOLLO channel-scaling section not yet timed on one); the summary's wall
+    # times are the measurements to retune them by.
+    declare -A BUDGET=([kernel_tests]=120 [fsdp_smoke]=45 [kernels_bench]=90 [optimizer_step_float32]=40
         [optimizer_step_bfloat16]=40 [memory_bench]=60 [compare]=95)
     KERNEL_TESTS=()  # every case, the bf16 ones that skip on the CPU included
     # Triton compiles (CPU-bound) and autotunes each new shape in every process: spread the tests
@@ -180,13 +182,17 @@ run_step fsdp_smoke "fsdp_smoke_$SLUG/metrics.jsonl fsdp_smoke_$SLUG/model_*/sha
 # The checkpoints were checked above; at 60M they are hundreds of MB, not results to keep.
 rm -rf "$OUT/fsdp_smoke_$SLUG"/model_*
 
-# (b) The kernel benchmark, its kernel sections. Its whole-optimizer section (every LLaMA-1B
-# weight; GaLore's refresh is 168 SVDs) takes minutes and runs apart (experiments/README.md).
+# (b) The kernel benchmark, its kernel sections: the moment update, the selection, the fused
+# ordinary step and APOLLO's channel scaling (norms + scaled update, per channel and per tensor, Triton
+# against PyTorch). Its whole-optimizer section (every LLaMA-1B weight; GaLore's refresh is 168 SVDs)
+# takes minutes and runs apart (experiments/README.md).
 run_step kernels_bench "kernels_bench_$SLUG.csv" \
     env TRITON_INTERPRET=$INTERPRET "$PYTHON" -m experiments.bench.kernels_bench \
-    --sections moment selection step --csv "$OUT/kernels_bench_$SLUG.csv" "${KERNELS_BENCH[@]}"
+    --sections moment selection step channel --csv "$OUT/kernels_bench_$SLUG.csv" "${KERNELS_BENCH[@]}"
 
-# (c) One weight's optimizer step against torch.optim.AdamW(fused=True) and galore_torch.
+# (c) One weight's optimizer step against torch.optim.AdamW(fused=True) and galore_torch: every
+# library row, APOLLO (rank as below, basis cached and generated, proj="dct") and APOLLO-Mini (rank 1)
+# included (on CUDA their update runs the Triton channel-scaling kernels), next to apollo-torch's.
 for dtype in float32 bfloat16; do
     run_step "optimizer_step_$dtype" "optimizer_step_${dtype}_$SLUG.csv" \
         "$PYTHON" -m experiments.bench.optimizer_step --dtype "$dtype" \

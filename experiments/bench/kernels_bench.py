@@ -11,10 +11,12 @@ The full run takes a quarter of an hour or more on one GPU (autotuning every new
 Sections (``--sections``): ``moment`` (kernel 1: GB/s against the device-to-device copy rate
 measured first in the same run; target ≥ 80%), ``selection`` (kernel 2 against
 ``torch.topk((G·C).abs().sum(0))`` and ``torch.linalg.svd``), ``step`` (kernels 1+3 against the
-unfused PyTorch step), all over LLaMA weight shapes (60M … 7B: ``h×h``, ``h×i``, ``i×h``) at ranks
-128-1024 in fp32 and bf16; and ``optimizer`` (whole steps over every LLaMA-1B weight:
-``DCTProjAdam`` against ``torch.optim.AdamW(fused=True)`` and ``galore_torch.GaLoreAdamW``, refresh
-and ordinary steps apart). Formulas of bytes and FLOPs: :mod:`.kernels_cases`.
+unfused PyTorch step), ``channel`` (APOLLO's channel norms and scaled update, per channel and per
+tensor, Triton against PyTorch: GB/s against the copy rate), all over LLaMA weight shapes (60M …
+7B: ``h×h``, ``h×i``, ``i×h``; ``moment`` and ``step`` at ranks 128-1024) in fp32 and bf16; and
+``optimizer`` (whole steps over every LLaMA-1B weight: ``DCTProjAdam`` against
+``torch.optim.AdamW(fused=True)`` and ``galore_torch.GaLoreAdamW``, refresh and ordinary steps
+apart). Formulas of bytes and FLOPs: :mod:`.kernels_cases`.
 
 fp32 GEMMs follow torch's setting, stated in the output: full fp32 by default, TF32 with ``--tf32``
 (for torch's matmuls and the kernels alike). Results go to the CSV given by ``--csv`` and are
@@ -35,9 +37,11 @@ from lowrank_optim.kernels.backend import interpreting, triton_available
 
 from .common import copy_bandwidth_gbps, device_label
 from .kernels_cases import (
+    CHANNEL_SCALING_SECTIONS,
     LLAMA_1B,
     LLAMA_SMOKE,
     Settings,
+    bench_channel_scaling,
     bench_fused_step,
     bench_moment_update,
     bench_optimizer_step,
@@ -49,7 +53,7 @@ LLAMA_DIMS = {"60M": (512, 1376), "130M": (768, 2048), "350M": (1024, 2736), "1B
 RANKS = [128, 256, 512, 1024]
 SMOKE_DIMS = {"smoke": (48, 136)}
 SMOKE_RANKS = [8, 16]
-SECTIONS = ("moment", "selection", "step", "optimizer")
+SECTIONS = ("moment", "selection", "step", "channel", "optimizer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -138,6 +142,8 @@ def print_tables(header: str, rows: list[dict]) -> None:
             ("SVD ms ÷ this", "svd_ratio", 1),
         ],
         "kernels 1+3: ordinary step": [("TFLOP/s", "tflop_per_s", 1), ("× torch unfused", "speedup", 2)],
+        **{section: [("GB/s", "gb_per_s", 1), ("% of copy", "pct_of_copy", 1), ("× torch", "speedup", 2)]
+           for section in CHANNEL_SCALING_SECTIONS.values()},
         "optimizer step": [
             ("step", "step", 0),
             ("AdamW(fused) ms ÷ this", "speedup", 2),
@@ -241,6 +247,8 @@ def main(argv=None) -> int:
         rows += bench_selection(settings)
     if "step" in args.sections:
         rows += bench_fused_step(settings)
+    if "channel" in args.sections:
+        rows += bench_channel_scaling(settings)
     if "optimizer" in args.sections:
         rows += bench_optimizer_step(
             LLAMA_SMOKE if args.smoke else LLAMA_1B,

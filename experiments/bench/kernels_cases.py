@@ -10,6 +10,11 @@
 * kernels 1+3, the ordinary step after the projection: moment update then back-projection and
   weight update, against the unfused PyTorch step, for the DCT's gathered basis and GaLore's dense
   ``P``. FLOPs: ``2·m·n·r``.
+* APOLLO's channel scaling (:mod:`lowrank_optim.kernels.channel_scaling`): the channel norms of
+  ``G`` then ``W ← a·W − b·(f∘G)``, one factor per channel (APOLLO) or one per tensor
+  (APOLLO-Mini), Triton against the PyTorch reference: GB/s against the copy rate. Bytes per
+  element of ``W`` (``e`` bytes each): norms ``e`` (read ``G``), update ``3e`` (read ``G`` and ``W``,
+  write ``W``): ``4e`` in all. Rank-independent (the projection before it is a GEMM).
 * whole optimizer steps over every weight of a LLaMA model (GaLore protocol shapes: ALGORITHMS.md
   §6), refresh and ordinary steps apart: ``torch.optim.AdamW(fused=True)`` (the strongest dense
   baseline), ``DCTProjAdam`` on each available backend, ``GaLoreAdamW`` on the fastest one (its
@@ -31,7 +36,12 @@ from functools import partial
 
 import torch
 from lowrank_optim.kernels.column_select import top_columns
-from lowrank_optim.kernels.dispatch import adam_moment_update, projected_weight_update_
+from lowrank_optim.kernels.dispatch import (
+    adam_moment_update,
+    channel_squared_norms,
+    projected_weight_update_,
+    scaled_weight_update_,
+)
 from lowrank_optim.kernels.layout import layout_for
 
 from lowrank_optim import DCTProjAdam, GaLoreAdamW
@@ -255,6 +265,42 @@ def _fused_step_case(settings, shape, side, rank, dtype) -> list[dict]:
                     flops=2 * shape[0] * shape[1] * rank,
                 )
             )
+    return rows
+
+
+CHANNEL_SCALING_SECTIONS = {"channel": "APOLLO scaling: per channel", "tensor": "APOLLO-Mini scaling: per tensor"}
+
+
+def bench_channel_scaling(settings: Settings) -> list[dict]:
+    """APOLLO's norms + scaled update on every shape and dtype, per channel and per tensor."""
+    rows = []
+    for shape in settings.shapes:
+        for dtype in settings.dtypes:
+            rows += _channel_scaling_case(settings, shape, dtype)
+    return rows
+
+
+def _channel_scaling_case(settings, shape, dtype) -> list[dict]:
+    device = settings.device
+    side = resolve_side(torch.Size(shape), "auto")
+    weight = _randn(shape, dtype, device)
+    grad = _randn(shape, dtype, device, seed=1)
+    channels = shape[0] if side == "right" else shape[1]
+    a, b = 1.0 - UPDATE["lr"] * UPDATE["weight_decay"], UPDATE["lr"]
+    # NOTE: fixed factors: their own small math (moments, limiter: a few hundred values) is not these kernels'.
+    factors = {"channel": torch.full((channels,), 0.5, device=device), "tensor": torch.tensor(0.5, device=device)}
+
+    def step(backend, scale_type):
+        channel_squared_norms(backend, grad, side if scale_type == "channel" else None)
+        scaled_weight_update_(backend, weight, grad, factors[scale_type], side, a=a, b=b)
+
+    rows = []
+    for scale_type, section in CHANNEL_SCALING_SECTIONS.items():
+        for backend in settings.backends:
+            impl = "torch reference" if backend == "torch" else "triton norms + update"
+            ms = measure_ms(partial(step, backend, scale_type), device, budget_ms=settings.budget_ms)
+            rows.append(_row(section, shape, "—", dtype, impl, "torch reference", ms,
+                             nbytes=4 * weight.numel() * weight.element_size(), settings=settings))
     return rows
 
 

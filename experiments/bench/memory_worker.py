@@ -72,6 +72,7 @@ class OptimizerSpec:
                                 # backward: their hooks project; APOLLO's hooks step with the full gradient)
     checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
     rank: int | None = None     # the projected group's rank instead of the bench's --rank (APOLLO-Mini: 1)
+    options: tuple[tuple[str, object], ...] = ()   # more constructor keywords of a projected optimizer
 
     @property
     def projected(self) -> bool:
@@ -118,6 +119,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                                           in_backward=True, rank=1),
     "apollo_mini_8bit_sib_ckpt": OptimizerSpec("APOLLO-Mini 8-bit + step in backward + activation checkpointing",
                                                "apollo_mini", 8, in_backward=True, checkpointing=True, rank=1),
+    "apollo_8bit_sib_ckpt_gen": OptimizerSpec("APOLLO 8-bit + step in backward + activation checkpointing, "
+                                              "basis='generated'", "apollo_adamw", 8, in_backward=True,
+                                              checkpointing=True, options=(("basis", "generated"),)),
 }
 
 
@@ -191,7 +195,7 @@ def build_optimizer(model: torch.nn.Module, key: str, rank: int, gap: int, **ove
     groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=spec.rank or rank, update_proj_gap=gap)
     projected = [param for _, param in groups[0]["params"]]
     kwargs = dict(lr=1e-3, moment_bits=spec.bits, backward_projection=spec.backward,
-                  step_in_backward=spec.in_backward, **overrides)
+                  step_in_backward=spec.in_backward, **dict(spec.options), **overrides)
     if spec.deferred and spec.optimizer == "dct_adamw":
         kwargs["residual"] = "none"          # required with backward projection (the hooks free G)
     return create_optimizer(spec.optimizer, groups, **kwargs), projected

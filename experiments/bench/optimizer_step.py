@@ -13,8 +13,9 @@ the library's plain AdamW path with 8-/4-bit moments (registered ``adamw8bit``/`
 ``GaLoreAdamW(projector="randomized_svd")`` refresh next to the full-SVD one; ``--torchao`` adds
 torchao's ``AdamW8bit``/``AdamW4bit`` (off by default: their compiled step needs seconds to build).
 APOLLO (``APOLLOAdamW`` at ``--rank``, channel scaling; ``proj="dct"`` too) and APOLLO-Mini (rank 1, tensor
-scaling), next to apollo-torch's APOLLO and APOLLO-Mini (peers, when installed). ``--only`` keeps the rows
-whose label contains one of its words (torch's default AdamW, the ratios' base, always runs).
+scaling), each also with ``basis="generated"`` (``P`` drawn at every step, not cached), next to
+apollo-torch's APOLLO and APOLLO-Mini (peers, when installed). ``--only`` keeps the rows
+whose label contains one of its words (torch's default and fused AdamW, the ratios' bases, always run).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lowrank_optim import create_optimizer, optimizer_state_bytes
 from lowrank_optim.registry import optimizer_info
 
 BASELINE = "torch.optim.AdamW (default)"
+FUSED = "torch.optim.AdamW (fused)"            # the strongest baseline: a second ratio column
 PEERS = ("galore_torch", "apollo_torch")
 
 
@@ -84,7 +86,9 @@ def _candidates(rank: int, torchao: bool = False):
             rows.append(("galore_torch.GaLoreAdamW", kind, galore_torch(gap)))
         except ImportError:
             print("galore_torch not installed: peer baseline skipped", file=sys.stderr)
-        apollo = [("apollo_adamw", rank, {}), ("apollo_adamw", rank, {"proj": "dct"}), ("apollo_mini", 1, {})]
+        apollo = [("apollo_adamw", rank, {}), ("apollo_adamw", rank, {"basis": "generated"}),
+                  ("apollo_adamw", rank, {"proj": "dct"}), ("apollo_mini", 1, {}),
+                  ("apollo_mini", 1, {"basis": "generated"})]
         rows += [(_label(name, kwargs), kind, _projected(name, r, gap, kwargs)) for name, r, kwargs in apollo]
         try:
             rows += [(f"apollo_torch APOLLO{suffix}", kind, _apollo_torch(name, rank, gap))
@@ -140,7 +144,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=args.device).manual_seed(0)
     candidates = [row for row in _candidates(args.rank, args.torchao)
-                  if not args.only or row[0] == BASELINE or any(word in row[0] for word in args.only)]
+                  if not args.only or row[0] in (BASELINE, FUSED) or any(word in row[0] for word in args.only)]
     optimizers = []
     for _, _, factory in candidates:
         param = torch.nn.Parameter(torch.randn(args.shape, device=args.device, dtype=dtype, generator=generator))
@@ -155,15 +159,17 @@ def main(argv=None) -> None:
     ]
 
     adamw_ms = next(r["ms"] for r in rows if r["optimizer"] == BASELINE)
+    fused_ms = next(r["ms"] for r in rows if r["optimizer"] == FUSED)
     svd_refresh_ms = next((r["ms"] for r in rows if r["optimizer"] == "GaLoreAdamW" and r["step"] == "refresh"), None)
     device = device_label(args.device)
     print(f"\n{args.shape[0]}×{args.shape[1]} {args.dtype}, rank {args.rank}, {device}, torch {torch.__version__}\n")
-    print("| optimizer | step | ms | × AdamW (default) | GaLoreAdamW refresh ÷ this | state bytes |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | step | ms | × AdamW (default) | × AdamW (fused) | GaLoreAdamW refresh ÷ this | state bytes |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = f"{svd_refresh_ms / r['ms']:.1f}" if r["step"] == "refresh" and svd_refresh_ms else ""
         state = "" if r["state_bytes"] is None else f"{r['state_bytes']:,}"
-        print(f"| {r['optimizer']} | {r['step']} | {r['ms']:.1f} | {r['ms'] / adamw_ms:.2f} | {speedup} | {state} |")
+        print(f"| {r['optimizer']} | {r['step']} | {r['ms']:.1f} | {r['ms'] / adamw_ms:.2f} | {r['ms'] / fused_ms:.2f} "
+              f"| {speedup} | {state} |")
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["device", *rows[0]])

@@ -58,6 +58,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCK_SIZES = {8: 256, 4: 128}
 MIN_QUANTIZED_NUMEL = 4096
 GIB, GB = 2**30, 10**9
+HEAD = "lm_head.weight"       # the output head of the native LLaMA (experiments.model)
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,13 @@ def cached_dct_bytes(optimizer: DCTProjAdam, summary) -> int:
 
 def cached_random_projection_bytes(optimizer: APOLLOAdamW, summary) -> int:
     """The ``P`` (``k×r``, the gradient's dtype) of the current seed that the random projector keeps per
-    projected weight of a ``proj="random"`` group, outside the optimizer state
-    (:mod:`lowrank_optim.projectors.random`); the state itself holds the seed."""
+    projected weight of a ``proj="random"``, ``basis="cached"`` group, outside the optimizer state
+    (:mod:`lowrank_optim.projectors.random`); the state itself holds the seed (``basis="generated"``:
+    nothing else)."""
     total = 0
     params = [(group, param) for group in optimizer.param_groups for param in group["params"]]
     for row, (group, param) in zip(summary, params, strict=True):
-        if row.projected and group["proj"] == "random":
+        if row.projected and group["proj"] == "random" and group["basis"] == "cached":
             size = row.shape[1] if row.side == "right" else row.shape[0]
             total += size * row.rank * param.element_size()
     return total
@@ -320,11 +322,16 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         "hook", "the larger side compressed: moments of r·min(m, n) values (a cached basis would add C of 4096 and "
         "11008: 0.123 B/param)")
 
-    def apollo_mini(**kwargs):
+    def apollo_mini(head_rank=None, **kwargs):
         """APOLLO-Mini over the named parameters (its own rule: rank 1 on every 2-D weight but the embedding
-        and head, which stay plain AdamW with the same moment bits), stepped in the backward pass."""
+        and head, which stay plain AdamW with the same moment bits), stepped in the backward pass;
+        ``head_rank``: the output head in a group of its own at that rank (projected too)."""
         def build(model):
-            optimizer = create_optimizer("apollo_mini", model.named_parameters(), lr=1e-3, update_proj_gap=gap,
+            named = list(model.named_parameters())
+            params = named if head_rank is None else [
+                {"params": [(name, p) for name, p in named if name != HEAD]},
+                {"params": [(name, p) for name, p in named if name == HEAD], "rank": head_rank}]
+            optimizer = create_optimizer("apollo_mini", params, lr=1e-3, update_proj_gap=gap,
                                          step_in_backward=True, **kwargs)
             return optimizer, [p for p in model.parameters() if optimizer.plan_of(p).projected]
         return build
@@ -338,6 +345,9 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         "hook", "as above, moment_block_size=2048")
     add("APOLLO-Mini, 4-bit moments, step in backward", apollo_mini(moment_bits=4), "hook",
         "as above, 4-bit moments (the plain embedding and head; quality not measured here)")
+    add("APOLLO-Mini, 8-bit moments, step in backward, head at rank 1", apollo_mini(head_rank=1, moment_bits=8),
+        "hook", "as the 8-bit row, the output head projected at rank 1 too (its moments 2 × 32000 values instead "
+        "of 2 × 131M; the embedding stays plain AdamW; quality not measured here)")
     for row in rows:
         row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
     return {"config": config, "rank": rank, "gap": gap, "rows": rows}

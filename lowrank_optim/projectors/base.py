@@ -27,6 +27,7 @@ import torch
 
 from ..geometry import compressed_size
 from ..kernels.dispatch import project as _project
+from ..kernels.dispatch import project_with_squared_norms as _project_with_squared_norms
 
 if TYPE_CHECKING:
     from ..sharding import Sharding
@@ -59,6 +60,12 @@ class Projector(ABC):
         self.position = position
         self.side = side
         self.rank = rank
+
+    @property
+    def generated(self) -> bool:
+        """Whether the matrix ``P`` is cut from (or ``P`` itself) is drawn again at each use instead of
+        kept (group key ``basis="generated"``; a group without the key: ``"cached"``)."""
+        return self.group.get("basis", "cached") == "generated"
 
     @abstractmethod
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
@@ -107,3 +114,10 @@ class Projector(ABC):
         """``R = G·P`` (right) or ``Pᵀ·G`` (left)."""
         basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
         return _project(backend, grad, basis, indices, side)
+
+    def project_with_squared_norms(self, grad: torch.Tensor, subspace: Subspace, side: str, backend: str,
+                                   norm_side: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`project` and the squared channel norms of ``grad`` along ``norm_side`` (``side``, or
+        None for ``‖G‖²``), in one pass over ``grad`` where the backend can."""
+        basis, indices = self.basis_columns(subspace, compressed_size(grad.shape, side), grad.dtype, backend)
+        return _project_with_squared_norms(backend, grad, basis, indices, side, norm_side)

@@ -49,11 +49,6 @@ class DCTProjector(Projector):
     family = "dct"
     options = {"score": ("l1", "l2"), "transform": ("auto", "matmul", "fft"), "basis": ("cached", "generated")}
 
-    @property
-    def generated(self) -> bool:
-        """Whether ``C`` is never stored (``basis="generated"``; groups built without the key: cached)."""
-        return self.group.get("basis", "cached") == "generated"
-
     def select(self, grad: torch.Tensor, rank: int, side: str, backend: str = "torch",
                sharding: Sharding | None = None, previous: Subspace | None = None) -> Subspace:
         return self.select_and_project(grad, rank, side, backend, sharding)[0]

@@ -20,7 +20,9 @@ Channels are the dimension the projection keeps (:mod:`lowrank_optim.channels`):
 the right side, columns on the left. ``ℓ`` is Fira's norm-growth limiter (``γ`` =
 ``norm_growth_limit``, None: off); a weight's first step only records ``‖U‖`` (``limiter_norm`` in
 its state, a 0-d tensor: nothing is read back to the host). ``‖s∘G‖`` comes from the channel norms
-of ``G`` (``Σ_c s_c²‖G_c‖²``), so the product is never formed before the weight update. Decay is
+of ``G`` (``Σ_c s_c²‖G_c‖²``), so the product is never formed before the weight update; the
+engine computes them with ``R`` (:meth:`APOLLORule.grad_squares`: on the CPU one pass over ``G``
+for both, :mod:`lowrank_optim.kernels.projected_norms`). Decay is
 decoupled, after the update in the Hugging Face form (``APOLLOAdamW``), before it in torch's form.
 Bias correction is folded into ``η_t`` (apollo-torch's); per-slot correction is refused.
 
@@ -75,6 +77,9 @@ class APOLLORule(UpdateRule):
     def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
         return ("update_rule='apollo'", "its update scales the full gradient; use the standard loop")
 
+    def grad_squares(self, group: dict) -> str | None:
+        return None if group["norm_growth_limit"] is None else group["scale_type"]
+
     def state_bytes(self, group: dict) -> int:
         return 0 if group["norm_growth_limit"] is None else 4
 
@@ -110,7 +115,9 @@ def _scaling_factors(normalized: torch.Tensor, low_rank_grad: torch.Tensor, step
 
 def _limited(factors: torch.Tensor, step: ProjectedStep, limit: float) -> torch.Tensor:
     """``ℓ·s`` with ``ℓ`` the norm-growth limiter's factor (module doc); records ``‖U‖``."""
-    grad_squares = dispatched_squared_norms(step.backend, step.grad, step.side if factors.ndim else None)
+    grad_squares = step.grad_squares
+    if grad_squares is None:
+        grad_squares = dispatched_squared_norms(step.backend, step.grad, step.side if factors.ndim else None)
     norm = summed((factors.square() * grad_squares).sum(), step.sharding).sqrt()
     previous = step.state.get("limiter_norm")
     if previous is not None:

@@ -54,7 +54,9 @@ class ProjectedStep:
     the incremented step count, or per-slot counts shaped to broadcast against the moments;
     ``source_slots``: a slot remap of the moments still to apply (a transporting DCT refresh);
     ``state``: the parameter's state dict, for entries the rule owns; ``generator``: stochastic
-    rounding of a bf16 ``weight`` (None: round to nearest)."""
+    rounding of a bf16 ``weight`` (None: round to nearest); ``grad_squares``: the squared norms of
+    ``grad`` that :meth:`UpdateRule.grad_squares` asked for, computed with ``R`` (None when ``R``
+    came from elsewhere: the rule then computes them)."""
 
     weight: torch.Tensor
     grad: torch.Tensor | None
@@ -68,6 +70,7 @@ class ProjectedStep:
     sharding: Sharding | None
     backend: str
     generator: torch.Generator | None
+    grad_squares: torch.Tensor | None = None
 
 
 class UpdateRule(ABC):
@@ -89,6 +92,12 @@ class UpdateRule(ABC):
 
     def full_gradient_use(self, group: dict) -> tuple[str, str] | None:
         """``(what reads G, how to avoid it)`` when ``group``'s update reads the full gradient, else None."""
+        return None
+
+    def grad_squares(self, group: dict) -> str | None:
+        """Which squared norms of ``G`` the update reads: ``"channel"`` (one per channel, the
+        dimension the projection keeps), ``"tensor"`` (``‖G‖²``) or None (the default: none).
+        The engine computes them with ``R`` (:attr:`ProjectedStep.grad_squares`)."""
         return None
 
     def state_bytes(self, group: dict) -> int:

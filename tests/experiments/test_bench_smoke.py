@@ -15,12 +15,15 @@ from experiments.bench import communication, lowbit_report, optimizer_step
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results" / "lowbit_cpu"
 
 
-def test_optimizer_step_times_and_counts_every_candidate(tmp_path):
+def test_optimizer_step_times_and_counts_every_candidate(tmp_path, capsys):
     out = tmp_path / "steps.csv"
     torchao = importlib.util.find_spec("torchao") is not None   # its state is a tensor subclass: counted too
     optimizer_step.main(["--shape", "96", "40", "--rank", "8", "--repeats", "1", "--threads", "1", "--csv", str(out),
                          *(["--torchao"] if torchao else [])])
     rows = list(csv.DictReader(out.open()))
+    table = capsys.readouterr().out.splitlines()
+    fused_row = next(line for line in table if line.startswith("| torch.optim.AdamW (fused)"))
+    assert fused_row.split(" | ")[4] == "1.00"          # the second ratio column: × AdamW (fused)
     if torchao:
         assert all(int(row["state_bytes"]) > 0 for row in rows if row["optimizer"].startswith("torchao"))
     labels = {row["optimizer"] for row in rows}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -20,6 +18,7 @@ from experiments.methods import (  # noqa: E402
     optimizer_params,
 )
 from experiments.model import Llama, LlamaConfig  # noqa: E402
+from experiments.pretrain import plot_title  # noqa: E402
 from lowrank_optim.validation import InvalidHyperparameter  # noqa: E402
 
 SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -60,7 +59,8 @@ def test_projected_optimizers_get_galore_param_groups(optimizer):
         if isinstance(module, torch.nn.Linear) and (".attn." in name or ".mlp." in name)
     )
     assert (groups[0]["rank"], groups[0]["update_proj_gap"], groups[0]["scale"]) == (8, 50, 0.5)
-    assert "rank" not in groups[1]
+    # plain: rank=None for the library's (whose default rule would project a group without rank), none for the peer
+    assert groups[1]["rank"] is None if optimizer != "galore_torch_adamw" else "rank" not in groups[1]
     assert "score" not in groups[0]  # unset (None) fields are left to the optimizer
 
 
@@ -142,18 +142,30 @@ def test_galore_flags_reach_apollo_but_not_galore_scale():
     assert sum(row.projected for row in optimizer.projection_summary()) == 7  # q, k, v, o, gate, up, down
 
 
-def test_apollo_mini_takes_the_model_with_its_own_rank_1_rule():
-    """APOLLO-Mini is built over model.parameters(): every 2-D weight but the embedding and head at rank 1,
-    one scale per tensor, alpha 128, whatever --rank and --scale say; --optimizer_kwargs still reach it."""
-    config = TrainConfig(optimizer="apollo_mini", rank=8, scale=0.25, optimizer_kwargs={"moment_bits": 8})
+def test_apollo_mini_gets_galores_named_groups_at_rank_1():
+    """APOLLO-Mini gets GaLore's two groups of named parameters like APOLLO: the --target_modules linears at
+    rank 1 whatever --rank says, with --update_proj_gap/--proj_type/--moments; its own scale (128) and tensor
+    scaling, not --scale; --optimizer_kwargs still reach it."""
+    config = TrainConfig(optimizer="apollo_mini", rank=8, update_proj_gap=50, proj_type="reverse_std",
+                         moments="reset", scale=0.25, target_modules=["mlp"], optimizer_kwargs={"moment_bits": 8})
     assert "rank" not in optimizer_kwargs(config)
-    # unnamed parameters: the shape rule finds the embedding and head (a vocabulary no other matrix has; SMALL's
-    # 64 is also its MLP width, which the rule could not tell)
-    optimizer = build_optimizer(Llama(dataclasses.replace(SMALL, vocab_size=96)), config)
-    (group,) = optimizer.param_groups
-    assert (group["rank"], group["scale_type"], group["scale"], group["moment_bits"]) == (1, "tensor", 128.0, 8)
-    rows = optimizer.projection_summary()
-    assert sum(row.projected for row in rows) == 7
+    optimizer = build_optimizer(Llama(SMALL), config)
+    projected, plain = optimizer.param_groups
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj_type"], projected["moments"]) == (
+        1, 50, "reverse_std", "reset")
+    assert (projected["scale_type"], projected["scale"], projected["moment_bits"]) == ("tensor", 128.0, 8)
+    assert plain["rank"] is None            # plain, not the class's default rule (which would take the attn linears)
+    rows = [row for row in optimizer.projection_summary() if row.projected]
+    assert sorted(row.name.split(".")[-2] for row in rows) == ["down_proj", "gate_proj", "up_proj"]   # named, mlp
+    assert all(row.rank == 1 for row in rows)
+    assert plot_title(config).endswith("rank 1")
+
+
+@pytest.mark.parametrize("name", ["dct_adamw", "apollo_adamw", "apollo_mini", "galore_adamw"])
+def test_only_the_target_modules_are_projected(name):
+    optimizer = build_optimizer(Llama(SMALL), TrainConfig(optimizer=name, rank=8, target_modules=["attn"]))
+    projected = [row.name for row in optimizer.projection_summary() if row.projected]
+    assert len(projected) == 4 and all(".attn." in row_name for row_name in projected)
 
 
 def test_step_in_backward_reaches_apollo_with_the_accumulation():

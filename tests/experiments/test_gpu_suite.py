@@ -88,4 +88,19 @@ def test_every_table_names_the_device(dry_run):
             rows = list(csv.DictReader(handle))
         assert rows and all(row["device"].startswith("CPU") for row in rows), name
     assert "Device: CPU" in (out / f"compare_{SLUG}" / "results.md").read_text()
+
+
+def test_apollo_has_its_rows(dry_run):
+    """APOLLO's Triton channel scaling (the interpreter's, in dry mode) beside the PyTorch reference, and
+    APOLLO and APOLLO-Mini in the optimizer-step tables."""
+    out, _ = dry_run
+    with open(out / f"kernels_bench_{SLUG}.csv", newline="") as handle:
+        kernels = list(csv.DictReader(handle))
+    for section in ("APOLLO scaling: per channel", "APOLLO-Mini scaling: per tensor"):
+        assert {row["impl"] for row in kernels if row["section"] == section} == {"torch reference",
+                                                                                "triton norms + update"}
+    for dtype in ("float32", "bfloat16"):
+        with open(out / f"optimizer_step_{dtype}_{SLUG}.csv", newline="") as handle:
+            labels = {(row["optimizer"], row["step"]) for row in csv.DictReader(handle)}
+        assert {(label, step) for label in ("APOLLO", "APOLLO-Mini") for step in ("refresh", "ordinary")} <= labels
     assert (out / f"summary_{SLUG}.md").read_text().startswith("# GPU suite: CPU (dry run")

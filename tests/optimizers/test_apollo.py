@@ -11,6 +11,7 @@ from support.oracles import apollo_torch_adamw
 from support.toy import loss_of, make_model, max_rel_diff, train, train_in_micro_batches, twin
 
 from lowrank_optim import APOLLOAdamW, APOLLOMini
+from lowrank_optim.projectors import random as random_projection
 from lowrank_optim.reference import ReferenceAPOLLOAdamW
 
 TOLERANCE = 1e-11        # float64, the same formulas in another association order (a few ulps per step)
@@ -25,13 +26,14 @@ def _groups(params, config, **extra):
     return [dict(params=params[:3], rank=rank, update_proj_gap=GAP, **settings, **extra), dict(params=params[3:])]
 
 
+@pytest.mark.parametrize("basis", ["cached", "generated"])
 @pytest.mark.parametrize("limiter", [True, False], ids=["limiter", "no_limiter"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("oracle", ["reference", "apollo_torch"])
-def test_every_step_agrees_in_float64_across_resamples(oracle, config, limiter):
+def test_every_step_agrees_in_float64_across_resamples(oracle, config, limiter, basis):
     ours_params, their_params = apollo_params(), apollo_params()
     ours = APOLLOAdamW(_groups(ours_params, config), lr=1e-2, weight_decay=0.1,
-                       norm_growth_limit=1.01 if limiter else None)
+                       norm_growth_limit=1.01 if limiter else None, basis=basis)
     if oracle == "reference":
         theirs = ReferenceAPOLLOAdamW(_groups(their_params, config, proj="random"), lr=1e-2, weight_decay=0.1,
                                       norm_growth_limit=1.01 if limiter else None)
@@ -46,6 +48,35 @@ def test_every_step_agrees_in_float64_across_resamples(oracle, config, limiter):
         theirs.step()
         for a, b in zip(ours_params, their_params):
             assert (a - b).abs().max() / b.abs().max() < TOLERANCE, f"step {step + 1}"
+
+
+@pytest.mark.parametrize("basis", ["cached", "generated"])
+def test_p_is_drawn_once_per_refresh_when_cached_and_at_every_step_when_generated(monkeypatch, basis):
+    draws = []
+    monkeypatch.setattr(random_projection, "gaussian_projection",
+                        lambda *args: draws.append(args[0]) or random_projection.torch.randn(args[1], args[2]))
+    params = apollo_params()
+    optimizer = APOLLOAdamW(_groups(params, "channel"), lr=1e-2, basis=basis)
+    for step in range(12):                       # refreshes before steps 1, 6, 11
+        set_apollo_gradients(params, step)
+        optimizer.step()
+    projectors = [optimizer.plan_of(p).projector for p in params[:3]]
+    if basis == "cached":    # one draw per refresh: the overlap's new P is the projection's, the old one cached
+        assert len(draws) == 3 * 3 and all(projector._drawn is not None for projector in projectors)
+    else:                    # every step, plus the old P of the two later refreshes for their overlap
+        assert len(draws) == 3 * (12 + 2) and all(projector._drawn is None for projector in projectors)
+    assert all(0 < float(stats["overlap"]) < 1 for stats in optimizer.refresh_stats.values())
+
+
+@pytest.mark.parametrize("size, rank", [(24, 4), (10, 9), (64, 1)])
+def test_the_overlap_is_that_of_the_orthonormalized_projections(size, rank):
+    old = random_projection.gaussian_projection(3, size, rank, "left")
+    new = random_projection.gaussian_projection(4, size, rank, "left")
+    q_old, q_new = torch.linalg.qr(old.double())[0], torch.linalg.qr(new.double())[0]
+    expected = float((q_old.T @ q_new).square().sum() / rank)
+    # fp32 Gram of fp32 draws, float64 after: relative error ≲ cond(P)²·2^-24 (cond ≈ 20 at 10×9)
+    assert float(random_projection.projection_overlap(old, new)) == pytest.approx(expected, rel=1e-4)
+    assert float(random_projection.projection_overlap(old, old)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_apollo_mini_is_rank_1_tensor_wise_with_scale_128():
