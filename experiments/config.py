@@ -150,6 +150,7 @@ class TrainConfig:
         "(lowrank_optim.weights), updated by the library's optimizers with stochastic rounding",
         type=int,
         choices=(8,),
+        valid=Interval(low=8, high=8, integer=True),
         default_text="--dtype weights",
     )
     # ---- data ----
