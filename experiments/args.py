@@ -127,7 +127,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         elif "type" in options:
             options["type"] = _shown_by_argparse(options["type"])
         if "choices" in options:
-            options["metavar"] = "{" + ",".join(options["choices"]) + "}"
+            options["metavar"] = "{" + ",".join(map(str, options["choices"])) + "}"
         default = getattr(defaults, field.name)
         if not suppress_defaults:
             options["default"] = default

@@ -144,6 +144,15 @@ class TrainConfig:
         "native", "native: experiments/model.py; hf: transformers.LlamaForCausalLM", choices=("native", "hf")
     )
     dtype: str = _flag("float32", "weights dtype (GaLore: bfloat16)", choices=("float32", "bfloat16"))
+    weight_bits: int | None = _flag(
+        None,
+        "8: store every nn.Linear weight but the head as int8 codes with one --dtype scale per row "
+        "(lowrank_optim.weights), updated by the library's optimizers with stochastic rounding",
+        type=int,
+        choices=(8,),
+        valid=Interval(low=8, high=8, integer=True),
+        default_text="--dtype weights",
+    )
     # ---- data ----
     dataset: str = _flag("shakespeare", "shakespeare (embedded, offline) or c4 (streamed, needs the network)")
     tokenizer: str = _flag("byte", "byte, bpe[:vocab] (trained locally, cached) or a hub name (GaLore: t5-base)")

@@ -4,8 +4,9 @@
 a value out of range or not among its choices (:func:`experiments.config.check_values`), a name no
 table knows (optimizer, dataset, parameterization, model config), a model config file that is
 unreadable or (native model) whose ``max_position_embeddings`` is shorter than ``--max_length``, a
-device that is not there, what ``--fsdp``, ``--backward_projection`` and ``--step_in_backward``
-cannot train (clipping included for the last), and a ``--continue_from`` that is no
+device that is not there, what ``--fsdp``, ``--backward_projection``, ``--step_in_backward`` and
+``--weight_bits`` cannot train (clipping included for the third, optimizers that cannot write int8
+weights for the last), and a ``--continue_from`` that is no
 complete checkpoint of the right kind of a resumable optimizer. What needs the world size (batch
 divisibility, warmup against the derived steps) is checked by :func:`experiments.config.resolve`;
 what needs the data or the model (corpus size, the library's own hyperparameter checks, checkpoint
@@ -57,6 +58,8 @@ def check_config(config: TrainConfig) -> None:
         _check_step_in_backward(config, parameterization)
     elif config.backward_projection:
         _check_backward_projection(config, parameterization)
+    if config.weight_bits is not None:
+        _check_weight_bits(config)
     for flag in ("save_dir", "cache_dir"):
         path = getattr(config, flag)
         if path is not None and Path(path).exists() and not Path(path).is_dir():
@@ -109,6 +112,21 @@ def _check_backward_projection(config: TrainConfig, parameterization: str, flag:
     if config.fsdp:
         raise UsageError(flag, "cannot be combined with --fsdp (FSDP2 reduce-scatters full "
                          "gradients); under torchrun the optimizer all-reduces the projected gradients itself")
+
+
+def _check_weight_bits(config: TrainConfig) -> None:
+    """``--weight_bits 8`` needs an optimizer that writes int8 weights (``OptimizerInfo.int8_weights``:
+    the library's; ``torch.optim.AdamW`` and the peers fail on them) and no FSDP2 (the library
+    refuses sharded int8 weights)."""
+    supported = [name for name in available_methods() if info_for(name).int8_weights]
+    if config.optimizer not in supported:
+        raise UsageError("--weight_bits", f"8 needs an optimizer that updates int8 weights (stochastic rounding "
+                         f"through lowrank_optim.weights): {', '.join(supported)}; got {config.optimizer!r} "
+                         f"({info_for(config.optimizer).label}), which cannot write into them")
+    if config.fsdp:
+        raise UsageError("--weight_bits", "8 cannot be combined with --fsdp (FSDP2-sharded int8 weights are not "
+                         "supported: the rounding noise of a shard's rows would need their global offset); "
+                         "under torchrun without --fsdp the replicas use DDP")
 
 
 def _check_step_in_backward(config: TrainConfig, parameterization: str) -> None:

@@ -112,7 +112,7 @@ PEER_OPTIMIZERS: dict[str, Peer] = {
     "apollo_torch_mini": Peer(_apollo_torch("apollo_torch_mini"), OptimizerInfo(
         "apollo-torch APOLLO-Mini (peer)", ("rank", "update_proj_gap", "proj_type"), resumable=False)),
     # The old name of the library's plain path (``adamw8bit``/``adamw4bit`` with float moments by default).
-    "lowrank_plain_adamw": Peer(plain_adamw, OptimizerInfo("AdamW (library plain path)")),
+    "lowrank_plain_adamw": Peer(plain_adamw, OptimizerInfo("AdamW (library plain path)", int8_weights=True)),
 }
 
 

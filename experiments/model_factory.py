@@ -15,6 +15,7 @@ from torch import nn
 
 from experiments.errors import UsageError, expected_one_of, read_json_object
 from experiments.model import Llama, LlamaConfig
+from lowrank_optim.weights import quantize_model_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Sizes a config file must give as positive integers (``vocab_size`` may be null: the tokenizer's).
@@ -90,3 +91,19 @@ def build_model(model_config: str, model_impl: str, tokenizer_vocab_size: int) -
     except KeyError:
         raise ValueError(f"unknown model_impl {model_impl!r}; known: {', '.join(MODEL_IMPLS)}") from None
     return builder(model_config_dict(model_config, tokenizer_vocab_size))
+
+
+def store_weights(model: nn.Module, weight_bits: int | None) -> list[str]:
+    """``--weight_bits 8``: every ``nn.Linear`` weight of ``model`` but the output head stored as int8
+    codes and per-row scales in place (:func:`lowrank_optim.weights.quantize_model_weights`; the
+    embedding, the head and the norms stay in ``--dtype``); returns the converted names. Call it
+    after the parameterization and the cast, before the optimizer. A model with no such
+    ``nn.Linear`` (SST or SLTrain replaced them all) raises :class:`UsageError` naming the flag."""
+    if weight_bits is None:
+        return []
+    try:
+        return quantize_model_weights(model)
+    except ValueError as error:
+        raise UsageError("--weight_bits", f"8 finds no weight to store in int8: {error}. An SST or SLTrain "
+                         "parameterization replaces its --target_modules by factors, which stay in --dtype; narrow "
+                         "--target_modules to keep some nn.Linear layers dense") from None

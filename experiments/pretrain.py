@@ -73,7 +73,7 @@ from experiments.methods import (
     resolved_parameterization,
 )
 from experiments.model import Llama
-from experiments.model_factory import build_model
+from experiments.model_factory import build_model, store_weights
 from experiments.model_hf import HFLlama
 from experiments.plotting import plot_run
 from experiments.run_folder import prune_checkpoints, resumes_in_place, truncate_metrics
@@ -231,6 +231,7 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
     )
     model = build_model(config.model_config, config.model_impl, data.tokenizer.vocab_size).to(context.device)
     model = apply_parameterization(model, config).to(dtype=DTYPES[config.dtype])
+    store_weights(model, config.weight_bits)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model, config)
     if config.fsdp:
@@ -249,10 +250,12 @@ def build_run(config: TrainConfig, context: DistributedContext) -> Run:
         restore_run(run, resolve_checkpoint(config.continue_from))
     # DDP broadcasts rank 0's (possibly restored) weights; under --backward_projection (and
     # --step_in_backward, which implies it) the optimizer all-reduces the projected gradients itself
-    # and broadcast the weights when it was built.
+    # and broadcast the weights when it was built. With int8 weights DDP cannot broadcast (its
+    # buckets concatenate them with float parameters, which torchao's tensor refuses): every rank
+    # built and restored the same weights from the same seed and checkpoint, so none is needed.
     if context.enabled and not config.fsdp and not (config.backward_projection or config.step_in_backward):
         device_ids = [context.device] if context.device.type == "cuda" else None
-        run.wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        run.wrapped = DistributedDataParallel(model, device_ids=device_ids, init_sync=config.weight_bits is None)
     return run
 
 

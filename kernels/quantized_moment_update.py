@@ -19,8 +19,9 @@ scale, its absmax ``a = max |x|``.
 
 **Codes.** ``t = x / a`` (``a = 0``: ``t = 0``) is coded as the index of the nearest level of the
 map, ``code = #{k : midpoint_k ≤ t}`` over the decision boundaries between consecutive levels (the
-map's midpoints, nearest in its rounding domain; a tie goes to the larger level); ``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte
-along the slot, value ``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the
+map's midpoints, nearest in its rounding domain; a tie goes to the larger level);
+``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte along the slot, value
+``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the
 high nibble (an odd slot's last high nibble is 0, never read).
 
 **Storage** keeps the moment's natural orientation, so a slot remap is one gather along the slot

@@ -72,6 +72,7 @@ import torch.distributed as dist
 from .gradient_stand_ins import ProjectedGradient, SteppedGradient
 from .sharding import local
 from .validation import InvalidHyperparameter, check_bool, check_positive_int, param_label
+from .weights import int8_storage, is_int8_weight
 
 if TYPE_CHECKING:
     from .engine import ProjectedAdamW
@@ -93,11 +94,13 @@ def synchronize(tensors: list[torch.Tensor], group) -> int:
 
 
 def broadcast_parameters(params: list[torch.Tensor], group) -> None:
-    """Every rank starts from the group's first rank's parameters (as DDP's constructor does)."""
+    """Every rank starts from the group's first rank's parameters (as DDP's constructor does; an
+    int8 weight as its codes and scales, the tensors it holds)."""
     source = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for param in params:
-            dist.broadcast(param.data, src=source, group=group)
+            for tensor in int8_storage(param) if is_int8_weight(param) else (param.data,):
+                dist.broadcast(tensor, src=source, group=group)
 
 
 @dataclass

@@ -360,10 +360,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if not targets:
             return
         params = [t.param for t in targets]
-        rounding = [self._rounding(t.param) for t in targets] if group["bf16_stochastic_round"] else None
+        rounding = [self._rounding(t.param) for t in targets]
         plain_adamw_step_(self.state, group, params, [t.grad for t in targets], form=self.adam_form,
                           moments_dtype=group["moments_dtype"], foreach=foreach, moment_bits=group["moment_bits"],
-                          moment_block_size=group["moment_block_size"], generators=rounding,
+                          moment_block_size=group["moment_block_size"],
+                          generators=rounding if any(g is not None for g in rounding) else None,
                           backends=[t.plan.backend for t in targets])
 
     def _compute_refreshes(self, refreshing: list[_Target], advice: str = "",
@@ -420,12 +421,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
         plan.rule.update(
             ProjectedStep(target.weight, target.grad, low_rank_grad, moments, basis_columns, plan.side,
                           self._slot_step_counts(target, state), source_slots, state, plan.sharding, plan.backend,
-                          self._rounding(target.param) if plan.stochastic_round else None, grad_squares),
+                          self._rounding(target.param), grad_squares),
             AdamHyperparameters.of(group, self.adam_form), group)
 
     def _rounding(self, param: torch.Tensor) -> torch.Generator | None:
-        """The generator of this step's stochastic rounding of a bf16 ``param`` (None for other dtypes)."""
-        if param.dtype != torch.bfloat16:
+        """The generator of this step's stochastic rounding of ``param`` (an int8 weight, or a bf16
+        one whose group asks for it; None when its plan rounds to nearest)."""
+        if not self._plans[param].stochastic_round:
             return None
         step = self.state[param].get("step", 0) + 1 if param in self.state else 1
         return rounding_generator(self._plans[param].key, step, param.device)

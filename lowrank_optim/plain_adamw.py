@@ -5,7 +5,9 @@
 factors): lazy zero moments, one step count per parameter, then one AdamW step in either
 :class:`~lowrank_optim.adam_form.AdamForm`, through the multi-tensor path (``torch._foreach_*``,
 :func:`foreach_adamw_`) or the single-tensor one (:func:`single_tensor_adamw_`), which also serves
-8/4-bit moments (:mod:`lowrank_optim.moments`) and stochastic rounding of bf16 weights. Float
+8/4-bit moments (:mod:`lowrank_optim.moments`) and every weight rounded stochastically (int8
+weights, and bf16 weights with ``bf16_stochastic_round``:
+:func:`lowrank_optim.weight_store.stochastic_weight_update_`). Float
 moments may be stored in a wider dtype than the parameter (fp32 moments for bf16 weights): the
 update is computed in the moments' dtype and rounded once when added to the weight.
 """
@@ -18,8 +20,9 @@ import torch
 
 from .adam_form import AdamForm, bias_corrections
 from .moments import Moments
-from .quantization import stochastic_round_bf16
 from .sharding import local
+from .weight_store import stochastic_weight_update_
+from .weights import is_int8_weight
 
 
 def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], *,
@@ -32,9 +35,10 @@ def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grad
 
     ``moment_bits`` (8 or 4) stores the moments quantized, ``moment_block_size`` values per scale
     (:mod:`lowrank_optim.moments`; tensors under 4096 values stay float) and ``generators`` (one
-    per parameter, or None each) rounds bf16 weights stochastically; both take the single-tensor
-    path, whose moment update runs on each parameter's resolved backend (``backends``; default
-    ``"torch"``)."""
+    per parameter, or None each) rounds the update of each parameter that has one stochastically
+    (int8 weights, bf16 weights with ``bf16_stochastic_round``). Those take the single-tensor path,
+    whose moment update runs on each parameter's resolved backend (``backends``; default
+    ``"torch"``); the others of a call with float moments and ``foreach`` take the multi-tensor one."""
     if not params:
         return
     views, steps = [], []
@@ -50,14 +54,18 @@ def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grad
     beta1, beta2 = group["betas"]
     hyper = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                  weight_decay=group["weight_decay"], form=form, correct_bias=group.get("correct_bias", True))
-    if foreach and moment_bits is None and generators is None:
-        foreach_adamw_([local(p) for p in params], grads, [m.unwrap(m.state["exp_avg"]) for m in views],
-                       [m.unwrap(m.state["exp_avg_sq"]) for m in views], steps, **hyper)
-        return
-    for index, (param, grad, moments, step) in enumerate(zip(params, grads, views, steps)):
-        generator = None if generators is None else generators[index]
-        backend = "torch" if backends is None else backends[index]
-        single_tensor_adamw_(local(param), grad, moments, step, backend=backend, generator=generator, **hyper)
+    generators = [None] * len(params) if generators is None else generators
+    single = [i for i in range(len(params)) if not foreach or moment_bits is not None or generators[i] is not None]
+    multi = sorted(set(range(len(params))) - set(single))
+    if multi:
+        foreach_adamw_([local(params[i]) for i in multi], [grads[i] for i in multi],
+                       [views[i].unwrap(views[i].state["exp_avg"]) for i in multi],
+                       [views[i].unwrap(views[i].state["exp_avg_sq"]) for i in multi], [steps[i] for i in multi],
+                       **hyper)
+    for i in single:
+        backend = "torch" if backends is None else backends[i]
+        single_tensor_adamw_(local(params[i]), grads[i], views[i], steps[i], backend=backend,
+                             generator=generators[i], **hyper)
 
 
 def as_float(value) -> float:
@@ -68,16 +76,19 @@ def as_float(value) -> float:
 def single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Moments, step: int, *,
                          chunk_values: int | None = None, **hyper) -> None:
     """The step of :func:`foreach_adamw_` on one tensor (``foreach=False``), with float or quantized
-    moments; ``generator``: stochastic rounding of a bf16 ``param`` (the new value in fp32, rounded
-    once, unbiased).
+    moments; ``generator``: stochastic rounding of ``param`` (an int8 weight, or a bf16 one: the
+    new value in fp32, rounded once, unbiased).
 
     The update is element-wise, so a large tensor is stepped in consecutive chunks of
     ``chunk_values`` (default :data:`CHUNK_VALUES`) values, views of the parameter, gradient and
     state: the fp32 temporaries (dequantized moments, ``N``, codes being searched) then take a
     chunk's size instead of the tensor's, and every value is computed exactly as in one piece
-    (stochastic rounding draws its noise chunk by chunk from the same generator)."""
+    (stochastic rounding draws its noise chunk by chunk from the same generator). An int8 weight is
+    stepped whole: its rows share scales that one update rewrites (the temporaries are one
+    tensor's, as for a projected weight's ``ΔW``)."""
     chunk = CHUNK_VALUES if chunk_values is None else chunk_values
-    if param.numel() <= chunk or not (param.is_contiguous() and grad.is_contiguous()):
+    whole = is_int8_weight(param) or not (param.is_contiguous() and grad.is_contiguous())
+    if param.numel() <= chunk or whole:
         _single_tensor_adamw_(param, grad, moments, step, **hyper)
         return
     flat_param, flat_grad = param.view(-1), grad.view(-1)
@@ -100,13 +111,9 @@ def _single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Mome
     update = moments.step(backend, grad, beta1=beta1, beta2=beta2, eps=form.effective_eps(eps, bc2),
                           bias_correction1=bc1, bias_correction2=bc2)
     decay = 1.0 - lr * weight_decay
-    if generator is not None:
-        exact = param.float()
-        if form.decay_before_update:
-            exact = exact.mul_(decay).add_(update.float(), alpha=-lr)
-        else:
-            exact = exact.add_(update.float(), alpha=-lr).mul_(decay)
-        param.copy_(stochastic_round_bf16(exact, generator=generator))
+    if generator is not None:       # (W − ηu)(1 − ηλ) after the update: a = 1 − ηλ, b = η(1 − ηλ)
+        b = lr if form.decay_before_update else lr * decay
+        stochastic_weight_update_(param, update, a=decay, b=b, generator=generator, backend=backend)
         return
     if weight_decay and form.decay_before_update:
         param.mul_(decay)

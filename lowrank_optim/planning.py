@@ -23,6 +23,7 @@ from .projectors import Projector
 from .rules import RULES, UpdateRule
 from .sharding import Sharding, local, local_side
 from .validation import param_label
+from .weight_store import weight_store
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,11 @@ class ParameterPlan:
     """How one parameter is stepped: plain AdamW when ``rank`` is None.
 
     ``key``: its name, or its position in the param groups; ``backend``: ``"torch"`` or
-    ``"triton"`` for its device and dtypes; ``stochastic_round``: a bf16 weight whose group rounds
-    updates stochastically; ``refresh_phase``: added to its step count when deciding a refresh
-    (staggered refreshes); ``moments_spec``: how its (projected or plain) moments are stored;
-    ``note``: why a weight its group would project stays plain."""
+    ``"triton"`` for its device and dtypes; ``weight_store``: ``"float"`` or ``"int8"``
+    (:mod:`lowrank_optim.weight_store`); ``stochastic_round``: its updates are rounded stochastically
+    (an int8 weight always, a bf16 weight when its group asks); ``refresh_phase``: added to its
+    step count when deciding a refresh (staggered refreshes); ``moments_spec``: how its
+    (projected or plain) moments are stored; ``note``: why a weight its group would project stays plain."""
 
     key: str
     backend: str
@@ -43,6 +45,7 @@ class ParameterPlan:
     sharding: Sharding | None = None
     projector: Projector | None = None
     rule: UpdateRule | None = None
+    weight_store: str = "float"
     stochastic_round: bool = False
     refresh_phase: int = 0
     note: str | None = None
@@ -90,15 +93,21 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
     ``group`` at ``rank`` (None: plain), projected on the side ``side_mode`` resolves to by
     ``projector``; the plain plan with a ``note`` when projecting
     would not compress it (:func:`compressing`). ``ValueError`` naming the parameter for what its
-    group cannot do with it (quantized moments of an FSDP2 shard, the Triton weight update with
-    stochastic rounding, a backend its device cannot run)."""
+    group cannot do with it (quantized moments of an FSDP2 shard, an FSDP2-sharded int8 weight, the
+    Triton weight update with bf16 stochastic rounding, a backend its device cannot run)."""
     label = param_label(key, param)
     sharding = Sharding.of(param, label)
+    store = weight_store(param)
+    if sharding is not None and store == "int8":
+        raise ValueError(f"{label}: an FSDP2-sharded int8 weight is not supported (the rounding noise of a "
+                         "shard's rows would need their global row offset); train int8 weights with DDP, or "
+                         "keep this weight in float (dequantize_model_weights) under FSDP2")
     if sharding is not None and group["moment_bits"] is not None:
         raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
                          "supported (quantized blocks would depend on the shard layout); use float moments "
                          "(moment_bits=None) or DDP")
-    if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16:
+    if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16 \
+            and store == "float":
         raise ValueError(f"{label}: backend='triton' with bf16_stochastic_round=True (the fused weight update "
                          "rounds to nearest; stochastic rounding runs on PyTorch); pass backend='auto' (Triton "
                          "moments, PyTorch weight update) or 'torch'")
@@ -107,8 +116,9 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
     except ValueError as error:
         raise ValueError(f"{label}: {error}") from None
     bits, block_size = group["moment_bits"], group["moment_block_size"]
+    rounds_bf16 = group["bf16_stochastic_round"] and param.dtype == torch.bfloat16 and store == "float"
     plain = ParameterPlan(key, backend, MomentSpec.of(param.shape, None, bits, block_size), sharding=sharding,
-                          stochastic_round=group["bf16_stochastic_round"] and param.dtype == torch.bfloat16)
+                          weight_store=store, stochastic_round=store == "int8" or rounds_bf16)
     if rank is None:
         return plain
     side = local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label)

@@ -31,6 +31,8 @@ class OptimizerInfo:
     unless ``full_gradient``, ``backward_projection=True``. ``full_gradient``: its projected update reads
     each step's full gradient (APOLLO scales it), which ``backward_projection=True`` alone frees in the
     backward pass. ``resumable``: its state loads with ``torch.load(weights_only=True)``.
+    ``int8_weights``: it steps int8 weights (:mod:`lowrank_optim.weights`, stochastic rounding
+    through each parameter's plan); ``torch.optim.AdamW`` and the peers do not (``aten.mul_`` fails).
     """
 
     label: str
@@ -42,6 +44,7 @@ class OptimizerInfo:
     backward_projection: bool = False
     full_gradient: bool = False
     resumable: bool = True
+    int8_weights: bool = False
 
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "moments")
@@ -51,18 +54,19 @@ APOLLO_KEYS = ("rank", "update_proj_gap", "proj_type", "moments")
 
 _INFO: dict[str, OptimizerInfo] = {
     "adamw": OptimizerInfo("AdamW (torch.optim)", fsdp=True),
-    "adamw8bit": OptimizerInfo("AdamW, 8-bit moments (library plain path)"),
-    "adamw4bit": OptimizerInfo("AdamW, 4-bit moments (library plain path)"),
-    "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True),
-    "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS),
-    "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True),
-    "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True, full_gradient=True),
+    "adamw8bit": OptimizerInfo("AdamW, 8-bit moments (library plain path)", int8_weights=True),
+    "adamw4bit": OptimizerInfo("AdamW, 4-bit moments (library plain path)", int8_weights=True),
+    "galore_adamw": OptimizerInfo("GaLoreAdamW", GALORE_KEYS, fsdp=True, backward_projection=True, int8_weights=True),
+    "galore_adamw8bit": OptimizerInfo("GaLoreAdamW8bit", GALORE_KEYS, int8_weights=True),
+    "dct_adamw": OptimizerInfo("DCTProjAdam", DCT_KEYS, fsdp=True, backward_projection=True, int8_weights=True),
+    "apollo_adamw": OptimizerInfo("APOLLO", APOLLO_KEYS, fsdp=True, backward_projection=True, full_gradient=True,
+                                  int8_weights=True),
     # GaLore's groups (named, the config's target modules, gap, side and moments policy) at rank 1, as
     # apollo-torch's published APOLLO-Mini; its scale 128 and tensor scaling are the class's defaults
     "apollo_mini": OptimizerInfo("APOLLO-Mini", APOLLO_KEYS, projection_rank=1, fsdp=True, backward_projection=True,
-                                 full_gradient=True),
+                                 full_gradient=True, int8_weights=True),
     "sst_adamw": OptimizerInfo("SST", config_keywords=(("update_interval", "sst_interval"), ("seed", "seed")),
-                               parameterization="sst"),
+                               parameterization="sst", int8_weights=True),
 }
 _REGISTRY: dict[str, OptimizerFactory] = {}
 

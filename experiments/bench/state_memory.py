@@ -42,6 +42,7 @@ from experiments.bench.memory_worker import build_optimizer as build_configurati
 from experiments.methods import create_optimizer, info_for
 from experiments.model_factory import read_model_config
 from lowrank_optim import APOLLOAdamW, DCTProjAdam, lowrank_param_groups
+from lowrank_optim.modules import ALL_LINEAR, select_linear_modules
 from lowrank_optim.quantization import moment_bits_for, moment_state_bytes
 from lowrank_optim.registry import plain_adamw
 
@@ -236,16 +237,26 @@ def cached_random_projection_bytes(optimizer: APOLLOAdamW, summary) -> int:
     return total
 
 
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s bf16 weights with every ``nn.Linear`` but the head stored in int8, as
+    ``--weight_bits 8`` stores them (:func:`lowrank_optim.weights.quantize_model_weights`): an
+    ``m×n`` weight is ``m·n`` int8 codes plus ``m`` bf16 scales; every other parameter 2 bytes a value."""
+    int8 = {id(module.weight): module.weight for _, module in select_linear_modules(model, ALL_LINEAR)}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in int8)
+    return sum(w.numel() + 2 * w.shape[0] for w in int8.values()) + 2 * rest
+
+
 def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) -> dict:
     """Bytes per parameter of training state (weights, gradients, optimizer state, projection) on the
     meta device, bf16 weights and gradients, for the configurations of ``python -m
     experiments.bench.memory`` (:data:`experiments.bench.memory_worker.OPTIMIZERS`) at the recipe's gap."""
     rows = []
 
-    def add(label, optimizer_of, grads_mode, note=""):
+    def add(label, optimizer_of, grads_mode, note="", int8_weights=False):
         model = meta_model(config, torch.bfloat16, "native")   # a fresh model each: hooks belong to one optimizer
         params = list(model.parameters())
         numel = sum(p.numel() for p in params)
+        weights = int8_weight_bytes(model) if int8_weights else numel * 2
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optimizer, projected = optimizer_of(model)
@@ -284,7 +295,7 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         else:  # "hook": GaLore's per-layer script steps in the hook: one gradient of any parameter at a time
             largest = max(p.numel() for p in params) * 2
             grads, grads_note = largest, f"one parameter's gradient at a time (the largest, {largest / GB:.2f} GB)"
-        rows.append({"label": label, "parameters": numel, "weights": numel * 2, "gradients": grads,
+        rows.append({"label": label, "parameters": numel, "weights": weights, "gradients": grads,
                      "accumulators": accumulators,
                      "state": state - subspaces, "projection": projection, "grads_note": grads_note, "note": note})
 
@@ -348,6 +359,13 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
     add("APOLLO-Mini, 8-bit moments, step in backward, head at rank 1", apollo_mini(head_rank=1, moment_bits=8),
         "hook", "as the 8-bit row, the output head projected at rank 1 too (its moments 2 × 32000 values instead "
         "of 2 × 131M; the embedding stays plain AdamW; quality not measured here)")
+    int8_note = ("weights: every nn.Linear but the head as int8 codes + one bf16 scale per row "
+                 "(quantize_model_weights), embedding, head and norms in bf16; gradients stay bf16")
+    add("int8 weights + APOLLO-Mini, 8-bit moments, step in backward", apollo_mini(moment_bits=8), "hook",
+        int8_note, int8_weights=True)
+    add("int8 weights + DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
+        lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
+        int8_note, int8_weights=True)
     for row in rows:
         row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
     return {"config": config, "rank": rank, "gap": gap, "rows": rows}

@@ -30,8 +30,10 @@ The update reads the full ``G``: ``backward_projection`` refuses it, and ``step_
 keeps a weight's full gradient through an accumulation window. The moments, the channel norms of
 ``G`` and the update ``W ← a·W − b·(ℓs∘G)`` run on the parameter's backend
 (:mod:`lowrank_optim.kernels.channel_scaling`; on Triton one pass over ``G`` for the norms and one
-over ``G`` and ``W`` for the update, ``ℓs`` a device tensor); a bf16 weight with stochastic
-rounding is updated by PyTorch in fp32 (``backend="triton"`` refuses that group).
+over ``G`` and ``W`` for the update, ``ℓs`` a device tensor); a weight rounded stochastically (an
+int8 weight, or a bf16 one with ``bf16_stochastic_round``: ``backend="triton"`` refuses that group)
+gets ``ΔW = ℓs∘G`` formed in fp32 and written by
+:func:`lowrank_optim.weight_store.stochastic_weight_update_`.
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ from ..channels import along_channels, channel_squared_norms
 from ..kernels.dispatch import channel_squared_norms as dispatched_squared_norms
 from ..kernels.dispatch import scaled_weight_update_
 from ..kernels.weight_update import update_coefficients
-from ..quantization import add_stochastic_round_
 from ..sharding import summed
 from ..validation import InvalidHyperparameter, check_choice
+from ..weight_store import stochastic_weight_update_
 from .base import AdamHyperparameters, ProjectedStep, UpdateRule
 
 SCALE_TYPES = ("channel", "tensor")
@@ -96,8 +98,8 @@ class APOLLORule(UpdateRule):
                                    decay_before_update=hyper.form.decay_before_update)
         if step.generator is not None:
             coefficients = along_channels(factors, step.side) if factors.ndim else factors
-            exact = step.weight.float().mul_(a - 1.0).addcmul_(step.grad.float(), coefficients, value=-b)
-            add_stochastic_round_(step.weight, exact, generator=step.generator)
+            delta = step.grad.float() * coefficients
+            stochastic_weight_update_(step.weight, delta, a=a, b=b, generator=step.generator, backend=step.backend)
             return
         scaled_weight_update_(step.backend, step.weight, step.grad, factors, step.side, a=a, b=b)
 

@@ -54,9 +54,11 @@ class ProjectedStep:
     the incremented step count, or per-slot counts shaped to broadcast against the moments;
     ``source_slots``: a slot remap of the moments still to apply (a transporting DCT refresh);
     ``state``: the parameter's state dict, for entries the rule owns; ``generator``: stochastic
-    rounding of a bf16 ``weight`` (None: round to nearest); ``grad_squares``: the squared norms of
-    ``grad`` that :meth:`UpdateRule.grad_squares` asked for, computed with ``R`` (None when ``R``
-    came from elsewhere: the rule then computes them)."""
+    rounding of ``weight`` (an int8 weight, or a bf16 one with ``bf16_stochastic_round``; None: round
+    to nearest): the rule then writes ``W ← SR(a·W − b·ΔW)`` with
+    :func:`lowrank_optim.weight_store.stochastic_weight_update_`, the only write an int8 weight takes;
+    ``grad_squares``: the squared norms of ``grad`` that :meth:`UpdateRule.grad_squares` asked for,
+    computed with ``R`` (None when ``R`` came from elsewhere: the rule then computes them)."""
 
     weight: torch.Tensor
     grad: torch.Tensor | None

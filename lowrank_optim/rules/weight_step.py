@@ -5,9 +5,10 @@ residual (Fira, :mod:`lowrank_optim.residual`) ``ΔW = (N − c·φ∘R)·Pᵀ +
 learning rate, ``scale`` and decoupled weight decay in the group's AdamW form
 (:func:`lowrank_optim.kernels.weight_update.update_coefficients`). It runs on the step's backend
 (:func:`lowrank_optim.kernels.dispatch.projected_weight_update_`: the PyTorch reference, or the
-Triton back-projection GEMM with the update in its epilogue) or, for a bf16 weight with stochastic
-rounding, in fp32 with an unbiased rounding of the result
-(:func:`lowrank_optim.quantization.add_stochastic_round_`).
+Triton back-projection GEMM with the update in its epilogue) or, for a weight whose update is
+rounded stochastically (an int8 weight, a bf16 one with ``bf16_stochastic_round``), by forming
+``ΔW`` once, full-size in fp32 (one layer's temporary), and writing it with
+:func:`lowrank_optim.weight_store.stochastic_weight_update_`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 
 from ..kernels.dispatch import projected_weight_update_
 from ..kernels.weight_update import back_project, update_coefficients
-from ..quantization import add_stochastic_round_
 from ..residual import residual_coefficients
+from ..weight_store import stochastic_weight_update_
 from .base import AdamHyperparameters, ProjectedStep
 
 
@@ -51,7 +52,4 @@ def _stochastic_weight_update_(step: ProjectedStep, normalized: torch.Tensor, ba
     delta = back_project(core, basis.float(), indices, step.side)
     if phi is not None:
         delta.addcmul_(phi.float(), step.grad.float())
-    update = delta.mul_(-b)
-    if a != 1.0:
-        update.add_(step.weight.float(), alpha=a - 1.0)
-    add_stochastic_round_(step.weight, update, generator=step.generator)
+    stochastic_weight_update_(step.weight, delta, a=a, b=b, generator=step.generator, backend=step.backend)

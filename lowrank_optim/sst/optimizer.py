@@ -41,6 +41,7 @@ from ..validation import (
     check_group_keys,
     check_positive_int,
 )
+from ..weight_store import weight_store
 from .adam_update import adamw_with_step_counts_
 from .layer import SSTLinear
 from .parameter_owners import SST_ROLES
@@ -191,9 +192,10 @@ class SSTAdamW(Optimizer):
         return loss
 
     def _step_plain(self, group: dict, params: list[torch.Tensor]) -> None:
-        generators = [self._rounding(group, p) for p in params] if group["bf16_stochastic_round"] else None
+        generators = [self._rounding(group, p) for p in params]
         plain_adamw_step_(self.state, group, params, [p.grad for p in params], form=AdamForm.TORCH,
-                          moment_bits=group["moment_bits"], generators=generators)
+                          moment_bits=group["moment_bits"],
+                          generators=generators if any(g is not None for g in generators) else None)
 
     def _step_layer(self, group: dict, layer: SSTLinear) -> None:
         beta1, beta2 = group["betas"]
@@ -213,7 +215,7 @@ class SSTAdamW(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"] if role == "s" else 0.0,
                 rewarmup_steps=group["rewarmup_steps"],
-                generator=self._rounding(group, p) if group["bf16_stochastic_round"] else None,
+                generator=self._rounding(group, p),
             )
         layer.s.clamp_(min=0.0)
         if as_float(group["lr"]) != 0.0:          # an update drifts the columns off unit norm; no update, no drift
@@ -232,8 +234,9 @@ class SSTAdamW(Optimizer):
         return moments
 
     def _rounding(self, group: dict, p: torch.Tensor) -> torch.Generator | None:
-        """This step's stochastic-rounding generator for a bf16 ``p`` (None otherwise)."""
-        if p.dtype != torch.bfloat16:
+        """This step's stochastic-rounding generator for an int8 ``p`` (a plain parameter: the SST
+        factors are float), or a bf16 one under ``bf16_stochastic_round`` (None otherwise)."""
+        if weight_store(p) != "int8" and not (group["bf16_stochastic_round"] and p.dtype == torch.bfloat16):
             return None
         return rounding_generator(f"param{self._param_position(p)}", self._sst_step, p.device)
 

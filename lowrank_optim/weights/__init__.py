@@ -51,8 +51,9 @@ plain-tensor checkpoints (:mod:`.checkpoint`) and the model conversion (:mod:`.c
 is needed only here (``pip install 'lowrank-optim[int8]'``), imported on first use. Writing a
 tensor subclass of our own would duplicate torchao's FSDP2 and device handling for no gain in
 what the update needs, which is direct access to codes and scales.
-Not covered yet: FSDP2-sharded int8 weights in :func:`int8_update_` (a DTensor's local rows would
-need the global row offset for the noise), and the optimizers' update paths (stage 2).
+Every optimizer of the library steps int8 weights through its parameters' plans (stage 2:
+:mod:`lowrank_optim.weight_store`). Not covered: FSDP2-sharded int8 weights (a DTensor's local rows
+would need the global row offset for the noise; the optimizers refuse them by name).
 """
 from .codec import dequantize_weight, noise_seed, quantize_weight
 from .convert import dequantize_model_weights, quantize_model_weights

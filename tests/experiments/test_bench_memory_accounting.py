@@ -78,3 +78,12 @@ def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
     assert plain < mini["state"] < plain + 4 * 10**6
     assert mini["projection"] - 224 * (8 + 4) == 32 * 2 * (4 * 4096 + 3 * 4096)  # one P column of k = 4096 each
     assert round(mini["total"] / mini["parameters"], 3) == 2.119
+    # int8 weights (--weight_bits 8): the 224 decoder linears as 1-byte codes + a bf16 scale per row,
+    # the embedding and head (2 × 32000·4096) and the norms in bf16; nothing else changes
+    lean = next(row for row in rows if row["label"] == "int8 weights + APOLLO-Mini, 8-bit moments, step in backward")
+    linear_values = mini["parameters"] - 2 * 32000 * 4096 - (2 * 32 + 1) * 4096
+    linear_rows = 32 * (4 * 4096 + 2 * 11008 + 4096)       # q, k, v, o; gate, up; down (rows = out_features)
+    assert lean["weights"] == linear_values + 2 * linear_rows + 2 * (mini["parameters"] - linear_values)
+    assert (lean["gradients"], lean["state"], lean["projection"]) == (mini["gradients"], mini["state"],
+                                                                       mini["projection"])
+    assert round(lean["weights"] / lean["parameters"], 3) == 1.039

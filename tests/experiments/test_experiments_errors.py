@@ -21,7 +21,7 @@ from torch import nn
 
 from experiments import methods
 from experiments.errors import UsageError
-from experiments.methods import available_methods
+from experiments.methods import available_methods, info_for
 from experiments.pretrain import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +112,14 @@ FLAG_MISTAKES = [
      "pass; pass --grad_clipping 0 to train without clipping, or use --backward_projection alone to clip"),
     (["--tokenizer", "bpe:abc"], "error: --tokenizer: expected bpe or bpe:<vocabulary size> such as bpe:4096, "
      "got 'bpe:abc'"),
+    # int8 weights: only the library's optimizers write them (torch.optim.AdamW fails at param.mul_), not under FSDP2
+    (["--weight_bits", "8"], "error: --weight_bits: 8 needs an optimizer that updates int8 weights (stochastic "
+     "rounding through lowrank_optim.weights): "
+     f"{', '.join(name for name in available_methods() if info_for(name).int8_weights)}; got 'adamw' "
+     "(AdamW (torch.optim)), which cannot write into them"),
+    (["--weight_bits", "8", "--optimizer", "dct_adamw", "--fsdp"], "error: --weight_bits: 8 cannot be combined with "
+     "--fsdp (FSDP2-sharded int8 weights are not supported: the rounding noise of a shard's rows would need their "
+     "global offset); under torchrun without --fsdp the replicas use DDP"),
 ]  # fmt: skip
 
 
@@ -160,6 +168,9 @@ BUILD_MISTAKES = [
      r"the last hook of a window has it"),
     (["--optimizer", "dct_adamw", "--step_in_backward", "--grad_clipping", "0", "--optimizer_kwargs",
       '{"skip_nonfinite": true}'], r"error: --optimizer_kwargs: Invalid skip_nonfinite: True with step_in_backward"),
+    # SST replaced every target linear by its factors (which stay in --dtype): nothing dense is left
+    (["--optimizer", "sst_adamw", "--weight_bits", "8"], r"error: --weight_bits: 8 finds no weight to store in int8: "
+     r"Invalid target_modules: 'all-linear' matches no nn\.Linear of the model"),
 ]  # fmt: skip
 
 

@@ -98,6 +98,16 @@ RUN_CASES += [
                                            **STEP_IN_BACKWARD}),
     ("apollo_adamw_dct", {"optimizer": "apollo_adamw", "optimizer_kwargs": {"proj": "dct"}}),
 ]
+# --weight_bits 8: every library optimizer writes int8 weights, in every mode it has (SST keeps its factors
+# in --dtype: with --target_modules attn the MLP linears stay dense and are stored in int8)
+INT8 = {"weight_bits": 8}
+RUN_CASES += [(f"{name}_int8", {"optimizer": name, **INT8})
+              for name in ("dct_adamw", "galore_adamw", "galore_adamw8bit", "apollo_adamw", "apollo_mini", "adamw8bit")]
+RUN_CASES += [
+    ("sst_adamw_int8", {"optimizer": "sst_adamw", "target_modules": ["attn"], **INT8}),
+    ("galore_adamw_backward_projection_int8", {"optimizer": "galore_adamw", "backward_projection": True, **INT8}),
+    ("dct_adamw_step_in_backward_int8", {"optimizer": "dct_adamw", **STEP_IN_BACKWARD, **INT8}),
+]
 
 
 @pytest.mark.parametrize(("case", "overrides"), RUN_CASES, ids=[case for case, _ in RUN_CASES])
@@ -136,6 +146,12 @@ RESUME_CASES = [
     # APOLLO's subspace state is a seed: the resumed run draws the same projections
     ("apollo_adamw", {"optimizer": "apollo_adamw"}),
     ("apollo_mini_step_in_backward", {"optimizer": "apollo_mini", **STEP_IN_BACKWARD}),
+    # int8 weights: codes and scales are plain tensors of the model checkpoint, the noise is seeded by name and step
+    ("dct_adamw_int8", {"optimizer": "dct_adamw", **INT8}),
+    ("dct_adamw_backward_projection_int8", {"optimizer": "dct_adamw", "backward_projection": True, **INT8}),
+    # the README's leanest run: int8 weights, APOLLO-Mini with 8-bit moments, steps in the backward pass
+    ("apollo_mini_8bit_step_in_backward_int8", {"optimizer": "apollo_mini", "optimizer_kwargs": {"moment_bits": 8},
+                                                **STEP_IN_BACKWARD, **INT8}),
 ]
 
 
@@ -156,6 +172,9 @@ def test_resume_reproduces_the_uninterrupted_losses(case, overrides, tmp_path, c
     resumed_state = torch.load(resumed_dir / "model_8" / MODEL_FILE, weights_only=True)
     uninterrupted_state = torch.load(full / "model_8" / MODEL_FILE, weights_only=True)
     assert all(torch.equal(resumed_state[k], uninterrupted_state[k]) for k in uninterrupted_state)
+    if overrides.get("weight_bits") == 8:      # the int8 weights as codes and scales, plain tensors
+        codes = [k for k in uninterrupted_state if k.endswith(".int8_codes")]
+        assert codes and all(uninterrupted_state[k].dtype == torch.int8 for k in codes)
 
 
 KILL_SCRIPT = """

@@ -3,7 +3,10 @@ contract tests (``tests/optimizers/test_contract.py``) run, like torch's ``optim
 
 A build makes its own model (a :class:`support.toy.ToyLM` sized so that 8- and 4-bit moments really are
 quantized: the projected ``256×16`` / ``16×256`` moments and the plain embedding hold ≥ 4096
-values) and its optimizer, with ``update_proj_gap`` 3 so that a few steps cross a refresh."""
+values) and its optimizer, with ``update_proj_gap`` 3 so that a few steps cross a refresh. An
+``int8`` build stores every 2-D weight of the model in int8 first (:mod:`lowrank_optim.weights`:
+the projected ``up``/``down`` and the plain embedding and head; for SST, whose ``up``/``down`` are
+SST factors, the embedding and head)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lowrank_optim import APOLLOAdamW, APOLLOMini, DCTProjAdam, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW, convert_to_sst
+from lowrank_optim.weights import quantize_model_weights
 from support.toy import make_model, projected_groups
 
 RANK = 16
@@ -28,16 +32,23 @@ def contract_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.n
 class Build:
     """``make(model, **keywords)`` builds the optimizer; ``sst``: the model is converted first;
     ``modes``: the in-backward modes it allows; ``torch_keywords``: it takes torch's common
-    keywords (``foreach``, ``maximize``, ...) and has ``projection_summary()``."""
+    keywords (``foreach``, ``maximize``, ...) and has ``projection_summary()``; ``int8``: the
+    model's 2-D weights are stored in int8 (module doc)."""
 
     make: Callable[..., torch.optim.Optimizer]
     modes: tuple[str, ...] = ("standard", "backward_projection", "step_in_backward")
     sst: bool = False
     torch_keywords: bool = True
+    int8: bool = False
 
     def model(self, seed: int = 0) -> torch.nn.Module:
         model = contract_model(seed)
-        return convert_to_sst(model, rank=4, target_modules=("up", "down")) if self.sst else model
+        if self.sst:
+            model = convert_to_sst(model, rank=4, target_modules=("up", "down"))
+        if self.int8:
+            quantize_model_weights(model, None if self.sst else "all-linear", include_head=True,
+                                   include_embeddings=True)
+        return model
 
 
 def _dct(**config):
@@ -81,6 +92,13 @@ BUILDS: dict[str, Build] = {
     "apollo_dct_tensor": Build(_apollo(proj="dct", scale_type="tensor", moments="transport"), modes=APOLLO_MODES),
     "apollo_8bit": Build(_apollo(moment_bits=8), modes=APOLLO_MODES),
     "sst": Build(_sst, modes=("standard",), sst=True, torch_keywords=False),
+    # int8 weights (issue #23): every optimizer writes W ← SR(a·Ŵ − b·ΔW) through its plan
+    "dct_defaults_int8": Build(_dct(), modes=("standard", "step_in_backward"), int8=True),     # Fira residual
+    "dct_8bit_int8": Build(_dct(residual="none", moment_bits=8), int8=True),
+    "galore_int8": Build(_galore(), int8=True),
+    "apollo_int8": Build(_apollo(), modes=APOLLO_MODES, int8=True),
+    "apollo_mini_int8": Build(_apollo(APOLLOMini, rank=1), modes=APOLLO_MODES, int8=True),
+    "sst_int8": Build(_sst, modes=("standard",), sst=True, torch_keywords=False, int8=True),
 }
 
 CASES = [(name, mode) for name, build in BUILDS.items() for mode in build.modes]

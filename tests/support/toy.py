@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowrank_optim.gradient_stand_ins import GradientStandIn
+from lowrank_optim.weights import dequantize_weight, is_int8_weight
 
 
 class ToyLM(nn.Module):
@@ -89,11 +90,16 @@ def twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def values(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's values as an ordinary tensor: an int8 weight's ``Ŵ`` (in float64, exact), else itself."""
+    return dequantize_weight(param, torch.float64) if is_int8_weight(param) else param.detach()
+
+
 def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
-    """max over parameters of ‖a − b‖_∞ / ‖b‖_∞."""
+    """max over parameters of ‖a − b‖_∞ / ‖b‖_∞ (int8 weights compared by their ``Ŵ``)."""
     worst = 0.0
     for x, y in zip(a.parameters(), b.parameters()):
-        x, y = x.detach(), y.detach()
+        x, y = values(x), values(y)
         worst = max(worst, float((x.double() - y.double()).abs().max() / y.double().abs().max()))
     return worst
 
