@@ -364,7 +364,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         plain_adamw_step_(self.state, group, params, [t.grad for t in targets], form=self.adam_form,
                           moments_dtype=group["moments_dtype"], foreach=foreach, moment_bits=group["moment_bits"],
                           moment_block_size=group["moment_block_size"], generators=rounding,
-                          backends=[t.plan.backend for t in targets])
+                          backends=[t.plan.backend for t in targets], shardings=[t.plan.sharding for t in targets])
 
     def _compute_refreshes(self, refreshing: list[_Target], advice: str = "",
                            unchanged: str = "no parameter or state was changed") -> None:
@@ -389,7 +389,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _projected_step(self, target: _Target) -> None:
         """One projected parameter's step: its state, the refresh's subspace, ``R``, then its rule."""
         state, group, plan = self.state[target.param], target.group, target.plan
-        moments = plan.moments(state)
+        moments = plan.moments(state, target.weight)
         if not moments.exists:
             state["step"] = 0
             moments.create(self._moments_dtype(group, target.param), target.weight.device,

@@ -19,13 +19,14 @@ import torch
 from .adam_form import AdamForm, bias_corrections
 from .moments import Moments
 from .quantization import stochastic_round_bf16
-from .sharding import local
+from .sharding import Sharding, local, moment_storage
 
 
 def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], *,
                       form: AdamForm, moments_dtype: torch.dtype | None = None, foreach: bool = True,
                       moment_bits: int | None = None, moment_block_size: int | None = None,
-                      generators: list | None = None, backends: list[str] | None = None) -> None:
+                      generators: list | None = None, backends: list[str] | None = None,
+                      shardings: list[Sharding | None] | None = None) -> None:
     """One AdamW step with ``group``'s hyperparameters on ``params`` (their gradients ``grads``;
     local shards of FSDP2 parameters, whose float moments are then DTensors), creating each
     parameter's state ``{step, moments}`` in ``state`` (the optimizer's) on its first step.
@@ -34,13 +35,16 @@ def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grad
     (:mod:`lowrank_optim.moments`; tensors under 4096 values stay float) and ``generators`` (one
     per parameter, or None each) rounds bf16 weights stochastically; both take the single-tensor
     path, whose moment update runs on each parameter's resolved backend (``backends``; default
-    ``"torch"``)."""
+    ``"torch"``). ``shardings`` (one per parameter, or None each) are the FSDP2 shardings: 8/4-bit
+    moments of a sharded parameter are DTensors of codes and scales sharded like it."""
     if not params:
         return
     views, steps = [], []
-    for param in params:
+    for index, param in enumerate(params):
         entry = state[param]
-        moments = Moments.of(entry, param.shape, None, moment_bits, moment_block_size, unwrap=local)
+        sharding = None if shardings is None else shardings[index]
+        moments = Moments.of(entry, param.shape, None, moment_bits, moment_block_size,
+                             **moment_storage(sharding, local(param).shape))
         if not moments.exists:
             entry["step"] = 0
             moments.create(moments_dtype or param.dtype, param.device, like=param)

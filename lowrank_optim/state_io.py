@@ -30,9 +30,9 @@ def check_state_format(state_dict: dict, group_keys: set[str], optimizer_name: s
     found = state_dict.get("state_format", STATE_FORMAT)
     four_bit = [index for index, group in enumerate(state_dict["param_groups"]) if group.get("moment_bits") == 4]
     if found == _SAME_TENSORS_WITHOUT_4BIT and four_bit:
-        raise ValueError(f"Invalid state_dict: state_format {found!r} with moment_bits=4 in param_groups[{four_bit[0]}] "
-                         f"(format {STATE_FORMAT} stores 4-bit second moments on another map; load it with the "
-                         "version that saved it, or start those moments anew)")
+        raise ValueError(f"Invalid state_dict: state_format {found!r} with moment_bits=4 in "
+                         f"param_groups[{four_bit[0]}] (format {STATE_FORMAT} stores 4-bit second moments on "
+                         "another map; load it with the version that saved it, or start those moments anew)")
     if found not in (STATE_FORMAT, _SAME_TENSORS_WITHOUT_4BIT):
         raise ValueError(f"Invalid state_dict: state_format {found!r} (this version of lowrank-optim loads format "
                          f"{STATE_FORMAT}; load it with the version that saved it)")
