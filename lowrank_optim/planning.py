@@ -126,7 +126,5 @@ def _checked_sharded_blocks(plan: ParameterPlan, label: str) -> ParameterPlan:
     if problem is None:
         return plan
     raise ValueError(f"{label}: moment_bits={spec.bits} with placements {sharding.placements} over "
-                     f"{sharding.shards} ranks: {problem}. Quantization blocks are those of the unsharded moment "
-                     "on every mesh; pass a moment_block_size that divides the rows per rank (it applies "
-                     "unsharded alike), float moments for this parameter (moment_bits=None in its own param "
-                     "group), or a row count the ranks divide evenly")
+                     f"{sharding.shards} ranks: {problem}. Quantization blocks are the unsharded moment's on every "
+                     "mesh; or give this parameter float moments (moment_bits=None in its own param group)")

@@ -55,13 +55,14 @@ def sharded_blocks_problem(shape, layout: str, bits: int, block_size: int, dim: 
     shape = tuple(shape)
     if dim != _SHARDABLE_DIM[layout] or dim >= len(shape):
         return (f"its {layout!r} moment of shape {shape} is sharded along dim {dim}, across its blocks "
-                f"(quantized moments shard along dim {_SHARDABLE_DIM[layout]} only)")
+                f"(quantized moments shard along dim {_SHARDABLE_DIM[layout]} only; shard it by rows, Shard(0))")
     rows = shape[dim]
     per_row = math.prod(shape) // rows if layout == "flat" else 1
     row_chunks = chunk_lengths(rows, shards)
     if row_chunks[0] < rows and row_chunks[0] * per_row % block_size:
         return (f"{row_chunks[0]} rows per rank ({row_chunks[0] * per_row} values of a slot) are not a multiple "
-                f"of moment_block_size={block_size}, so a block would straddle two shards")
+                f"of moment_block_size={block_size}, so a block would straddle two shards (pass a moment_block_size "
+                "that divides them; it applies to an unsharded run alike)")
     # the storage is sharded along the same dim (module doc of kernels.quantized_moment_update)
     for index, (name, total) in enumerate(zip(("codes", "scales"), storage_shapes(shape, bits, layout, block_size))):
         own = [storage_shapes(_with(shape, dim, n), bits, layout, block_size)[index][dim] if n else 0
@@ -69,7 +70,7 @@ def sharded_blocks_problem(shape, layout: str, bits: int, block_size: int, dim: 
         if own != chunk_lengths(total[dim], shards):
             return (f"its rows split {row_chunks} over {shards} ranks, but its {name} of shape {total} would split "
                     f"{chunk_lengths(total[dim], shards)} (a flat moment's storage shards like its rows only when "
-                    "the rows divide evenly)")
+                    "the ranks divide the rows evenly)")
     return None
 
 
