@@ -392,8 +392,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         moments = plan.moments(state, target.weight)
         if not moments.exists:
             state["step"] = 0
-            moments.create(self._moments_dtype(group, target.param), target.weight.device,
-                           local_shape=plan.moment_shape(target.weight))
+            moments.create(self._moments_dtype(group, target.param), target.weight.device)
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
             state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64,
                                              device=target.weight.device)

@@ -63,6 +63,11 @@ class Moments(ABC):
         return MomentSpec.of(shape, side, moment_bits, block_size).view(state, **storage)
 
     @property
+    def shard_shape(self) -> tuple[int, ...]:
+        """The moment's shape on this rank: :attr:`local_shape`, or :attr:`shape` unsharded."""
+        return self.shape if self.local_shape is None else tuple(self.local_shape)
+
+    @property
     def exists(self) -> bool:
         return all(key in self.state for key in self.keys)
 
@@ -77,12 +82,10 @@ class Moments(ABC):
         """The dtype ``N`` comes out in."""
 
     @abstractmethod
-    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None,
-               local_shape: tuple[int, ...] | None = None) -> None:
-        """Zero moments: float ones in ``dtype``, shaped like ``like`` when given (a plain
-        parameter, a DTensor under FSDP2), else of ``local_shape`` (this rank's shard; default
-        :attr:`shape`) passed through :attr:`wrap`; quantized ones of the view's
-        :attr:`local_shape`, passed through :attr:`wrap`."""
+    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None) -> None:
+        """Zero moments of :attr:`shard_shape`, passed through
+        :attr:`wrap`: float ones in ``dtype`` (shaped like ``like`` when given: a plain parameter, a
+        DTensor under FSDP2), quantized ones as codes and scales."""
 
     @abstractmethod
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:

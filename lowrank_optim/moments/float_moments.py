@@ -28,11 +28,10 @@ class FloatMoments(Moments):
     def _local(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.unwrap(self.state["exp_avg"]), self.unwrap(self.state["exp_avg_sq"])
 
-    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None,
-               local_shape: tuple[int, ...] | None = None) -> None:
+    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None) -> None:
         for key in FLOAT_KEYS:
             zeros = torch.zeros_like(like, dtype=dtype) if like is not None else self.wrap(
-                torch.zeros(local_shape or self.local_shape or self.shape, dtype=dtype, device=device), self.shape)
+                torch.zeros(self.shard_shape, dtype=dtype, device=device), self.shape)
             self.state[key] = zeros
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,10 +45,6 @@ class QuantizedMoments(Moments):
     def float_dtype(self) -> torch.dtype:
         return torch.float32
 
-    @property
-    def _local_shape(self) -> tuple[int, ...]:
-        return self.shape if self.local_shape is None else tuple(self.local_shape)
-
     def _codes_and_scales(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's codes and scales of one moment."""
         return self.unwrap(self.state[f"{prefix}_codes"]), self.unwrap(self.state[f"{prefix}_scales"])
@@ -60,23 +56,21 @@ class QuantizedMoments(Moments):
         self.state[f"{prefix}_codes"] = self.wrap(codes, code_shape)
         self.state[f"{prefix}_scales"] = self.wrap(scales, scale_shape)
 
-    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None,
-               local_shape: tuple[int, ...] | None = None) -> None:
-        """Zero state of the view's :attr:`local_shape` (``dtype``, ``like`` and ``local_shape`` do
-        not apply)."""
+    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None) -> None:
+        """Zero codes and scales (``dtype`` and ``like`` do not apply)."""
         for prefix, signed in _MOMENTS:
-            self._put(prefix, *quantized_zeros(self._local_shape, self.bits, signed, self.layout,
+            self._put(prefix, *quantized_zeros(self.shard_shape, self.bits, signed, self.layout,
                                                block_size=self.block_size, device=device))
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(dequantize(*self._codes_and_scales(prefix), self.bits, signed, self._local_shape, self.layout,
+        return tuple(dequantize(*self._codes_and_scales(prefix), self.bits, signed, self.shard_shape, self.layout,
                                 block_size=self.block_size) for prefix, signed in _MOMENTS)
 
     def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         for (prefix, signed), moment in zip(_MOMENTS, (exp_avg, exp_avg_sq)):
-            if tuple(moment.shape) != self._local_shape:
+            if tuple(moment.shape) != self.shard_shape:
                 raise ValueError(f"{prefix}: a moment of shape {tuple(moment.shape)} cannot be stored in one of "
-                                 f"shape {self._local_shape}")
+                                 f"shape {self.shard_shape}")
             for stored, new in zip(self._codes_and_scales(prefix),
                                    quantize(moment, self.bits, signed, self.layout, block_size=self.block_size)):
                 stored.copy_(new)
@@ -110,7 +104,7 @@ class QuantizedMoments(Moments):
         """Dequantized, transformed in fp32 and re-quantized."""
         for (prefix, signed), transform in zip(_MOMENTS, (first, second)):
             self._put(prefix, *requantize_transformed(*self._codes_and_scales(prefix), transform, bits=self.bits,
-                                                      signed=signed, shape=self._local_shape, layout=self.layout,
+                                                      signed=signed, shape=self.shard_shape, layout=self.layout,
                                                       block_size=self.block_size))
 
     def _chunk(self, start: int, stop: int) -> QuantizedMoments:
