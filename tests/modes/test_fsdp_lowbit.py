@@ -12,12 +12,12 @@ come from the optimizer.
 Tolerances: none. The blocks are the unsharded blocks (shard boundaries at rows 512 fall on blocks
 of 256 and 128), so the codes and scales, gathered, equal the unsharded ones byte for byte, and so
 do the weights, at both bit widths, for DCTProjAdam, GaLoreAdamW, APOLLOAdamW and the plain AdamW
-path, and through a DCP checkpoint resumed on 2 ranks, on 1 process (2 → 1), and from 1 process on
-2 ranks (1 → 2). Two settings keep every reduction out of the update so that exact equality can be
-asked: the DCT runs use ``residual="none"`` and APOLLO ``norm_growth_limit=None``, because the
-scaled residual's norm and the limiter's norm are sums over the shards (all-reduced, in another
-order than one process adds them: equal up to rounding, as tests/modes/test_fsdp.py measures for
-float moments).
+path, on a 1-D and (DCT, 4 bits) an HSDP mesh, and through a DCP checkpoint resumed on 2 ranks,
+on 1 process (2 → 1), and from 1 process on 2 ranks (1 → 2). Two settings keep every reduction
+out of the update so that exact equality can be asked: the DCT runs use ``residual="none"`` and
+APOLLO ``norm_growth_limit=None``, because the scaled residual's norm and the limiter's norm are
+sums over the shards (all-reduced, in another order than one process adds them: equal up to
+rounding, as tests/modes/test_fsdp.py measures for float moments).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from support.distributed_harness import WORLD_SIZE, run_and_collect
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -82,6 +83,7 @@ OPTIMIZERS = {
                                               norm_growth_limit=None, moment_bits=bits),
 }
 RUNS = [f"{name}-{bits}" for name in OPTIMIZERS for bits in BITS]
+HSDP_RUN = "dct-4"          # also run on an HSDP mesh (replicate × shard, 1 × 2)
 
 
 def _build(run: str, model: LowBitNet):
@@ -89,10 +91,10 @@ def _build(run: str, model: LowBitNet):
     return OPTIMIZERS[name](model, int(bits))
 
 
-def _shard(model: LowBitNet) -> LowBitNet:
+def _shard(model: LowBitNet, mesh=None) -> LowBitNet:
     for name in LAYERS:
-        fully_shard(getattr(model, name), shard_placement_fn=projection_shard_placement(WORLD_SIZE))
-    return fully_shard(model)
+        fully_shard(getattr(model, name), shard_placement_fn=projection_shard_placement(WORLD_SIZE), mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _train(model, optimizer, steps) -> None:
@@ -152,6 +154,10 @@ def _worker(rank: int, out_dir: str) -> None:
         _train(from_one, from_one_optimizer, range(RESUME_AT, STEPS))
         results[run] = {"uninterrupted": _snapshot(model, optimizer), "resumed": _snapshot(resumed, resumed_optimizer),
                         "from_one": _snapshot(from_one, from_one_optimizer)}
+    hsdp = _shard(make_net(), init_device_mesh("cpu", (1, WORLD_SIZE), mesh_dim_names=("replicate", "shard")))
+    hsdp_optimizer = _build(HSDP_RUN, hsdp)
+    _train(hsdp, hsdp_optimizer, range(STEPS))
+    results["hsdp"] = _snapshot(hsdp, hsdp_optimizer)
     results["refusals"] = _refusals()
     torch.save(results, f"{out_dir}/lowbit-{rank}.pt")
 
@@ -234,6 +240,14 @@ def test_sharded_low_bit_run_equals_the_unsharded_run_byte_for_byte(lowbit_run, 
         got = results[rank][run]["uninterrupted"]
         assert got["placed"] == dict.fromkeys(QUANTIZED, True), rank
         _assert_equal(got, expected[run], f"rank {rank}")
+
+
+def test_an_hsdp_mesh_stores_the_unsharded_bytes(lowbit_run):
+    _, expected, results = lowbit_run
+    for rank in range(WORLD_SIZE):
+        got = results[rank]["hsdp"]
+        assert got["placed"] == dict.fromkeys(QUANTIZED, True), rank
+        _assert_equal(got, expected[HSDP_RUN], f"rank {rank}")
 
 
 @pytest.mark.parametrize("run", RUNS)
