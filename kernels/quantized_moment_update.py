@@ -20,12 +20,13 @@ scale, its absmax ``a = max |x|``.
 **Codes.** ``t = x / a`` (``a = 0``: ``t = 0``) is coded as the index of the nearest level of the
 map, ``code = #{k : midpoint_k ≤ t}`` over the decision boundaries between consecutive levels (the
 map's midpoints, nearest in its rounding domain; a tie goes to the larger level);
-``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte along the slot, value
-``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the
-high nibble (an odd slot's last high nibble is 0, never read).
+``x̃ = levels[code]·a``. Codes are uint8; 4-bit codes are packed two per byte along the slot,
+value ``2k`` of a slot in the low nibble of byte ``k``, value ``2k + 1`` in the high nibble (an odd
+slot's last high nibble is 0, never read).
 
 **Storage** keeps the moment's natural orientation, so a slot remap is one gather along the slot
-dimension of both tensors and the codes shard like the moment along its length dimension:
+dimension of both tensors and the codes shard like the moment along its length dimension (under
+FSDP2 each rank runs these functions on its own rows: :mod:`lowrank_optim.quantization.sharded`):
 
 ==========  ==============  ==========================  ==========================
 layout      moment          codes (uint8)               scales (fp32)

@@ -365,7 +365,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                           moments_dtype=group["moments_dtype"], foreach=foreach, moment_bits=group["moment_bits"],
                           moment_block_size=group["moment_block_size"],
                           generators=rounding if any(g is not None for g in rounding) else None,
-                          backends=[t.plan.backend for t in targets])
+                          backends=[t.plan.backend for t in targets], shardings=[t.plan.sharding for t in targets])
 
     def _compute_refreshes(self, refreshing: list[_Target], advice: str = "",
                            unchanged: str = "no parameter or state was changed") -> None:
@@ -390,11 +390,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def _projected_step(self, target: _Target) -> None:
         """One projected parameter's step: its state, the refresh's subspace, ``R``, then its rule."""
         state, group, plan = self.state[target.param], target.group, target.plan
-        moments = plan.moments(state)
+        moments = plan.moments(state, target.weight)
         if not moments.exists:
             state["step"] = 0
-            moments.create(self._moments_dtype(group, target.param), target.weight.device,
-                           local_shape=plan.moment_shape(target.weight))
+            moments.create(self._moments_dtype(group, target.param), target.weight.device)
         if group["bias_correction"] == "slot" and "slot_steps" not in state:
             state["slot_steps"] = torch.full((plan.rank,), state["step"], dtype=torch.int64,
                                              device=target.weight.device)

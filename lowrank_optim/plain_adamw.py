@@ -20,7 +20,7 @@ import torch
 
 from .adam_form import AdamForm, bias_corrections
 from .moments import Moments
-from .sharding import local
+from .sharding import Sharding, local, moment_storage
 from .weight_store import stochastic_weight_update_
 from .weights import is_int8_weight
 
@@ -28,7 +28,8 @@ from .weights import is_int8_weight
 def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], *,
                       form: AdamForm, moments_dtype: torch.dtype | None = None, foreach: bool = True,
                       moment_bits: int | None = None, moment_block_size: int | None = None,
-                      generators: list | None = None, backends: list[str] | None = None) -> None:
+                      generators: list | None = None, backends: list[str] | None = None,
+                      shardings: list[Sharding | None] | None = None) -> None:
     """One AdamW step with ``group``'s hyperparameters on ``params`` (their gradients ``grads``;
     local shards of FSDP2 parameters, whose float moments are then DTensors), creating each
     parameter's state ``{step, moments}`` in ``state`` (the optimizer's) on its first step.
@@ -38,13 +39,17 @@ def plain_adamw_step_(state: dict, group: dict, params: list[torch.Tensor], grad
     per parameter, or None each) rounds the update of each parameter that has one stochastically
     (int8 weights, bf16 weights with ``bf16_stochastic_round``). Those take the single-tensor path,
     whose moment update runs on each parameter's resolved backend (``backends``; default
-    ``"torch"``); the others of a call with float moments and ``foreach`` take the multi-tensor one."""
+    ``"torch"``); the others of a call with float moments and ``foreach`` take the multi-tensor one.
+    ``shardings`` (one per parameter, or None each) are the FSDP2 shardings: 8/4-bit moments of a
+    sharded parameter are DTensors of codes and scales sharded like it."""
     if not params:
         return
     views, steps = [], []
-    for param in params:
+    for index, param in enumerate(params):
         entry = state[param]
-        moments = Moments.of(entry, param.shape, None, moment_bits, moment_block_size, unwrap=local)
+        sharding = None if shardings is None else shardings[index]
+        moments = Moments.of(entry, param.shape, None, moment_bits, moment_block_size,
+                             **moment_storage(sharding, local(param).shape))
         if not moments.exists:
             entry["step"] = 0
             moments.create(moments_dtype or param.dtype, param.device, like=param)

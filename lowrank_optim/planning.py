@@ -20,8 +20,10 @@ from .geometry import compressed_size, projected_shape, resolve_side
 from .kernels.backend import resolve_backend
 from .moments import Moments, MomentSpec
 from .projectors import Projector
+from .quantization import resolve_block_size
+from .quantization.sharded import sharded_blocks_problem
 from .rules import RULES, UpdateRule
-from .sharding import Sharding, local, local_side
+from .sharding import Sharding, local_side, moment_storage
 from .validation import param_label
 from .weight_store import weight_store
 
@@ -55,16 +57,14 @@ class ParameterPlan:
         return self.rank is not None
 
     def moment_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        """The (global) shape of the moments: ``m×r``/``r×n``, or the parameter's."""
+        """The shape of the moments of ``param`` (global of a DTensor, local of its shard):
+        ``m×r``/``r×n``, or the parameter's."""
         return projected_shape(param.shape, self.side, self.rank) if self.projected else tuple(param.shape)
 
-    def moments(self, state: dict) -> Moments:
-        """The moments ``state`` holds (projected moments of FSDP2-sharded weights as DTensors
-        sharded like the weight)."""
-        if self.sharding is None:
-            return self.moments_spec.view(state, unwrap=local)
-        shape = self.moments_spec.shape
-        return self.moments_spec.view(state, unwrap=local, wrap=lambda tensor: self.sharding.distribute(tensor, shape))
+    def moments(self, state: dict, weight: torch.Tensor) -> Moments:
+        """The moments ``state`` holds for ``weight`` (this rank's shard under FSDP2, whose moments
+        are DTensors sharded like the parameter)."""
+        return self.moments_spec.view(state, **moment_storage(self.sharding, self.moment_shape(weight)))
 
     def expected_state_bytes(self, param: torch.Tensor, group: dict, moments_dtype: torch.dtype) -> int:
         """Bytes the first step allocates for ``param`` (whole parameter, before sharding)."""
@@ -93,8 +93,9 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
     ``group`` at ``rank`` (None: plain), projected on the side ``side_mode`` resolves to by
     ``projector``; the plain plan with a ``note`` when projecting
     would not compress it (:func:`compressing`). ``ValueError`` naming the parameter for what its
-    group cannot do with it (quantized moments of an FSDP2 shard, an FSDP2-sharded int8 weight, the
-    Triton weight update with bf16 stochastic rounding, a backend its device cannot run)."""
+    group cannot do with it (quantized moments whose blocks would straddle FSDP2 shards, an
+    FSDP2-sharded int8 weight, the Triton weight update with bf16 stochastic rounding, a backend its
+    device cannot run)."""
     label = param_label(key, param)
     sharding = Sharding.of(param, label)
     store = weight_store(param)
@@ -102,10 +103,6 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
         raise ValueError(f"{label}: an FSDP2-sharded int8 weight is not supported (the rounding noise of a "
                          "shard's rows would need their global row offset); train int8 weights with DDP, or "
                          "keep this weight in float (dequantize_model_weights) under FSDP2")
-    if sharding is not None and group["moment_bits"] is not None:
-        raise ValueError(f"{label}: moment_bits={group['moment_bits']} with FSDP2-sharded parameters is not "
-                         "supported (quantized blocks would depend on the shard layout); use float moments "
-                         "(moment_bits=None) or DDP")
     if group["backend"] == "triton" and group["bf16_stochastic_round"] and param.dtype == torch.bfloat16 \
             and store == "float":
         raise ValueError(f"{label}: backend='triton' with bf16_stochastic_round=True (the fused weight update "
@@ -120,10 +117,25 @@ def resolve_plan(group: dict, param: torch.Tensor, key: str, rank: int | None, *
     plain = ParameterPlan(key, backend, MomentSpec.of(param.shape, None, bits, block_size), sharding=sharding,
                           weight_store=store, stochastic_round=store == "int8" or rounds_bf16)
     if rank is None:
-        return plain
+        return _checked_sharded_blocks(plain, label)
     side = local_side(sharding, resolve_side(param.shape, side_mode), side_mode, label)
     plan = replace(plain, rank=rank, side=side, projector=projector(group, position=position, side=side, rank=rank),
                    rule=RULES[group["update_rule"]],
                    moments_spec=MomentSpec.of(projected_shape(param.shape, side, rank), side, bits, block_size))
     note = compressing(plan, param, group, moments_dtype)
-    return plan if note is None else replace(plain, note=note)
+    return _checked_sharded_blocks(plan if note is None else replace(plain, note=note), label)
+
+
+def _checked_sharded_blocks(plan: ParameterPlan, label: str) -> ParameterPlan:
+    """``plan``, or ``ValueError`` naming the parameter when its moments are quantized and its
+    FSDP2 shards would cut their blocks (:func:`~lowrank_optim.quantization.sharded.sharded_blocks_problem`)."""
+    spec, sharding = plan.moments_spec, plan.sharding
+    if spec.bits is None or sharding is None or not sharding.is_split:
+        return plan
+    block_size = resolve_block_size(spec.bits, spec.block_size)
+    problem = sharded_blocks_problem(spec.shape, spec.layout, spec.bits, block_size, sharding.dim, sharding.shards)
+    if problem is None:
+        return plan
+    raise ValueError(f"{label}: moment_bits={spec.bits} with placements {sharding.placements} over "
+                     f"{sharding.shards} ranks: {problem}. Quantization blocks are the unsharded moment's on every "
+                     "mesh; or give this parameter float moments (moment_bits=None in its own param group)")

@@ -2,7 +2,8 @@
 
 A step on a sharded parameter works on this rank's shard: ``param.to_local()`` and
 ``param.grad.to_local()`` are views updated in place, and the moments are DTensors sharded like
-the parameter (so ``torch.distributed.checkpoint`` saves, loads and reshards them). What needs
+the parameter (so ``torch.distributed.checkpoint`` saves, loads and reshards them; 8/4-bit
+moments as DTensors of their codes and scales, :mod:`lowrank_optim.quantization.sharded`). What needs
 the whole matrix goes through :class:`Sharding`, over the process group of the sharded mesh
 dimension:
 
@@ -74,6 +75,11 @@ class Sharding:
     def is_split(self) -> bool:
         return self.dim is not None
 
+    @property
+    def shards(self) -> int:
+        """The number of ranks the split dimension is divided over (1 when replicated only)."""
+        return dist.get_world_size(self.group) if self.is_split else 1
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks holding the other shards (in place)."""
         if self.is_split:
@@ -110,6 +116,15 @@ def summed(tensor: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view, updated in place), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def moment_storage(sharding: Sharding | None, local_shape: tuple[int, ...]) -> dict:
+    """The storage keywords of a moments view (:class:`lowrank_optim.moments.Moments`) of a
+    parameter of ``sharding`` whose moment has ``local_shape`` on this rank: ``unwrap`` (its
+    shard), ``wrap`` (a DTensor placed like the parameter) and ``local_shape``."""
+    if sharding is None:
+        return {"unwrap": local}
+    return {"unwrap": local, "wrap": sharding.distribute, "local_shape": tuple(local_shape)}
 
 
 def local_side(sharding: Sharding | None, side: str, mode: str, label: str) -> str:

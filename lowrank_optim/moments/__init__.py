@@ -9,7 +9,9 @@ keys are::
     quantized:  exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales
                 (uint8 codes and fp32 block scales; blocks along the rank slots)
 
-Plain tensors, so checkpoints load with ``torch.load(weights_only=True)``. Whether a moment is
+Plain tensors, so checkpoints load with ``torch.load(weights_only=True)``; under FSDP2, DTensors
+sharded like the parameter (float moments, and codes and scales alike:
+:mod:`lowrank_optim.quantization.sharded`). Whether a moment is
 quantized is decided from the parameter's *global* moment shape (fewer than 4096 values stay in
 float, :func:`~lowrank_optim.quantization.moment_bits_for`), so sharding never changes the
 precision.

@@ -31,7 +31,7 @@ from ..kernels.layout import layout_for
 from ..quantization import moment_bits_for
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
+def _identity(tensor: torch.Tensor, shape=None) -> torch.Tensor:
     return tensor
 
 
@@ -40,17 +40,20 @@ class Moments(ABC):
     """A view of one parameter's moments in its state dict (``bits`` None: float tensors).
 
     ``layout``: ``"columns"``, ``"rows"`` or ``"flat"`` (module doc); ``shape`` is the moment's
-    (global) shape. Float moments of FSDP2-sharded parameters are stored as DTensors: ``unwrap``
-    gives this rank's shard, ``wrap`` makes a stored moment of a new local one. ``block_size``:
-    values per scale of quantized moments (None: the default of ``bits``)."""
+    (global) shape. Moments of FSDP2-sharded parameters are stored as DTensors (float moments,
+    and the codes and scales of quantized ones): ``unwrap`` gives this rank's shard, ``wrap(local,
+    global_shape)`` makes a stored tensor of a new local one, and ``local_shape`` is the moment's
+    shape on this rank (None: :attr:`shape`, unsharded). ``block_size``: values per scale of
+    quantized moments (None: the default of ``bits``)."""
 
     state: dict
     bits: int | None
     layout: str
     shape: tuple[int, ...]
     unwrap: Callable[[torch.Tensor], torch.Tensor] = _identity
-    wrap: Callable[[torch.Tensor], torch.Tensor] = _identity
+    wrap: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor] = _identity
     block_size: int | None = None
+    local_shape: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, state: dict, shape, side: str | None, moment_bits: int | None, block_size: int | None = None,
@@ -58,6 +61,11 @@ class Moments(ABC):
         """The moments of a tensor of moment ``shape`` (global) projected on ``side`` (None: plain):
         quantized when :func:`~lowrank_optim.quantization.moment_bits_for` says so, else float."""
         return MomentSpec.of(shape, side, moment_bits, block_size).view(state, **storage)
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        """The moment's shape on this rank: :attr:`local_shape`, or :attr:`shape` unsharded."""
+        return self.shape if self.local_shape is None else tuple(self.local_shape)
 
     @property
     def exists(self) -> bool:
@@ -74,11 +82,10 @@ class Moments(ABC):
         """The dtype ``N`` comes out in."""
 
     @abstractmethod
-    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None,
-               local_shape: tuple[int, ...] | None = None) -> None:
-        """Zero moments: float ones in ``dtype``, shaped like ``like`` when given (a plain
-        parameter, a DTensor under FSDP2), else of ``local_shape`` (this rank's shard; default
-        :attr:`shape`) passed through :attr:`wrap`; quantized ones of :attr:`shape`."""
+    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None) -> None:
+        """Zero moments of :attr:`shard_shape`, passed through
+        :attr:`wrap`: float ones in ``dtype`` (shaped like ``like`` when given: a plain parameter, a
+        DTensor under FSDP2), quantized ones as codes and scales."""
 
     @abstractmethod
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +158,8 @@ class MomentSpec:
         return cls(FloatMoments if bits is None else QuantizedMoments, bits, layout_for(side), shape, block_size)
 
     def view(self, state: dict, **storage) -> Moments:
-        """The moments ``state`` holds (``storage``: ``unwrap``/``wrap`` of sharded float moments)."""
+        """The moments ``state`` holds (``storage``: ``unwrap``/``wrap``/``local_shape`` of sharded
+        moments, :func:`lowrank_optim.sharding.moment_storage`)."""
         return self.storage(state, self.bits, self.layout, self.shape, block_size=self.block_size, **storage)
 
     def expected_bytes(self, float_dtype: torch.dtype) -> int:

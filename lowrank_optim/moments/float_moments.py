@@ -28,11 +28,10 @@ class FloatMoments(Moments):
     def _local(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.unwrap(self.state["exp_avg"]), self.unwrap(self.state["exp_avg_sq"])
 
-    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None,
-               local_shape: tuple[int, ...] | None = None) -> None:
+    def create(self, dtype: torch.dtype, device: torch.device, like: torch.Tensor | None = None) -> None:
         for key in FLOAT_KEYS:
             zeros = torch.zeros_like(like, dtype=dtype) if like is not None else self.wrap(
-                torch.zeros(local_shape or self.shape, dtype=dtype, device=device))
+                torch.zeros(self.shard_shape, dtype=dtype, device=device), self.shape)
             self.state[key] = zeros
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +53,8 @@ class FloatMoments(Moments):
             backend, grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1,
             bias_correction2=bias_correction2, source_slots=source_slots, layout=self.layout)
         if new_avg is not exp_avg:              # a slot remap made new tensors
-            self.state["exp_avg"], self.state["exp_avg_sq"] = self.wrap(new_avg), self.wrap(new_avg_sq)
+            self.state["exp_avg"], self.state["exp_avg_sq"] = self.wrap(new_avg, self.shape), \
+                self.wrap(new_avg_sq, self.shape)
         return normalized
 
     def zero_(self) -> None:
@@ -63,7 +63,8 @@ class FloatMoments(Moments):
 
     def remap_slots(self, source_slots: torch.Tensor) -> None:
         for key in FLOAT_KEYS:
-            self.state[key] = self.wrap(remap_slots(self.unwrap(self.state[key]), source_slots, self.layout))
+            self.state[key] = self.wrap(remap_slots(self.unwrap(self.state[key]), source_slots, self.layout),
+                                        self.shape)
 
     def transform_(self, first: Callable[[torch.Tensor], torch.Tensor],
                    second: Callable[[torch.Tensor], torch.Tensor]) -> None:

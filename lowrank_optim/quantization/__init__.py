@@ -49,9 +49,10 @@ state loads with ``torch.load(weights_only=True)``.
 
 **Small tensors** (fewer than 4096 values) stay in float, decided from the moment's **global**
 shape (:func:`moment_bits_for`), so FSDP2 sharding never changes the precision. Under FSDP2 a
-rank quantizes its local shard: blocks are cut from the local rows of each slot (the same blocks
-as unsharded when the local row count is a multiple of ``B``). Resharding a checkpoint of quantized
-state needs dequantize → reshard → quantize.
+rank quantizes its local shard with the global moment's blocks: the codes and scales are DTensors
+sharded like the parameter, and a shard layout that would cut a block is refused, never adapted
+(:mod:`.sharded`), so a sharded run stores the unsharded run's bytes and a checkpoint reshards
+(onto any number of ranks) without re-quantizing.
 
 **A step** (:func:`lowrank_optim.kernels.dispatch.quantized_adam_moment_update`; PyTorch, or one
 fused Triton kernel; :class:`lowrank_optim.moments.QuantizedMoments` calls it)::

@@ -229,17 +229,35 @@ def test_moment_bits_is_validated(bad):
         SSTAdamW(make_model().parameters(), moment_bits=bad)
 
 
-def test_fsdp2_sharded_parameters_with_low_bit_moments_are_refused(tmp_path):
-    """Quantized blocks of a shard would depend on the mesh: refused by name, nothing built."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fsdp2_sharded_low_bit_moments_in_one_process_equal_unsharded(tmp_path, bits):
+    """A one-rank FSDP2 mesh: codes and scales are DTensors, bit for bit the unsharded run's (the
+    two-rank runs, layouts and checkpoints are in tests/modes/test_fsdp_lowbit.py)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(64, 128)
+        torch.manual_seed(0)
         layer = fully_shard(torch.nn.Linear(64, 128))
-        with pytest.raises(ValueError, match=r"parameter weight .*moment_bits=8 with FSDP2-sharded parameters"):
-            DCTProjAdam(layer.named_parameters(), moment_bits=8)
-        DCTProjAdam(layer.named_parameters())                         # float moments are fine
+        runs = [(net, DCTProjAdam(net.named_parameters(), rank=32, update_proj_gap=2, moment_bits=bits))
+                for net in (plain, layer)]
+        for step in range(3):
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+            for net, optimizer in runs:
+                optimizer.zero_grad()
+                net(x).square().mean().backward()
+                optimizer.step()
+        sharded = runs[1][1].state[layer.weight]
+        assert isinstance(sharded["exp_avg_codes"], DTensor) and sharded["exp_avg_codes"].dtype == torch.uint8
+        for key, value in runs[0][1].state[plain.weight].items():
+            got = sharded[key]
+            assert torch.equal(got.full_tensor() if isinstance(got, DTensor) else torch.as_tensor(got),
+                               torch.as_tensor(value)), key
+        assert torch.equal(layer.weight.full_tensor(), plain.weight)
     finally:
         dist.destroy_process_group()
 
