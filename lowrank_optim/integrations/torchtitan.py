@@ -24,7 +24,8 @@ with the same fields (the override may also set them: :func:`lowrank_optimizers`
 * **implementation**: the container gives every group ``fused``/``foreach`` from
   ``implementation``, ``"fused"`` by default. The library has no fused torch kernel, so a group of
   one of its optimizers with ``fused=True`` is refused by pattern: use ``implementation="foreach"``
-  (or ``"for-loop"``), or ``"fused": False`` in that entry's ``optimizer_kwargs``.
+  (or ``"for-loop"``), or ``"fused": False`` in that entry's ``optimizer_kwargs``. ``SSTAdamW``, which
+  takes none of torch's keywords, gets neither key when it is False, and refuses it when True.
 
 **Checkpoints.** torchtitan's checkpointer saves the container's flat, per-parameter state dict with
 ``torch.distributed.checkpoint``. To have state tensors to load into, the container first creates
@@ -73,6 +74,10 @@ CLASS_NAMES: dict[str, str] = {
     "SSTAdamW": "sst_adamw",
 }
 IN_BACKWARD_KEYWORDS = ("backward_projection", "step_in_backward")
+# registry names whose optimizer takes none of torch's keywords (it refuses them by name): the
+# container's fused=False and foreach=False ("not requested") are taken out of their groups
+WITHOUT_TORCH_KEYWORDS = frozenset({"sst_adamw"})
+IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 
 def optimizer_names() -> dict[str, str]:
@@ -84,7 +89,8 @@ def optimizer_names() -> dict[str, str]:
 def library_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
     """``factory(param_groups, **options)`` for the container: the optimizer ``name`` stands for
     (:func:`optimizer_names`) over the groups, ``options`` (``optimizer_factory_kwargs_by_name[name]``)
-    its constructor keywords, the in-backward modes refused (module doc)."""
+    its constructor keywords, the in-backward modes refused (module doc); for
+    :data:`WITHOUT_TORCH_KEYWORDS`, the groups' ``fused``/``foreach`` keys that are False are left out."""
     registry_name = optimizer_names()[name]
 
     def build(param_groups: list[dict[str, Any]], **options: Any) -> torch.optim.Optimizer:
@@ -95,6 +101,9 @@ def library_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
                     "(torchtitan's trainer clips param.grad after the backward pass and steps the container; "
                     "an in-backward mode would bypass both)"
                 )
+        if registry_name in WITHOUT_TORCH_KEYWORDS:
+            param_groups = [{key: value for key, value in group.items()
+                             if not (key in IMPLEMENTATION_KEYS and value is False)} for group in param_groups]
         return create_optimizer(registry_name, param_groups, **options)
 
     return build
