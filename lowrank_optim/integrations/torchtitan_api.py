@@ -42,9 +42,8 @@ def missing_torchtitan_api() -> list[str]:
     the installed torchtitan does not have (empty: it fits)."""
     missing, found = [], {}
     for module_name, names in REQUIRED_NAMES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+        module = _import(module_name)
+        if module is None:
             missing.append(module_name)
             continue
         for name in names:
@@ -63,6 +62,23 @@ def missing_torchtitan_api() -> list[str]:
         fields = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
         missing += [f"{label}.{name}" for name in names if name not in fields]
     return missing
+
+
+def _import(module_name: str):
+    """The module, or None if torchtitan has no such module. An ImportError raised while importing
+    it (a dependency missing: torchtitan is often installed without them) is re-raised naming both."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (error.name == module_name or module_name.startswith(error.name + ".")):
+            return None
+        cause = error
+    except ImportError as error:
+        cause = error
+    raise ImportError(
+        f"Invalid torchtitan installation: {module_name} (torchtitan {torchtitan_version()}) does not import: "
+        f"{cause} (its optimizer container needs tyro and spmd_types beside torch)"
+    ) from cause
 
 
 def check_torchtitan_api() -> None:

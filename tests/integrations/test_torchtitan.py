@@ -15,6 +15,7 @@ Quantized moments are refused under FSDP2 and resume through the container unsha
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfi
 from torchtitan.config import Configurable  # noqa: E402
 from torchtitan.config.override import OverrideConfig, apply_overrides, parse_cli_imports  # noqa: E402
 
+from lowrank_optim.integrations import torchtitan_api  # noqa: E402
 from lowrank_optim.integrations.torchtitan import (  # noqa: E402
     CLASS_NAMES,
     LowRankOptimizersContainer,
@@ -308,4 +310,18 @@ def test_a_torchtitan_without_the_container_api_is_one_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"Invalid torchtitan version: '0\.3\.0' lacks "
                                           r"OptimizersContainer\._resolve_optimizer_factory, "
                                           r"ParamGroupConfig\.optimizer_kwargs \(.*install torchtitan==0\.3\.0\)"):
+        check_torchtitan_api()
+
+
+def test_a_torchtitan_module_gone_or_not_importing_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchtitan.config", None)         # as if the module were gone
+    with pytest.raises(ImportError, match=r"Invalid torchtitan version: '0\.3\.0' lacks torchtitan\.config \("):
+        check_torchtitan_api()
+
+    def without_tyro(name):
+        raise ModuleNotFoundError("No module named 'tyro'", name="tyro")
+
+    monkeypatch.setattr(torchtitan_api.importlib, "import_module", without_tyro)
+    with pytest.raises(ImportError, match=r"Invalid torchtitan installation: torchtitan\.components\.optimizer "
+                                          r"\(torchtitan 0\.3\.0\) does not import: No module named 'tyro'"):
         check_torchtitan_api()
