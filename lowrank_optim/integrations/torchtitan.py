@@ -36,9 +36,10 @@ a projected optimizer would keep the subspace chosen from a zero gradient until 
 ``load_state_dict`` replaces it, and if a real ``step()`` comes first it is dropped before that step,
 so the run is the one that never called ``state_dict()`` (torchtitan never loads optimizer state from
 a step-0 checkpoint: that load is model-only). Under FSDP2 the moments are DTensors sharded like
-their parameters; the other per-parameter entries (step counts, DCT indices, GaLore's ``P``, APOLLO's
-seeds, the limiters' norms) are plain tensors or ints with the same value on every rank, which is
-what makes DCP's single saved copy right for all ranks. Not carried by the flat layout: the
+their parameters (float moments, or the codes and scales of 8/4-bit ones); the other
+per-parameter entries (step counts, DCT indices, GaLore's ``P``, APOLLO's seeds, the limiters'
+norms) are plain tensors or ints with the same value on every rank, which is what makes DCP's
+single saved copy right for all ranks. Not carried by the flat layout: the
 optimizer-level ``skipped_steps`` counter (``skip_nonfinite=True``) restarts at 0 after a resume.
 
 Importing this module imports torchtitan (:mod:`.torchtitan_api` checks that it fits first);

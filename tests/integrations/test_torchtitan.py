@@ -1,21 +1,24 @@
 """torchtitan's ``OptimizersContainer`` with the library's optimizers
 (:mod:`lowrank_optim.integrations.torchtitan`), without torchtitan's trainer (which needs CUDA).
 
-Two gloo processes train the FSDP2-sharded tall/wide net (half the batch each) through the container
-(DCTProjAdam over every parameter; GaLoreAdamW and APOLLOMini on the weights beside torch's AdamW
-on the biases), save with ``torch.distributed.checkpoint`` as torchtitan's checkpointer does
+Two gloo processes (spawned once for the module) train FSDP2-sharded nets (half the batch each)
+through the container, save with ``torch.distributed.checkpoint`` as torchtitan's checkpointer does
 (the container is a ``Stateful`` in the saved dict), load into a fresh model and container and
-continue: bit-identical to the uninterrupted run. The container's zero-gradient step (its
-``state_dict()`` before any step) moves nothing, creates every state key, and leaves the run as if it
-had not been called. Each rank gets its own state back: its DTensor shards differ from the other
+continue: bit-identical to the uninterrupted run. The runs (:data:`SHARDED_RUNS`): on the tall/wide
+net, DCTProjAdam over every parameter, and GaLoreAdamW and APOLLOMini on the weights beside torch's
+AdamW on the biases; on :class:`LowBitNet`, 8- and 4-bit moments (DCTProjAdam's projected moments
+and the plain AdamW path, ``adamw8bit``/``adamw4bit``), whose codes and scales are DTensors sharded
+like their parameters. The container's zero-gradient step (its ``state_dict()`` before any step)
+moves nothing, creates every state key (codes and scales included), and leaves the run as if it had
+not been called. Each rank gets its own state back: its DTensor shards differ from the other
 rank's, its plain entries are the same on both (what makes DCP's one saved copy right for both: a
 plain entry changed on one rank before the save was seen to come back with the other rank's value).
-Quantized moments are refused under FSDP2 and resume through the container unsharded.
 """
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lowrank_optim import convert_to_sst
+from lowrank_optim.moments.quantized_moments import QUANTIZED_KEYS
 from lowrank_optim.sharding import projection_shard_placement
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed (.ci/lib.sh installs it with --no-deps)")
@@ -57,13 +61,67 @@ DOCS = Path(__file__).parents[2] / "docs" / "torchtitan.md"
 SAVE_AT, STEPS = 3, 6           # gap 2: refreshes before and after the checkpoint
 PROJECTED = {"lr": 1e-2, "update_proj_gap": 2, "weight_decay": 0.1}
 ADAMW_BIASES = ParamGroupConfig(pattern=r"bias$", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-2})
+
+
+class LowBitNet(nn.Module):
+    """Weights whose moments are quantized on 2 ranks with the unsharded blocks
+    (:mod:`lowrank_optim.quantization.sharded`): ``tall`` 1024×16 (right side, rank 8: a 1024×8
+    moment, rows 512/512), ``wide`` 18×1024 (left side, rank 9: 9×1024, columns 512/512) and
+    ``plain`` 256×18 (the plain AdamW path, flat: rows 128/128, 2304 values per rank). Each holds
+    4096 values or more, and each rank's share is a multiple of the blocks (256 at 8 bits, 128 at
+    4); the biases (fewer values) keep float moments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tall = nn.Linear(16, 1024)
+        self.wide = nn.Linear(1024, 18)
+        self.plain = nn.Linear(18, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain(torch.tanh(self.wide(torch.tanh(self.tall(x)))))
+
+
+def make_low_bit_net(seed: int = 0) -> LowBitNet:
+    torch.manual_seed(seed)
+    return LowBitNet()
+
+
+def low_bit_loss(model: nn.Module, step: int, part: slice = slice(None)) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(900 + step)
+    x = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    target = torch.randn(8, 256, generator=generator, dtype=torch.float64)
+    return nn.functional.mse_loss(model(x[part]), target[part])
+
+
+@dataclass(frozen=True)
+class ShardedRun:
+    """The container's ``param_groups`` on the net ``make(seed)``, trained on ``loss(model, step, part)``;
+    ``quantized``: the parameters whose moments are codes and scales."""
+
+    param_groups: list[ParamGroupConfig]
+    make: Callable[[int], nn.Module] = make_tall_wide
+    loss: Callable[..., torch.Tensor] = regression_loss
+    quantized: tuple[str, ...] = ()
+
+
+def _low_bit(bits: int) -> ShardedRun:
+    groups = [ParamGroupConfig(pattern=r"^plain\.weight$", optimizer_name=f"adamw{bits}bit",
+                               optimizer_kwargs={"lr": 1e-2, "weight_decay": 0.1}),
+              ParamGroupConfig(pattern=".*", optimizer_name="DCTProjAdam",
+                               optimizer_kwargs={**PROJECTED, "rank": 0.5, "moment_bits": bits})]
+    return ShardedRun(groups, make_low_bit_net, low_bit_loss, quantized=("tall.weight", "wide.weight", "plain.weight"))
+
+
 SHARDED_RUNS = {
-    "DCTProjAdam": [ParamGroupConfig(pattern=".*", optimizer_name="DCTProjAdam",
-                                     optimizer_kwargs={**PROJECTED, "rank": 0.5})],
-    "GaLoreAdamW": [ParamGroupConfig(pattern=r"weight$", optimizer_name="GaLoreAdamW",
-                                     optimizer_kwargs={**PROJECTED, "rank": 3, "scale": 0.5}), ADAMW_BIASES],
-    "APOLLOMini": [ParamGroupConfig(pattern=r"weight$", optimizer_name="APOLLOMini",
-                                    optimizer_kwargs={**PROJECTED, "rank": 1}), ADAMW_BIASES],
+    "DCTProjAdam": ShardedRun([ParamGroupConfig(pattern=".*", optimizer_name="DCTProjAdam",
+                                                optimizer_kwargs={**PROJECTED, "rank": 0.5})]),
+    "GaLoreAdamW": ShardedRun([ParamGroupConfig(pattern=r"weight$", optimizer_name="GaLoreAdamW",
+                                                optimizer_kwargs={**PROJECTED, "rank": 3, "scale": 0.5}),
+                               ADAMW_BIASES]),
+    "APOLLOMini": ShardedRun([ParamGroupConfig(pattern=r"weight$", optimizer_name="APOLLOMini",
+                                               optimizer_kwargs={**PROJECTED, "rank": 1}), ADAMW_BIASES]),
+    "8-bit": _low_bit(8),
+    "4-bit": _low_bit(4),
 }
 
 
@@ -72,10 +130,10 @@ def _container(model: nn.Module, param_groups, implementation="for-loop", **fiel
     return config.build(model_parts=[model])
 
 
-def _train(model, container, steps, part=slice(None)):
+def _train(model, container, loss, steps, part=slice(None)):
     for step in steps:
         container.zero_grad()
-        regression_loss(model, step, part).backward()
+        loss(model, step, part).backward()
         container.step()
 
 
@@ -95,48 +153,56 @@ def _params(model) -> dict:
 
 
 def _shard(model):
-    for layer in (model.tall, model.mid, model.wide):
+    for layer in model.children():
         fully_shard(layer, shard_placement_fn=projection_shard_placement(WORLD_SIZE))
     return fully_shard(model, shard_placement_fn=projection_shard_placement(WORLD_SIZE))
 
 
-def _sharded_run(rank: int, out_dir: str, name: str, param_groups) -> dict:
-    part = half(rank)
-    never_saved = _shard(make_tall_wide().double())
-    _train(never_saved, _container(never_saved, param_groups), range(STEPS), part)
+def _quantized_entries(model, container) -> dict:
+    """Each codes/scales entry of the container's flat state: ``(is a DTensor, dtype, placed like
+    its parameter)``."""
+    params = dict(model.named_parameters())
+    entries = {}
+    for key, value in container.state_dict().items():
+        fqn, _, name = key.removeprefix("state.").rpartition(".")
+        if name in QUANTIZED_KEYS:
+            entries[key] = (isinstance(value, DTensor), value.dtype,
+                            isinstance(value, DTensor) and value.placements == params[fqn].placements)
+    return entries
 
-    model = _shard(make_tall_wide().double())
-    container = _container(model, param_groups)
+
+def _sharded_run(rank: int, out_dir: str, name: str, run: ShardedRun) -> dict:
+    part = half(rank)
+    never_saved = _shard(run.make(0).double())
+    _train(never_saved, _container(never_saved, run.param_groups), run.loss, range(STEPS), part)
+
+    model = _shard(run.make(0).double())
+    container = _container(model, run.param_groups)
     before = _params(model)
     created = sorted(container.state_dict())             # torchtitan's zero-gradient step, as at a step-0 save
     moved = [n for n, p in _params(model).items() if not torch.equal(p, before[n])]
-    _train(model, container, range(SAVE_AT), part)
+    _train(model, container, run.loss, range(SAVE_AT), part)
     trained = sorted(container.state_dict())
     saved = _local_state(container)
     dcp.save({"model": get_model_state_dict(model), "optimizer": container}, checkpoint_id=f"{out_dir}/{name}")
-    _train(model, container, range(SAVE_AT, STEPS), part)
+    _train(model, container, run.loss, range(SAVE_AT, STEPS), part)
 
-    resumed = _shard(make_tall_wide(seed=1).double())
-    resumed_container = _container(resumed, param_groups)
+    resumed = _shard(run.make(1).double())
+    resumed_container = _container(resumed, run.param_groups)
     state = {"model": get_model_state_dict(resumed), "optimizer": resumed_container}
     dcp.load(state, checkpoint_id=f"{out_dir}/{name}")
     set_model_state_dict(resumed, state["model"])
     loaded = _local_state(resumed_container)
-    _train(resumed, resumed_container, range(SAVE_AT, STEPS), part)
+    quantized = _quantized_entries(resumed, resumed_container)
+    _train(resumed, resumed_container, run.loss, range(SAVE_AT, STEPS), part)
     return {"created": created, "trained": trained, "moved": moved, "saved": saved, "loaded": loaded,
+            "quantized": quantized,
             "dtensors": sorted(k for k, v in resumed_container.state_dict().items() if isinstance(v, DTensor)),
             "never_saved": _params(never_saved), "uninterrupted": _params(model), "resumed": _params(resumed)}
 
 
 def _fsdp_worker(rank: int, out_dir: str) -> None:
-    results = {name: _sharded_run(rank, out_dir, name, groups) for name, groups in SHARDED_RUNS.items()}
-    model = _shard(make_tall_wide().double())
-    try:
-        _container(model, [ParamGroupConfig(pattern=".*", optimizer_name="dct_adamw",
-                                            optimizer_kwargs={"lr": 1e-2, "rank": 0.5, "moment_bits": 8})])
-        results["moment_bits"] = None
-    except ValueError as error:
-        results["moment_bits"] = str(error)
+    results = {name: _sharded_run(rank, out_dir, name, run) for name, run in SHARDED_RUNS.items()}
     torch.save(results, f"{out_dir}/titan-{rank}.pt")
 
 
@@ -180,9 +246,18 @@ def test_each_rank_loads_its_own_state(fsdp_results, name):
             assert_identical(value, runs[1]["saved"][key], key)
 
 
-def test_quantized_moments_of_sharded_parameters_are_refused_by_name(fsdp_results):
-    for result in fsdp_results:
-        assert "moment_bits=8 with FSDP2-sharded parameters is not supported" in result["moment_bits"]
+@pytest.mark.parametrize("name", [name for name, run in SHARDED_RUNS.items() if run.quantized])
+def test_quantized_moments_of_sharded_parameters_are_uint8_dtensors_placed_like_their_parameters(fsdp_results, name):
+    """8- and 4-bit moments under FSDP2 through the container (their resume and zero-gradient step:
+    the tests above): after the load, every quantized weight's codes (uint8) and scales (float32)
+    are DTensors placed like the weight, and the zero-gradient step had created them all."""
+    expected = {f"state.{fqn}.{key}": (True, torch.uint8 if key.endswith("_codes") else torch.float32, True)
+                for fqn in SHARDED_RUNS[name].quantized for key in QUANTIZED_KEYS}
+    floats = {f"state.{fqn}.{key}" for fqn in SHARDED_RUNS[name].quantized for key in ("exp_avg", "exp_avg_sq")}
+    for rank in range(WORLD_SIZE):
+        run = fsdp_results[rank][name]
+        assert run["quantized"] == expected, f"rank {rank}"
+        assert set(expected) <= set(run["created"]) and not floats & set(run["created"])
 
 
 def _mlp(seed=0, sizes=(8, 12, 6)):
