@@ -363,6 +363,9 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
                  "(quantize_model_weights), embedding, head and norms in bf16; gradients stay bf16")
     add("int8 weights + APOLLO-Mini, 8-bit moments, step in backward", apollo_mini(moment_bits=8), "hook",
         int8_note, int8_weights=True)
+    add("int8 weights + APOLLO-Mini, 4-bit moments, step in backward", apollo_mini(moment_bits=4), "hook",
+        int8_note + "; 4-bit moments (the plain embedding and head) with the square-root map of v",
+        int8_weights=True)
     add("int8 weights + DCTProjAdam 8-bit, step in backward (residual scaled), basis='generated'",
         lambda model: build_configuration(model, "dct_8bit_sib", rank, gap, basis="generated"), "hook",
         int8_note, int8_weights=True)
