@@ -42,7 +42,26 @@ parameter's window gradient (accumulator, refreshing or plain gradient) with
 **What the mode refuses.** Without ``step_in_backward``, an update rule that reads the step's full
 ``G`` (the scaled residual, DCTProjAdam's default, adds ``c·φ∘G``; APOLLO scales ``G``), which the
 hooks free: ``residual="scaled"`` and ``update_rule="apollo"`` are errors naming the parameter.
-FSDP2-sharded parameters are refused too (their gradients are reduce-scattered by FSDP itself).
+FSDP2-sharded parameters are refused too: FSDP2 reduce-scatters the full unsharded gradient before
+any hook sees it (projecting the shard afterwards saves no communication) and adds a later
+micro-batch's shard into ``.grad``'s local tensor itself, bypassing the accumulator.
+
+**FSDP2** (``step_in_backward`` only). FSDP2 runs a sharded parameter's post-accumulate-grad hooks
+right after its reduce-scatter (HSDP: after the replicate all-reduce too), with ``.grad`` the reduced
+shard: the hook steps that shard with :meth:`~lowrank_optim.engine.ProjectedAdamW.step_parameter`,
+as ``step()`` would, the refresh's collectives included (score all-reduces, GaLore's gather and
+broadcast, the norms APOLLO and the residual reduce). A hook's collectives cannot deadlock: every
+rank runs the same hooks in the same order (FSDP2's reduction order, the same model) and decides
+whether to communicate from state every rank shares (step counts, plans; non-finite flags are
+reduced first), so each process group sees the same sequence of collectives on every rank, FSDP2's
+own interleaved as FSDP2 issues them. The stepped parameter's ``.grad`` is its
+:class:`~lowrank_optim.gradient_stand_ins.SteppedGradient` as a DTensor placed like the parameter
+(its local norm the shard's), so DTensor's norm reduction gives the global gradient norm, clipping
+raises as on one process, and the shard's reduced gradient is freed. Accumulate with
+``model.set_requires_gradient_sync(False)`` on the non-final micro-batches and
+``accumulation_steps=1``: FSDP2 then keeps the unsharded gradients itself and runs the hooks once,
+on the window's summed gradient (``accumulation_steps > 1`` and ``process_group`` are refused for
+sharded parameters).
 
 **Clipping.** Every clipping route (``torch.nn.utils.clip_grad_norm_`` by any reference,
 ``get_total_norm`` + ``clip_grads_with_norm_``, accelerate, Hugging Face Trainer's

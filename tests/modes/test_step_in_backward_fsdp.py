@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lowrank_optim import APOLLOMini, DCTProjAdam, GaLoreAdamW
+from lowrank_optim import APOLLOMini, DCTProjAdam, GaLoreAdamW, clip_grad_norm_
 from lowrank_optim.gradient_stand_ins import SteppedGradient
 from lowrank_optim.sharding import projection_shard_placement
 
@@ -152,11 +152,12 @@ def _norm_and_clipping(rank: int) -> dict:
     _loss(standard, 0, rank).backward()
     expected = torch.nn.utils.get_total_norm([p.grad for p in standard.parameters()]).full_tensor()
     model = _sharded(make_tall_wide)
-    _dct(model, step_in_backward=True)
+    optimizer = _dct(model, step_in_backward=True)
     _loss(model, 0, rank).backward()
     got = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).full_tensor()
     errors = {}
     for case, action in {"clip": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+                         "library_clip": lambda: clip_grad_norm_(optimizer, 1.0),
                          "second_backward": lambda: _loss(model, 1, rank).backward()}.items():
         try:
             action()
@@ -238,6 +239,7 @@ def test_the_global_norm_is_readable_and_clipping_is_refused(results):
         assert torch.allclose(norm["norm"], norm["expected_norm"], rtol=1e-14, atol=0)
         assert "already took its step inside the backward pass" in norm["errors"]["clip"]
         assert "scaling (gradient clipping) is not available" in norm["errors"]["clip"]
+        assert "(step_in_backward=True), before the global gradient norm exists" in norm["errors"]["library_clip"]
         assert "a backward pass after this parameter took its step" in norm["errors"]["second_backward"]
 
 
