@@ -42,7 +42,26 @@ parameter's window gradient (accumulator, refreshing or plain gradient) with
 **What the mode refuses.** Without ``step_in_backward``, an update rule that reads the step's full
 ``G`` (the scaled residual, DCTProjAdam's default, adds ``c·φ∘G``; APOLLO scales ``G``), which the
 hooks free: ``residual="scaled"`` and ``update_rule="apollo"`` are errors naming the parameter.
-FSDP2-sharded parameters are refused too (their gradients are reduce-scattered by FSDP itself).
+FSDP2-sharded parameters are refused too: FSDP2 reduce-scatters the full unsharded gradient before
+any hook sees it (projecting the shard afterwards saves no communication) and adds a later
+micro-batch's shard into ``.grad``'s local tensor itself, bypassing the accumulator.
+
+**FSDP2** (``step_in_backward`` only). FSDP2 runs a sharded parameter's post-accumulate-grad hooks
+right after its reduce-scatter (HSDP: after the replicate all-reduce too), with ``.grad`` the reduced
+shard: the hook steps that shard with :meth:`~lowrank_optim.engine.ProjectedAdamW.step_parameter`,
+as ``step()`` would, the refresh's collectives included (score all-reduces, GaLore's gather and
+broadcast, the norms APOLLO and the residual reduce). A hook's collectives cannot deadlock: every
+rank runs the same hooks in the same order (FSDP2's reduction order, the same model) and decides
+whether to communicate from state every rank shares (step counts, plans; non-finite flags are
+reduced first), so each process group sees the same sequence of collectives on every rank, FSDP2's
+own interleaved as FSDP2 issues them. The stepped parameter's ``.grad`` is its
+:class:`~lowrank_optim.gradient_stand_ins.SteppedGradient` as a DTensor placed like the parameter
+(its local norm the shard's), so DTensor's norm reduction gives the global gradient norm, clipping
+raises as on one process, and the shard's reduced gradient is freed. Accumulate with
+``model.set_requires_gradient_sync(False)`` on the non-final micro-batches and
+``accumulation_steps=1``: FSDP2 then keeps the unsharded gradients itself and runs the hooks once,
+on the window's summed gradient (``accumulation_steps > 1`` and ``process_group`` are refused for
+sharded parameters).
 
 **Clipping.** Every clipping route (``torch.nn.utils.clip_grad_norm_`` by any reference,
 ``get_total_norm`` + ``clip_grads_with_norm_``, accelerate, Hugging Face Trainer's
@@ -70,7 +89,7 @@ import torch
 import torch.distributed as dist
 
 from .gradient_stand_ins import ProjectedGradient, SteppedGradient
-from .sharding import local
+from .sharding import local, placed_like
 from .validation import InvalidHyperparameter, check_bool, check_positive_int, param_label
 from .weights import int8_storage, is_int8_weight
 
@@ -187,13 +206,33 @@ class InBackward:
             if use is not None:
                 self._full_gradient.add(param)
             if plan.sharding is not None:
-                raise ValueError(f"{self._label(param)}: backward_projection=True with FSDP2-sharded parameters is "
-                                 "not supported (FSDP2 reduce-scatters full gradients itself); use it with one "
-                                 "process or process_group=...")
+                self._check_sharded(param)
             if any(isinstance(getattr(hook, "__self__", None), InBackward)
                    for hook in (getattr(param, "_post_accumulate_grad_hooks", None) or {}).values()):
                 raise ValueError(f"{self._label(param)}: its gradient is already projected in the backward pass by "
                                  "another optimizer; call that optimizer's stop_backward_projection() first")
+
+    def _check_sharded(self, param: torch.Tensor) -> None:
+        """What an FSDP2-sharded parameter allows (module doc, *FSDP2*): ``step_in_backward`` with
+        ``accumulation_steps=1`` and no ``process_group``."""
+        label = self._label(param)
+        if not self.step_in_backward:
+            raise ValueError(f"{label}: backward_projection=True without step_in_backward is not supported with "
+                             "FSDP2-sharded parameters: FSDP2 reduce-scatters the full unsharded gradient before any "
+                             "hook sees it (projecting the shard afterwards saves no communication) and adds each "
+                             "later micro-batch into .grad's local tensor itself, bypassing a projected accumulator; "
+                             "use step_in_backward=True, or the standard loop")
+        if self.accumulation_steps != 1:
+            raise InvalidHyperparameter("accumulation_steps", self.accumulation_steps, (
+                f"Invalid accumulation_steps: {self.accumulation_steps!r} with FSDP2-sharded parameters ({label}): "
+                "FSDP2 adds each micro-batch's reduce-scattered gradient into .grad's local tensor itself, so the "
+                "hooks cannot keep a projected accumulator; use accumulation_steps=1 and "
+                "model.set_requires_gradient_sync(False) on the non-final micro-batches (FSDP2 then accumulates "
+                "unsharded and the hooks run once per window, on the summed gradient)"))
+        if self.process_group is not None:
+            raise InvalidHyperparameter("process_group", self.process_group, (
+                f"Invalid process_group: {self.process_group!r} with FSDP2-sharded parameters ({label}): FSDP2 "
+                "already reduces their gradients; leave process_group=None"))
 
     def copied_settings(self) -> dict:
         """The keywords a copy of the optimizer rebuilds the mode with (a copy does not share the process group)."""
@@ -269,7 +308,8 @@ class InBackward:
         window.backward_passes.pop(param, None)
         window.stepped.add(param)
         self.optimizer.step_parameter(param)
-        param.grad = SteppedGradient(param, self._label(param), norm, self.accumulation_steps)
+        stepped = SteppedGradient(local(param), self._label(param), norm, self.accumulation_steps)
+        param.grad = stepped if self.optimizer.plan_of(param).sharding is None else placed_like(stepped, param.grad)
 
     # -------------------------------------------------------------------- what the optimizer calls
     def before_step(self) -> None:

@@ -21,13 +21,13 @@ def clip_grad_norm_(optimizer: torch.optim.Optimizer, max_norm: float, norm_type
     """
     if max_norm < 0 or not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool):
         raise InvalidHyperparameter("max_norm", max_norm, f"Invalid max_norm: {max_norm!r} (expected a number >= 0)")
-    if any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError("clip_grad_norm_: FSDP2-sharded parameters need the norm over all shards; use "
-                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which reduces over them")
     if getattr(optimizer, "step_in_backward", False):
         raise RuntimeError("clip_grad_norm_: the optimizer steps each parameter inside the backward pass "
                            "(step_in_backward=True), before the global gradient norm exists, so nothing can be "
                            "clipped; use backward_projection=True without step_in_backward to clip")
+    if any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("clip_grad_norm_: FSDP2-sharded parameters need the norm over all shards; use "
+                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), which reduces over them")
     if hasattr(optimizer, "gradients_in_use"):
         tensors = optimizer.gradients_in_use()
     else:

@@ -108,6 +108,13 @@ class Sharding:
                                   stride=stride)
 
 
+def placed_like(shard: torch.Tensor, dtensor: DTensor) -> DTensor:
+    """``shard`` as this rank's part of a DTensor with ``dtensor``'s mesh, placements, shape and
+    stride. Built as FSDP2 builds its sharded gradients (no view of ``shard`` is taken, unlike
+    ``DTensor.from_local``): ``shard`` may be a storage-less gradient stand-in, which has none."""
+    return DTensor(shard, dtensor._spec, requires_grad=False)
+
+
 def summed(tensor: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
     """``tensor`` summed over the shards of ``sharding`` (in place), or as it is without one."""
     return tensor if sharding is None else sharding.sum_(tensor)
