@@ -51,6 +51,7 @@ VARIANTS = {
     "current": ("block:128:dyn", "block:128:lin", "all"),
     "m_only": ("block:128:dyn", None, "all"),
     "v_only": (None, "block:128:lin", "all"),
+    "v_sqrt_only": (None, "block:128:sqrt", "all"),
     "projected_only": ("block:128:dyn", "block:128:lin", "projected"),
     "plain_only": ("block:128:dyn", "block:128:lin", "plain"),
     "v_block32": ("block:128:dyn", "block:32:lin", "all"),
