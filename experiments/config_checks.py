@@ -109,9 +109,14 @@ def _check_backward_projection(config: TrainConfig, parameterization: str, flag:
         raise UsageError(flag, f"needs the optimizer {' or '.join(supported)} "
                          f"on the dense parameterization; got optimizer {config.optimizer!r}, parameterization "
                          f"{parameterization!r}")
-    if config.fsdp:
+    if config.fsdp and alone:
         raise UsageError(flag, "cannot be combined with --fsdp (FSDP2 reduce-scatters full "
                          "gradients); under torchrun the optimizer all-reduces the projected gradients itself")
+    if config.fsdp:
+        raise UsageError(flag, "cannot be combined with --fsdp in this script yet (the optimizers step under "
+                         "FSDP2 in its hooks, docs/memory-modes.md, but the script does not drive FSDP2's no-sync "
+                         "accumulation for it); under torchrun without --fsdp the optimizer all-reduces the projected "
+                         "gradients itself")
 
 
 def _check_weight_bits(config: TrainConfig) -> None:

@@ -100,8 +100,9 @@ FLAG_MISTAKES = [
      "error: --step_in_backward: needs the optimizer apollo_adamw or apollo_mini or dct_adamw or galore_adamw on the "
      "dense parameterization; got optimizer 'dct_adamw', parameterization 'sltrain'"),
     (["--step_in_backward", "--grad_clipping", "0", "--optimizer", "dct_adamw", "--fsdp"], "error: "
-     "--step_in_backward: cannot be combined with --fsdp (FSDP2 reduce-scatters full gradients); under torchrun the "
-     "optimizer all-reduces the projected gradients itself"),
+     "--step_in_backward: cannot be combined with --fsdp in this script yet (the optimizers step under FSDP2 in its "
+     "hooks, docs/memory-modes.md, but the script does not drive FSDP2's no-sync accumulation for it); under "
+     "torchrun without --fsdp the optimizer all-reduces the projected gradients itself"),
     (["--step_in_backward", "--optimizer", "dct_adamw"], "error: --step_in_backward: cannot be combined with "
      "--grad_clipping 1 (clipping is on by default): clipping needs the global gradient norm before any update, but "
      "this mode updates each parameter inside the backward pass; pass --grad_clipping 0 to train without clipping, "
