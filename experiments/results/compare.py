@@ -125,7 +125,7 @@ def run_method(key: str, method: Method, base: TrainConfig, lr_factors: list[flo
     sweep = []
     for factor in lr_factors:
         lr = method.lr * factor
-        name = f"{key}-lr{lr:.0e}"
+        name = f"{key}-lr{lr:.0e}-seed{base.seed}"      # seeds may share a --runs_dir
         config = dataclasses.replace(base, optimizer=method.optimizer, lr=lr, run_name=name,
                                      save_dir=str(runs_dir / name), **method.overrides)
         result = train(config)
