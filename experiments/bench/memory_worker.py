@@ -4,10 +4,11 @@
         --rank 256 --gap 200 --steps 3 --out /tmp/dct_8bit_bp.json
 
 Builds the repo's LLaMA (``experiments.model_factory``, ``--model_impl native``: no ``transformers``
-import) with random initialisation, one optimizer of :data:`OPTIMIZERS`, and runs ``--steps``
-training steps ``loss.backward(); opt.step(); opt.zero_grad()`` on one random token batch. Each step
-is measured in two phases, forward+backward and ``opt.step()``, with the memory high-water mark
-reset before each phase:
+import) with random initialisation (``int8_weights`` rows: then every ``nn.Linear`` but the head
+stored in int8 by ``quantize_model_weights``, as ``--weight_bits 8`` does), one optimizer of
+:data:`OPTIMIZERS`, and runs ``--steps`` training steps ``loss.backward(); opt.step();
+opt.zero_grad()`` on one random token batch. Each step is measured in two phases, forward+backward
+and ``opt.step()``, with the memory high-water mark reset before each phase:
 
 * CPU: the kernel's peak resident set size ``VmHWM`` (``/proc/self/status``), reset by writing
   ``5`` to ``/proc/self/clear_refs``. The reset is checked at start-up (a 64 MiB buffer is touched,
@@ -255,7 +256,8 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     from experiments.model import Llama, LlamaConfig
 
     model = Llama(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
-                              num_attention_heads=2)).to(device=device, dtype=dtype)
+                              num_attention_heads=2, max_position_embeddings=max(1024, args.seq))
+                  ).to(device=device, dtype=dtype)
     model.activation_checkpointing = OPTIMIZERS[args.optimizer].checkpointing
     if OPTIMIZERS[args.optimizer].int8_weights:    # torchao's int8 weight and its linear loaded before the baseline
         quantize_model_weights(model)
