@@ -26,7 +26,10 @@ backward pass, so that activations do not set the peak; AdamW's peak, at its ste
 APOLLOAdamW (rank 256, channel scaling) and APOLLOMini (rank 1, tensor scaling, scale 128) over the
 same groups, 8-bit moments, step in backward, with and without checkpointing: no backward
 projection (APOLLO refuses it: its update scales the full gradient), so each hook steps its weight
-with the full gradient and frees it.
+with the full gradient and frees it. The ``int8_*`` rows store every ``nn.Linear`` but the head in int8
+(``quantize_model_weights`` after the model is built in bf16, before the optimizer, as the training
+script's ``--weight_bits 8``): APOLLO-Mini with 8- or 4-bit moments and DCTProjAdam with 8-bit moments,
+step in backward and checkpointing.
 
 Phases (measured separately, each the max of its forward+backward and ``opt.step()`` peaks):
 
@@ -53,7 +56,9 @@ step). A LLaMA-7B table of bytes per parameter of training state (weights, gradi
 state, projection) comes from the same accounting on the meta device (nothing allocated): state
 from ``projection_summary()``, gradients per the mode (full gradients; or, under backward
 projection, the largest projected weight's full gradient + every accumulator + the plain
-parameters' full gradients).
+parameters' full gradients), and for the rows stepped in the backward pass with int8 weights the
+same plus the activations of a 1×2048 batch with activation checkpointing
+(:func:`experiments.bench.state_memory.checkpointed_activation_bytes`).
 
 Writes ``results.md`` and ``results.json`` to ``--out`` (default ``experiments/results/memory_cpu``
 on CPU); the last line printed states the best ordinary-step ratio to AdamW(fused) measured.
@@ -133,7 +138,9 @@ def first_staggered_refresh(count: int, gap: int) -> int:
     return next(step for step in range(2, gap + 2) if expected_refreshing(step, count, gap, True) > 0)
 
 
-def plan_runs(models: list[str], keys: list[str], stress: list[str]) -> list[Run]:
+def plan_runs(models: list[str], keys: list[str], stress: list[str], steps: int | None = None) -> list[Run]:
+    """The worker runs; ``steps``: at most this many steps per run (``--steps``: 2 keeps the first and an
+    ordinary step and drops the refresh phase, for rows whose CPU step is slow, as the int8 ones)."""
     runs = []
     for model in models:
         # backward projection at gap 200: run up to the first step that refreshes a weight (≥ 3)
@@ -148,6 +155,8 @@ def plan_runs(models: list[str], keys: list[str], stress: list[str]) -> list[Run
                     runs.append(Run(model, key, "stress", STRESS_GAP, 2))
             else:
                 runs.append(Run(model, key, "main", STANDARD_GAP, 3))
+    if steps is not None:
+        runs = [Run(r.model, r.key, r.kind, r.gap, min(r.steps, steps)) for r in runs]
     return runs
 
 
@@ -192,7 +201,7 @@ def select_phases(key: str, main: dict, stress: dict | None) -> dict:
             candidates = [s for s in steps[1:] if s["expected_refreshing"] > 0]
             if candidates:
                 phases["refresh"] = max(candidates, key=lambda s: (s["expected_refreshing"], s["peak"]))
-        else:
+        elif len(steps) > 2:            # not with --steps 2
             phases["refresh"] = steps[2]
     if stress is not None and "error" not in stress:
         phases["stress"] = stress["steps"][1]
@@ -436,6 +445,23 @@ def render(meta: dict, derived: dict, seven_b: dict | None, best: str) -> str:
                 f"Least with the default sides: {best_row['label']}, {best_row['total'] / n:.3f} B/param"
                 + "".join(f"; {r['label']}: {r['total'] / n:.3f} B/param (its quality is measured in the README, "
                           "section Memory)" for r in larger) + ".", ""]
+        acts = seven_b.get("with_activations")
+        if acts:
+            a = acts["activations"]
+            out += [f"### LLaMA-7B: the same accounting plus the activations of a {acts['batch']}×{acts['seq']} batch "
+                    "with activation checkpointing", "",
+                    "Activations from `experiments.bench.state_memory.checkpointed_activation_bytes` (its docstring "
+                    "has the formula): the checkpointed layer inputs "
+                    f"{a['checkpoints'] / GB:.3f} GB + max(the loss at the top of the backward pass "
+                    f"{a['logits'] / GB:.3f} GB, one recomputed layer in its backward "
+                    f"{(a['layer_saved'] + a['layer_backward']) / GB:.3f} GB + the int8 hook's fp32 ΔW "
+                    f"{a['step'] / GB:.3f} GB) = {a['peak'] / GB:.3f} GB with int8 weights. GB = 10^9 B.", "",
+                    "| method | weights + gradients + state + projection, GB | activations, GB | total GB |",
+                    "|---|---|---|---|"]
+            for row in acts["rows"]:
+                out.append(f"| {row['label']} | {row['state_total'] / GB:.2f} | {row['activations'] / GB:.2f} | "
+                           f"**{row['total'] / GB:.2f}** |")
+            out.append("")
     out += [best]
     return "\n".join(out) + "\n"
 
@@ -480,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
                              "mapped and returned to the OS when freed, so RSS follows the live tensors; 0: "
                              "glibc's default dynamic threshold)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
+    parser.add_argument("--steps", type=int, default=None, choices=(2, 3),
+                        help="at most this many steps per worker (2: first and ordinary step, no refresh phase; the "
+                             "int8 rows' CPU weight update takes about a second per million values)")
     parser.add_argument("--skip_7b", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--from_json", type=Path, default=None,
@@ -496,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     command = command_line("experiments.bench.memory", argv)
     started, load_start = time.perf_counter(), load_average()
 
-    runs = plan_runs(args.models, args.configs, [k for k in args.stress if OPTIMIZERS[k].backward])
+    runs = plan_runs(args.models, args.configs, [k for k in args.stress if OPTIMIZERS[k].backward], args.steps)
     results: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory(prefix="memory_bench_") as work:
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -4,10 +4,11 @@
         --rank 256 --gap 200 --steps 3 --out /tmp/dct_8bit_bp.json
 
 Builds the repo's LLaMA (``experiments.model_factory``, ``--model_impl native``: no ``transformers``
-import) with random initialisation, one optimizer of :data:`OPTIMIZERS`, and runs ``--steps``
-training steps ``loss.backward(); opt.step(); opt.zero_grad()`` on one random token batch. Each step
-is measured in two phases, forward+backward and ``opt.step()``, with the memory high-water mark
-reset before each phase:
+import) with random initialisation (``int8_weights`` rows: then every ``nn.Linear`` but the head
+stored in int8 by ``quantize_model_weights``, as ``--weight_bits 8`` does), one optimizer of
+:data:`OPTIMIZERS`, and runs ``--steps`` training steps ``loss.backward(); opt.step();
+opt.zero_grad()`` on one random token batch. Each step is measured in two phases, forward+backward
+and ``opt.step()``, with the memory high-water mark reset before each phase:
 
 * CPU: the kernel's peak resident set size ``VmHWM`` (``/proc/self/status``), reset by writing
   ``5`` to ``/proc/self/clear_refs``. The reset is checked at start-up (a 64 MiB buffer is touched,
@@ -54,6 +55,7 @@ from lowrank_optim.backward_projection import stagger_offset
 from lowrank_optim.gradient_stand_ins import GradientStandIn, ProjectedGradient
 from lowrank_optim.registry import optimizer_info
 from lowrank_optim.state_bytes import tensor_bytes
+from lowrank_optim.weights import quantize_model_weights
 
 TARGET_MODULES = ("attn", "mlp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,6 +75,9 @@ class OptimizerSpec:
     checkpointing: bool = False  # the model's activation checkpointing (layers recomputed in backward)
     rank: int | None = None     # the projected group's rank instead of the bench's --rank (APOLLO-Mini: 1)
     options: tuple[tuple[str, object], ...] = ()   # more constructor keywords of a projected optimizer
+    int8_weights: bool = False  # every nn.Linear but the head stored in int8 (quantize_model_weights, as the
+                                # training script's --weight_bits 8: after the model is built and cast, before
+                                # the optimizer; codes + one scale per row, updated by stochastic rounding)
 
     @property
     def projected(self) -> bool:
@@ -122,6 +127,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "apollo_8bit_sib_ckpt_gen": OptimizerSpec("APOLLO 8-bit + step in backward + activation checkpointing, "
                                               "basis='generated'", "apollo_adamw", 8, in_backward=True,
                                               checkpointing=True, options=(("basis", "generated"),)),
+    # int8 weights (issue #23): the leanest runs of docs/int8-weights.md, each parameter stepped in its hook
+    # with checkpointing; the embedding, head and norms stay bf16 (plain AdamW with the same moment bits)
+    "int8_apollo_mini_8bit_sib_ckpt": OptimizerSpec("int8 weights + APOLLO-Mini 8-bit + step in backward + "
+                                                    "activation checkpointing", "apollo_mini", 8, in_backward=True,
+                                                    checkpointing=True, rank=1, int8_weights=True),
+    "int8_apollo_mini_4bit_sib_ckpt": OptimizerSpec("int8 weights + APOLLO-Mini 4-bit + step in backward + "
+                                                    "activation checkpointing", "apollo_mini", 4, in_backward=True,
+                                                    checkpointing=True, rank=1, int8_weights=True),
+    "int8_dct_8bit_sib_ckpt": OptimizerSpec("int8 weights + DCTProjAdam 8-bit + step in backward (residual scaled) + "
+                                            "activation checkpointing", "dct_adamw", 8, True, in_backward=True,
+                                            checkpointing=True, int8_weights=True),
 }
 
 
@@ -240,8 +256,11 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     from experiments.model import Llama, LlamaConfig
 
     model = Llama(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
-                              num_attention_heads=2)).to(device=device, dtype=dtype)
+                              num_attention_heads=2, max_position_embeddings=max(1024, args.seq))
+                  ).to(device=device, dtype=dtype)
     model.activation_checkpointing = OPTIMIZERS[args.optimizer].checkpointing
+    if OPTIMIZERS[args.optimizer].int8_weights:    # torchao's int8 weight and its linear loaded before the baseline
+        quantize_model_weights(model)
     tokens = torch.randint(0, 512, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -283,6 +302,7 @@ def run(args) -> dict:
     model.activation_checkpointing = spec.checkpointing
     if any(t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
         raise AssertionError(f"model not entirely in {dtype}")
+    int8_weights = quantize_model_weights(model) if spec.int8_weights else []
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=generator).to(device)
@@ -357,6 +377,7 @@ def run(args) -> dict:
         "torch": torch.__version__, "peak_method": meter.method, "peak_reset_verified": meter.reset_verified,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "threads": torch.get_num_threads(),
+        "int8_weights": len(int8_weights),
         "parameters": sum(p.numel() for p in params), "projected_weights": len(projected),
         "projected_parameters": sum(p.numel() for p in projected),
         "baseline": baseline, "weights": weights, "buffers": buffers,

@@ -246,6 +246,70 @@ def int8_weight_bytes(model: nn.Module) -> int:
     return sum(w.numel() + 2 * w.shape[0] for w in int8.values()) + 2 * rest
 
 
+def checkpointed_activation_bytes(values: dict, seq: int = 2048, batch: int = 1, int8_weights: bool = True) -> dict:
+    """Peak activation bytes of one training step of the repo's LLaMA (``experiments.model``, bf16,
+    ``activation_checkpointing = True``: every decoder layer recomputed in its backward) at ``batch×seq``
+    tokens, as :mod:`experiments.bench.memory_worker` steps it (loss on ``logits.float()``), stepped in the
+    backward pass (each gradient stepped and freed in its hook). With ``t = batch·seq`` tokens, ``d``
+    hidden, ``f`` intermediate, ``V`` vocabulary, ``h`` heads, ``L`` layers, in bytes::
+
+        peak = 2·L·t·d + max(logits, layer)
+        logits = t·(12·V + 8·d)
+        layer  = t·(30·d + 14·f + 4·h) + 4·d·f
+
+    * ``2·L·t·d``: the checkpointed input of every layer, bf16, alive until that layer's backward (the
+      peak of either branch is at the top of the backward pass, where all ``L`` are alive).
+    * ``logits``: the loss at the top of the backward pass: the fp32 log-softmax output cross-entropy
+      saves (``4·t·V``), its incoming gradient (``4·t·V``, dense) and its outgoing gradient (``4·t·V``)
+      (the forward's ``2 + 4 + 4`` of bf16 logits, their fp32 copy and the log-softmax output is less);
+      plus the final RMSNorm's saved fp32 input, bf16 normalized values and output (``8·t·d``).
+    * ``layer``: one layer recomputed in its backward (attention through SDPA's flash kernels: no
+      ``s×s`` matrix, a ``4·h`` B/token fp32 log-sum-exp), what it saves per token: two RMSNorms ``2 ×
+      (4d + 2d + 2d)`` (fp32 input, bf16 normalized, the output the linears save), rotated ``q``, ``k``,
+      ``v`` and the attention output ``4 × 2d``, ``o_proj``'s contiguous input ``2d`` (a copy on CPU,
+      where SDPA returns heads-major) = ``26d``; the MLP's gate, SiLU, up and product ``4 × 2f = 8f``.
+      Then the temporaries of its backward at the MLP: the incoming gradient and its scaled copy
+      ``4d``, the gradients of the product, SiLU and up outputs ``6f``. Then the step in the hook of
+      the largest weight (``d×f``): with ``int8_weights`` its update ``ΔW`` formed full-size in fp32
+      (``4·d·f``, docs/int8-weights.md; ``0`` otherwise, the bf16 path steps in place).
+
+    Not counted here: the gradient alive at a time (one parameter's, the accounting's "gradients" term:
+    ≤ the ``V×d`` embedding's, while a layer's backward holds at most a ``d×f`` one) and the
+    dequantized bf16 copy of an int8 weight in its ``F.linear`` (``2·d·f`` at most, not alive with the
+    hook's ``ΔW``); the rotary ``cos``/``sin`` buffers (``2·L·P·(d/h)·2`` B at ``P`` positions);
+    allocator slack. Checked against the CPU peak of small cases (experiments/results/INT8.md)."""
+    d, f, vocab = values["hidden_size"], values["intermediate_size"], values["vocab_size"]
+    layers, heads = values["num_hidden_layers"], values["num_attention_heads"]
+    tokens = batch * seq
+    checkpoints = 2 * layers * tokens * d
+    logits = tokens * (12 * vocab + 8 * d)
+    layer_saved = tokens * (26 * d + 8 * f + 4 * heads)
+    layer_backward = tokens * (4 * d + 6 * f)
+    step = 4 * d * f if int8_weights else 0
+    layer = layer_saved + layer_backward + step
+    return {"seq": seq, "batch": batch, "checkpoints": checkpoints, "logits": logits, "layer_saved": layer_saved,
+            "layer_backward": layer_backward, "step": step, "layer": layer,
+            "peak": checkpoints + max(logits, layer)}
+
+
+def seven_b_activations(table: dict, seq: int = 2048, batch: int = 1) -> dict:
+    """The 7B accounting (:func:`seven_b_table`) plus the activations of one ``batch×seq`` step with
+    activation checkpointing (:func:`checkpointed_activation_bytes`), for the rows stepped in the backward
+    pass with int8 weights and, for comparison, their bf16-weight counterparts."""
+    values = read_model_config(table["config"])
+    labels = ("APOLLO-Mini, 8-bit moments, step in backward", "APOLLO-Mini, 4-bit moments, step in backward")
+    rows = []
+    for row in table["rows"]:
+        int8 = row["label"].startswith("int8 weights + ")
+        if not int8 and row["label"] not in labels:
+            continue
+        acts = checkpointed_activation_bytes(values, seq, batch, int8_weights=int8)
+        rows.append({"label": row["label"], "parameters": row["parameters"], "state_total": row["total"],
+                     "activations": acts["peak"], "total": row["total"] + acts["peak"]})
+    return {"seq": seq, "batch": batch, "activations": checkpointed_activation_bytes(values, seq, batch),
+            "rows": rows}
+
+
 def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) -> dict:
     """Bytes per parameter of training state (weights, gradients, optimizer state, projection) on the
     meta device, bf16 weights and gradients, for the configurations of ``python -m
@@ -371,7 +435,9 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
         int8_note, int8_weights=True)
     for row in rows:
         row["total"] = row["weights"] + row["gradients"] + row["state"] + row["projection"]
-    return {"config": config, "rank": rank, "gap": gap, "rows": rows}
+    table = {"config": config, "rank": rank, "gap": gap, "rows": rows}
+    table["with_activations"] = seven_b_activations(table)
+    return table
 
 
 # ------------------------------------------------------------------------------------------ tables

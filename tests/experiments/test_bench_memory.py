@@ -38,7 +38,7 @@ def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_pa
     config.write_text(json.dumps(TINY), encoding="utf-8")
     runs = {key: _start(tmp_path, config, key, gap)
             for key, gap in (("dct_8bit", 2), ("dct_8bit_bp", 200), ("dct_8bit_sib", 2), ("apollo_8bit_sib", 2),
-                             ("apollo_mini_8bit_sib_ckpt", 2))}
+                             ("apollo_mini_8bit_sib_ckpt", 2), ("int8_apollo_mini_8bit_sib_ckpt", 2))}
     results = {}
     for key, (process, out) in runs.items():
         _, stderr = process.communicate(timeout=120)
@@ -87,3 +87,13 @@ def test_worker_output_and_backward_projection_holds_fewer_gradient_bytes(tmp_pa
                    for s in results[key]["steps"])
     assert results["apollo_mini_8bit_sib_ckpt"]["steps"][1]["state_bytes"] < \
         results["apollo_8bit_sib"]["steps"][1]["state_bytes"]
+
+    # int8 weights (quantize_model_weights before the optimizer): the 14 linears as 1-byte codes + one fp32
+    # scale per row (this fp32 model), the embedding, head and norms unchanged; the same optimizer state
+    lean, mini = results["int8_apollo_mini_8bit_sib_ckpt"], results["apollo_mini_8bit_sib_ckpt"]
+    assert lean["int8_weights"] == 14 and mini["int8_weights"] == 0
+    linear_values = 2 * (4 * 128 * 128 + 3 * 128 * 352)
+    linear_rows = 2 * (4 * 128 + 2 * 352 + 128)
+    assert mini["weights"] - lean["weights"] == 4 * linear_values - (linear_values + 4 * linear_rows)
+    assert [s["state_bytes"] for s in lean["steps"]] == [s["state_bytes"] for s in mini["steps"]]
+    assert all(s["grad_bytes"] == s["accumulator_bytes"] == 0 for s in lean["steps"])

@@ -87,3 +87,28 @@ def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
     assert (lean["gradients"], lean["state"], lean["projection"]) == (mini["gradients"], mini["state"],
                                                                        mini["projection"])
     assert round(lean["weights"] / lean["parameters"], 3) == 1.039
+
+
+def test_checkpointed_activations_of_7b_and_the_totals_with_them():
+    """The activation estimate of a 1×2048 LLaMA-7B step with checkpointing (state_memory's docstring
+    formula, spelled out here) and the 7B rows it is added to."""
+    from experiments.bench.state_memory import checkpointed_activation_bytes, seven_b_table
+    from experiments.model_factory import read_model_config
+
+    t, d, f, vocab, layers, heads = 2048, 4096, 11008, 32000, 32, 32
+    acts = checkpointed_activation_bytes(read_model_config("llama_7b"), seq=2048)
+    assert acts["checkpoints"] == 2 * layers * t * d
+    assert acts["logits"] == t * (12 * vocab + 8 * d)
+    assert acts["layer"] == t * (30 * d + 14 * f + 4 * heads) + 4 * d * f
+    assert acts["peak"] == acts["checkpoints"] + max(acts["logits"], acts["layer"])
+    bf16 = checkpointed_activation_bytes(read_model_config("llama_7b"), seq=2048, int8_weights=False)
+    assert acts["peak"] - bf16["peak"] <= 4 * d * f and bf16["step"] == 0
+
+    table = seven_b_table()
+    rows = {row["label"]: row for row in table["with_activations"]["rows"]}
+    for label in ("int8 weights + APOLLO-Mini, 8-bit moments, step in backward",
+                  "int8 weights + APOLLO-Mini, 4-bit moments, step in backward",
+                  "APOLLO-Mini, 8-bit moments, step in backward"):
+        state = next(row for row in table["rows"] if row["label"] == label)
+        assert rows[label]["total"] == state["total"] + rows[label]["activations"]
+    assert rows["int8 weights + APOLLO-Mini, 4-bit moments, step in backward"]["total"] < 10 * 10**9
