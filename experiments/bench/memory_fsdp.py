@@ -47,7 +47,14 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from experiments.bench.common import REPO, command_line, git_head, library_dirty, library_hash, load_average, machine
-from experiments.bench.memory_worker import DTYPES, OPTIMIZERS, Meter, build_optimizer, training_step
+from experiments.bench.memory_worker import (
+    DTYPES,
+    OPTIMIZERS,
+    Meter,
+    build_optimizer,
+    measured_forward_backward,
+    training_step,
+)
 from experiments.distributed import DistributedContext, shard_model
 from experiments.model_factory import build_model, read_model_config
 from lowrank_optim import optimizer_state_bytes
@@ -144,11 +151,7 @@ def _measure(args, context: DistributedContext) -> dict:
     resident_before = meter.current()
     started = time.perf_counter()
     meter.reset_peak()
-    logits = model(inputs)
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-    del logits
-    loss.backward()
-    loss = float(loss.detach())
+    loss = measured_forward_backward(model, inputs, labels)
     peak_forward_backward = meter.peak()
     local_grads = [p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad for p in params]
     grad_bytes = tensor_bytes([g for g in local_grads if g is not None and not isinstance(g, GradientStandIn)])

@@ -241,6 +241,16 @@ def accumulator_shapes(optimizer) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------ run
+def measured_forward_backward(model, inputs, labels) -> float:
+    """Forward, next-token loss and backward of one measured step; the logits are freed before the
+    backward (only what autograd saved stays); returns the loss."""
+    logits = model(inputs)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    del logits
+    loss.backward()
+    return float(loss.detach())
+
+
 def training_step(model, optimizer, inputs, labels) -> None:
     logits = model(inputs)
     torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
@@ -329,12 +339,7 @@ def run(args) -> dict:
 
         t0 = time.perf_counter()
         meter.reset_peak()
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        del logits
-        loss.backward()
-        record["loss"] = float(loss.detach())
-        del loss
+        record["loss"] = measured_forward_backward(model, inputs, labels)
         record["peak_forward_backward"] = meter.peak()
         t1 = time.perf_counter()
 
