@@ -10,9 +10,10 @@ absmax, pass 2 forms ``w`` again (the same fp32 operations on the same, still un
 and ``ΔW``: the same values) and writes the new codes block by block; the new scale is stored
 last. Nothing of ``w`` is kept between the passes, so any row length fits.
 
-The noise is ``tl.randint(seed, i·n + j)`` (Philox-4x32-10), which :func:`.philox.philox_randint`
-reproduces in PyTorch: with FP fusion off (no FMA contraction) and ``div_rn`` for the two
-divisions, both paths write bit-identical codes and scales on finite inputs.
+The noise of position ``p = i·n + j`` is word ``p mod 4`` of ``tl.randint4x(seed, ⌊p / 4⌋)``
+(Philox-4x32-10), the stream :func:`.philox.philox_words` reproduces in PyTorch: with FP fusion off
+(no FMA contraction) and ``div_rn`` for the two divisions, both paths write bit-identical codes and
+scales on finite inputs.
 
 Bytes moved per value (the benchmark's GB/s): read the codes and ``ΔW`` twice, write the codes
 once: ``3 + 2·sizeof(ΔW)`` bytes (7 for bf16 ``ΔW``, 11 for fp32), plus the row's scale.
@@ -41,6 +42,16 @@ def _updated_block(codes_ptr, delta_ptr, row, cols, n_cols, stride_code_row, str
 
 
 @triton.jit
+def _stream_word(seed, positions):
+    """``x_p``: word ``p mod 4`` of ``tl.randint4x(seed, ⌊p / 4⌋)`` (uint32), ``p`` int64."""
+    # NOTE: every position evaluates its counter's Philox (four neighbours the same one): the work
+    # of the tl.randint this replaces, which also computes all four words
+    c0, c1, c2, c3 = tl.randint4x(seed, positions >> 2)
+    word = positions & 3
+    return tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+
+
+@triton.jit
 def _int8_weight_update_kernel(
     codes_ptr, scales_ptr, delta_ptr, seed_ptr,
     n_cols, stride_code_row, stride_delta_row,
@@ -66,7 +77,7 @@ def _int8_weight_update_kernel(
         t = tl.minimum(tl.maximum(tl.div_rn(w, safe), -127.0), 127.0)
         low = tl.floor(t)
         # NOTE: 24 noise bits against the fraction scaled by 2^24: both exact in fp32
-        noise = (tl.randint(seed, row * n_cols + cols) >> 8).to(tl.float32)
+        noise = (_stream_word(seed, row * n_cols + cols) >> 8).to(tl.float32)
         code = low + tl.where(noise < (t - low) * 16777216.0, 1.0, 0.0)
         tl.store(codes_ptr + row * stride_code_row + cols, code.to(tl.int8), mask=cols < n_cols)
     tl.store(scales_ptr + row, new_scale.to(scales_ptr.dtype.element_ty))

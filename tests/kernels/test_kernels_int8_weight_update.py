@@ -1,8 +1,9 @@
 """The fused Triton int8 weight update against the PyTorch path, and the Philox noise they share.
 
 Without a GPU the kernel runs on CPU tensors under TRITON_INTERPRET=1 (set before the kernel
-module is imported). Tolerance: none. Both paths draw the same noise (``tl.randint`` and its
-PyTorch copy :func:`lowrank_optim.kernels.philox.philox_randint`, compared here directly) and
+module is imported). Tolerance: none. Both paths draw the same noise (``tl.randint4x`` and its
+PyTorch copy :func:`lowrank_optim.kernels.philox.philox_randint4x`, and the kernel's stream words
+and :func:`lowrank_optim.kernels.philox.philox_words`, compared here directly) and
 evaluate the same separately rounded fp32 operations (the kernel with FP fusion off and
 round-to-nearest division); absmax, floor and the noise comparison are exact: codes and scales
 must be bit-identical. Inputs are fp32 or bf16 values converted on load (the interpreter's bf16
@@ -21,26 +22,48 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from lowrank_optim.kernels.int8_weight_update import int8_weight_update_, quantize_rows  # noqa: E402
-from lowrank_optim.kernels.int8_weight_update_triton import block_columns, int8_weight_update_triton_  # noqa: E402
-from lowrank_optim.kernels.philox import philox_randint  # noqa: E402
+from lowrank_optim.kernels.int8_weight_update_triton import (  # noqa: E402
+    _stream_word,
+    block_columns,
+    int8_weight_update_triton_,
+)
+from lowrank_optim.kernels.philox import philox_randint4x, philox_words  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (7, 37), (3, 2500)]          # 2500 columns: two blocks of 2048, the second partial
 
 
 @triton.jit
-def _randint_kernel(seed_ptr, out_ptr, base, N: tl.constexpr):
-    offsets = base + tl.arange(0, N).to(tl.int64)
-    tl.store(out_ptr + tl.arange(0, N), tl.randint(tl.load(seed_ptr), offsets).to(tl.int64) & 0xFFFFFFFF)
+def _randint4x_kernel(seed_ptr, out_ptr, base, N: tl.constexpr):
+    counters = base + tl.arange(0, N).to(tl.int64)
+    c0, c1, c2, c3 = tl.randint4x(tl.load(seed_ptr), counters)
+    tl.store(out_ptr + tl.arange(0, N), c0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + N + tl.arange(0, N), c1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + 2 * N + tl.arange(0, N), c2.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out_ptr + 3 * N + tl.arange(0, N), c3.to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _stream_kernel(seed_ptr, out_ptr, base, N: tl.constexpr):
+    positions = base + tl.arange(0, N).to(tl.int64)
+    tl.store(out_ptr + tl.arange(0, N), _stream_word(tl.load(seed_ptr), positions).to(tl.int64) & 0xFFFFFFFF)
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**62 + 987654321])
-@pytest.mark.parametrize("base", [0, 2**33 + 5])            # offsets above 2^32 use the second counter word
-def test_philox_in_pytorch_is_triton_randint(seed, base):
+@pytest.mark.parametrize("base", [0, 2**33 + 5])            # counters above 2^32 use the second counter word
+def test_philox_in_pytorch_is_triton_randint4x(seed, base):
     seed = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(4, 64, dtype=torch.int64, device=DEVICE)
+    _randint4x_kernel[(1,)](seed, out, base, N=64)
+    assert torch.equal(out, torch.stack(philox_randint4x(seed, base + torch.arange(64, device=DEVICE))))
+
+
+@pytest.mark.parametrize("base", [0, 2**34 + 7])            # a start inside a counter's four words
+def test_the_kernels_stream_is_philox_words(base):
+    seed = torch.tensor([2**62 + 987654321], dtype=torch.int64, device=DEVICE)
     out = torch.empty(64, dtype=torch.int64, device=DEVICE)
-    _randint_kernel[(1,)](seed, out, base, N=64)
-    assert torch.equal(out, philox_randint(seed, base + torch.arange(64, device=DEVICE)))
+    _stream_kernel[(1,)](seed, out, base, N=64)
+    assert torch.equal(out, philox_words(seed, base, 64, DEVICE))
 
 
 def _weight(shape, scale_dtype, seed=0):

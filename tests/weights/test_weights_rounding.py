@@ -4,7 +4,7 @@ and the noise reproducible from a generator.
 
 Statistics: a value a fraction ``p`` of a step ``s`` above a code rounds up with probability
 ``p``: its error has mean 0 and standard deviation ``s·√(p(1−p)) ≤ s/2``, and the mean of ``N``
-independent errors (independent: every value has its own Philox counter) at most
+independent errors (independent: every value has its own word of the Philox stream) at most
 ``s/(2√N)``. Tests allow 5 of those (a false failure once in ~1.7 million runs; the seeds are
 fixed anyway).
 """
@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 from lowrank_optim.kernels.int8_weight_update import int8_weight_update_ as kernel_update_
-from lowrank_optim.kernels.philox import philox_randint
 
 from lowrank_optim.reference.int8_weights import reference_dequantize, reference_int8_update
+from lowrank_optim.reference.philox import reference_stream_word
 from lowrank_optim.rounding import rounding_generator
 from lowrank_optim.weights import dequantize_weight, int8_storage, int8_update_, quantize_weight
 
@@ -123,7 +123,7 @@ def test_the_update_matches_the_float64_reference_with_the_same_noise(scale_dtyp
     codes, scales = (t.clone() for t in int8_storage(weight))
     delta = torch.randn(41, 77, generator=generator)
     seed = torch.tensor([2024], dtype=torch.int64)
-    noise = (philox_randint(seed, torch.arange(41 * 77)) >> 8).double().view(41, 77) / 2**24
+    noise = torch.tensor([reference_stream_word(2024, p) >> 8 for p in range(41 * 77)]).double().view(41, 77) / 2**24
     ref_codes, ref_scales = reference_int8_update(codes, scales, delta, a=0.99, b=0.05, noise=noise,
                                                   scale_dtype=scale_dtype)
     kernel_update_(codes, scales, delta, a=0.99, b=0.05, seed=seed)
@@ -132,6 +132,22 @@ def test_the_update_matches_the_float64_reference_with_the_same_noise(scale_dtyp
     assert (codes.long() != ref_codes).sum() <= 2 and (codes.long() - ref_codes).abs().max() <= 1
     exact = 0.99 * reference_dequantize(*int8_storage(weight)) - 0.05 * delta.double()
     assert ((reference_dequantize(codes, scales) - exact).abs() < scales.double()[:, None]).all()
+
+
+@pytest.mark.parametrize("chunk_values", [1, 200, 500])
+def test_the_update_writes_the_same_bits_in_any_chunking(monkeypatch, chunk_values):
+    """Rows of 77 = 4·19 + 1 values, one, two or six per pass, against all 41 in one pass (the
+    default): most passes start their noise inside a Philox counter's four words."""
+    generator = torch.Generator().manual_seed(10)
+    weight = quantize_weight(torch.randn(41, 77, generator=generator))
+    delta = torch.randn(41, 77, generator=generator)
+    seed = torch.tensor([2**62 + 31], dtype=torch.int64)
+    expected = [t.clone() for t in int8_storage(weight)]
+    kernel_update_(*expected, delta, a=0.99, b=0.05, seed=seed)
+    monkeypatch.setattr("lowrank_optim.kernels.int8_weight_update._CHUNK_VALUES", chunk_values)
+    codes, scales = (t.clone() for t in int8_storage(weight))
+    kernel_update_(codes, scales, delta, a=0.99, b=0.05, seed=seed)
+    assert torch.equal(codes, expected[0]) and torch.equal(scales, expected[1])
 
 
 def test_the_noise_is_the_generators():
