@@ -5,8 +5,7 @@ against the CPU peak of small LLaMAs at 1×2048 tokens, one fresh worker process
 
 Each case runs ``python -m experiments.bench.memory_worker`` (``--config``: by default APOLLO-Mini 8-bit,
 step in backward, activation checkpointing, bf16 weights; ``int8_apollo_mini_8bit_sib_ckpt`` adds int8
-weights and the hook's fp32 ``ΔW``, its CPU update being slow: about a second per million values; 2
-steps, one torch thread, ``MALLOC_MMAP_THRESHOLD_=65536``).
+weights and the hook's fp32 ``ΔW``; 2 steps, one torch thread, ``MALLOC_MMAP_THRESHOLD_=65536``).
 Its ``transients`` (peak − baseline − weights − gradients − state; gradients are 0 after a backward pass
 that stepped every parameter in its hook) hold the activations and what the estimate leaves out: the
 rotary buffers, the one gradient alive at the peak and the projector's cached ``P``. The predicted

@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                              "glibc's default dynamic threshold)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     parser.add_argument("--steps", type=int, default=None, choices=(2, 3),
-                        help="at most this many steps per worker (2: first and ordinary step, no refresh phase; the "
-                             "int8 rows' CPU weight update takes about a second per million values)")
+                        help="at most this many steps per worker (2: first and ordinary step, no refresh phase, for "
+                             "rows whose CPU step is slow)")
     parser.add_argument("--skip_7b", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--from_json", type=Path, default=None,
