@@ -84,6 +84,15 @@ METHODS: dict[str, Method] = {
     "sst": Method("sst_adamw", 3e-3),
     "sltrain": Method("adamw", 3e-3, {"parameterization": "sltrain"}, label="SLTrain"),
 }
+# Int8 weights (``--weight_bits 8``: every nn.Linear but the head as int8 codes with one --dtype scale
+# per row, embedding, head and norms in --dtype) with the optimizer and lr of the row without them.
+# torch.optim.AdamW cannot write int8 weights: AdamW's int8 row is the library's plain path (adamw_lib).
+METHODS.update({
+    f"{key}_int8": dataclasses.replace(METHODS[key], overrides={**METHODS[key].overrides, "weight_bits": 8},
+                                       note=f"{METHODS[key].note}, int8 weights" if METHODS[key].note
+                                       else "int8 weights")
+    for key in ("adamw_lib", "apollo_mini", "dct_default")
+})
 
 
 def add_budget_flags(parser: argparse.ArgumentParser) -> None:

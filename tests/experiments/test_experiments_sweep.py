@@ -11,6 +11,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+from experiments.methods import info_for  # noqa: E402
 from experiments.results import compare  # noqa: E402
 from experiments.sweep import expand_grid, load_sweep, main, pretrain_argv  # noqa: E402
 
@@ -151,3 +152,22 @@ def test_runner_commands_carry_each_flag_once(capsys):
         assert "--wandb_mode=disabled" in command and "--wandb_mode=online" not in command
         assert "--num_training_steps=500" not in command and command[-4:] == [
             "--num_training_steps", "20", "--galore_scale", "0.5"]
+
+
+@pytest.mark.parametrize("key", [key for key in compare.METHODS if key.endswith("_int8")])
+def test_compare_int8_methods_differ_from_their_base_only_by_weight_bits(key):
+    base, int8 = compare.METHODS[key.removesuffix("_int8")], compare.METHODS[key]
+    assert (int8.optimizer, int8.lr) == (base.optimizer, base.lr)
+    assert int8.overrides == {**base.overrides, "weight_bits": 8}
+    assert int8.title.startswith(base.title) and int8.title.endswith("int8 weights")
+    assert info_for(int8.optimizer).int8_weights      # else --weight_bits 8 refuses the optimizer
+
+
+def test_compare_int8_method_trains_with_int8_weights(tmp_path):
+    compare.main(["--methods", "adamw_lib_int8", "--model_config", "llama_micro", "--num_training_steps", "2",
+                  "--batch_size", "2", "--max_length", "16", "--eval_every", "2", "--eval_tokens", "256",
+                  "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["weight_bits"] == 8
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert math.isfinite(row["final_val_loss"])
