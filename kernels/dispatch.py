@@ -99,16 +99,18 @@ def quantized_adam_moment_update(backend: str, grad: torch.Tensor, m_codes: torc
                                  v_codes: torch.Tensor, v_scales: torch.Tensor, *, m_codebook: Codebook,
                                  v_codebook: Codebook, beta1: float, beta2: float, eps: float | torch.Tensor,
                                  bias_correction1: float | torch.Tensor, bias_correction2: float | torch.Tensor,
-                                 bits: int, layout: str, block_size: int, source_slots: torch.Tensor | None = None,
+                                 bits: int, layout: str, block_size: int, step: int,
+                                 source_slots: torch.Tensor | None = None,
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(N, m_codes, m_scales, v_codes, v_scales)`` of quantized moments (the maps of ``m`` and
     ``v`` as codebooks on the gradient's device, ``block_size`` resolved): the state is updated in
     place and returned, or, with ``source_slots`` (the DCT transport), remapped first into new
-    tensors. ``N`` is fp32. Per-slot corrections: tensors with one value per slot."""
+    tensors. ``N`` is fp32. Per-slot corrections: tensors with one value per slot. ``step``: the
+    step count, a word of the stochastic rounding's noise."""
     _check_moment_backend(backend)
     arguments = dict(m_codebook=m_codebook, v_codebook=v_codebook, beta1=beta1, beta2=beta2, eps=eps,
                      bias_correction1=bias_correction1, bias_correction2=bias_correction2, bits=bits,
-                     layout=layout, block_size=block_size, source_slots=source_slots)
+                     layout=layout, block_size=block_size, step=step, source_slots=source_slots)
     if backend == "triton":
         from .quantized_moment_update_triton import quantized_adam_moment_update_triton
         return quantized_adam_moment_update_triton(grad, m_codes, m_scales, v_codes, v_scales, **arguments)

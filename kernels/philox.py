@@ -49,15 +49,19 @@ _WORD = 0xFFFFFFFF
 _WORDS_PER_COUNTER = 4
 
 
-def philox_randint4x(seed: torch.Tensor, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def philox_randint4x(seed: torch.Tensor, counters: torch.Tensor, third_word: int = 0) -> tuple[torch.Tensor, ...]:
     """``tl.randint4x(seed, counters)``: four int64 tensors ``(c0, c1, c2, c3)`` of values in
-    ``[0, 2³²)``, each shaped as ``counters``.
+    ``[0, 2³²)``, each shaped as ``counters``; with ``third_word`` (in ``[0, 2³²)``) the counter's
+    ``c2`` (``tl.philox(seed, c0, c1, third_word, 0)``).
 
-    ``seed``: an int64 tensor with one value in ``[0, 2⁶³)``; ``counters``: non-negative int64."""
+    ``seed``: an int64 tensor with one value in ``[0, 2⁶³)``; ``counters``: int64 read as 64-bit
+    patterns, ``c0`` the low word and ``c1`` the high one (a pattern with the top bit set is a
+    negative int64: its high word still comes out right, the arithmetic shift's sign bits are
+    masked off in the first round)."""
     seed = seed.reshape(())
     k0, k1 = seed & _WORD, seed >> 32
     c0, c1 = counters & _WORD, counters >> 32
-    c2, c3 = torch.zeros_like(counters), torch.zeros_like(counters)
+    c2, c3 = torch.full_like(counters, third_word), torch.zeros_like(counters)
     for round_index in range(_ROUNDS):
         if round_index > 0:
             k0, k1 = (k0 + _KEY_A) & _WORD, (k1 + _KEY_B) & _WORD

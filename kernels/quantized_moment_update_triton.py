@@ -3,8 +3,11 @@
 Same math and storage as the reference :func:`.quantized_moment_update.quantized_adam_moment_update_`
 (read its module doc): per block of ``B`` values of a slot, dequantize ``m`` and ``v``
 (``levels[code]·scale``), update them in fp32, write ``N`` (fp32), take each block's new absmax
-and write the new codes (nearest level by a ``bits``-step binary search over the midpoints) and
-scales. Self-contained: the maps come in as :class:`~.quantized_moment_update.Codebook` tables.
+and write the new codes (nearest level by a ``bits``-step binary search over the midpoints; for a
+stochastic ``v`` codebook the level below by the same search over the levels, then the one above
+with the reference's probability, the noise ``tl.philox`` at the value's and gradient's bits and
+the step) and scales. Self-contained: the maps come in as
+:class:`~.quantized_moment_update.Codebook` tables.
 
 Program ``(b, s)`` owns block ``b`` of ``BLOCK_SLOTS`` consecutive slots: a ``B × BLOCK_SLOTS``
 tile whose codes, scales and values only it reads and writes, so the update is in place. With
@@ -34,11 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_moment_update import Codebook, check_slot_remap, check_state, slot_geometry
+from .quantized_moment_update import HASHED_BITS, NOISE_BITS, NOISE_KEY, Codebook, check_slot_remap, check_state, slot_geometry
 from .triton_support import check_launchable
 
 _TILE_VALUES = 2048          # values per program, B × BLOCK_SLOTS: 16 per thread at 4 warps (untuned: no GPU here)
 _NUM_WARPS = 4
+_HASHED_BITS = tl.constexpr(HASHED_BITS)
 _COMPILE_OPTIONS = {"num_warps": _NUM_WARPS, "enable_fp_fusion": False}
 
 
@@ -46,7 +50,8 @@ _COMPILE_OPTIONS = {"num_warps": _NUM_WARPS, "enable_fp_fusion": False}
 def _lane_step(grad_ptr, update_ptr, positions, slots, length, n_slots, source_ok, m_code, v_code, m_scale, v_scale,
                m_levels_ptr, v_levels_ptr, stride_value_len, stride_value_slot,
                beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2):
-    """Dequantize, update and write ``N`` for the values at ``positions`` × ``slots``; the fp32 moments."""
+    """Dequantize, update and write ``N`` for the values at ``positions`` × ``slots``; the fp32 moments
+    and gradient."""
     in_slot = positions[:, None] < length
     valid = in_slot & (slots < n_slots)[None, :]
     # NOTE: values past the end of a slot dequantize to 0 explicitly (code 0 of the zero-free v
@@ -61,7 +66,7 @@ def _lane_step(grad_ptr, update_ptr, positions, slots, length, n_slots, source_o
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), sqrt_bias_correction2) + eps
     update = tl.div_rn(tl.div_rn(exp_avg, denom), bias_correction1)
     tl.store(update_ptr + offsets, update, mask=valid)
-    return exp_avg, exp_avg_sq
+    return exp_avg, exp_avg_sq, grad
 
 
 @triton.jit
@@ -78,6 +83,52 @@ def _quantize(values, absmax, midpoints_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _rounding_noise(values, grad, step, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr,
+                    HASHED_BITS: tl.constexpr):
+    """``u`` (uint32 below ``2**NOISE_BITS``): word 0 of Philox at counter
+    ``(bits(values) ∧ H, bits(grad) ∧ H, step, 0)``."""
+    value_bits = values.to(tl.uint32, bitcast=True) & HASHED_BITS
+    zeros = value_bits * 0
+    word, _, _, _ = tl.philox(NOISE_KEY, value_bits, grad.to(tl.uint32, bitcast=True) & HASHED_BITS,
+                              zeros + step.to(tl.uint32), zeros)
+    return word >> (32 - NOISE_BITS)
+
+
+@triton.jit
+def _root(x, POWER: tl.constexpr):
+    if POWER == 2:
+        return tl.sqrt_rn(x)
+    return x
+
+
+@triton.jit
+def _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS: tl.constexpr, POWER: tl.constexpr,
+                         NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr):
+    """Codes (int32) of ``values`` rounded stochastically between their neighbouring levels,
+    unbiased in ``t^(1/POWER)``."""
+    normalized = tl.div_rn(values, tl.where(absmax > 0, absmax, 1.0))
+    lower = tl.zeros(values.shape, dtype=tl.int32)
+    # the level below: #{j ≥ 1 : q_j ≤ t}, a branchless binary search over levels[1:]
+    for i in tl.static_range(BITS):
+        stride = 1 << (BITS - 1 - i)
+        lower = tl.where(normalized >= tl.load(levels_ptr + 1 + lower + (stride - 1)), lower + stride, lower)
+    lower = tl.minimum(lower, (1 << BITS) - 2)
+    low = _root(tl.load(levels_ptr + lower), POWER)
+    chance = tl.div_rn(_root(normalized, POWER) - low, _root(tl.load(levels_ptr + lower + 1), POWER) - low)
+    noise = _rounding_noise(values, grad, step, NOISE_KEY, NOISE_BITS, _HASHED_BITS).to(tl.float32)
+    return tl.where(noise < chance * (1 << NOISE_BITS), lower + 1, lower)
+
+
+@triton.jit
+def _v_codes(values, absmax, grad, step, levels_ptr, midpoints_ptr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
+             POWER: tl.constexpr, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr):
+    """The second moment's codes: stochastic or nearest, as its codebook says."""
+    if STOCHASTIC:
+        return _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS, POWER, NOISE_KEY, NOISE_BITS)
+    return _quantize(values, absmax, midpoints_ptr, BITS)
+
+
+@triton.jit(do_not_specialize=["step"])
 def _quantized_adam_kernel(
     grad_ptr, update_ptr,
     m_codes_ptr, m_scales_ptr, v_codes_ptr, v_scales_ptr,
@@ -86,9 +137,10 @@ def _quantized_adam_kernel(
     source_slots_ptr, bias_correction1_ptr, sqrt_bias_correction2_ptr, eps_ptr,
     length, n_slots,
     stride_value_len, stride_value_slot, stride_code_len, stride_code_slot, stride_scale_len, stride_scale_slot,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2, step,
     BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
     HAS_REMAP: tl.constexpr, PER_SLOT: tl.constexpr,
+    V_STOCHASTIC: tl.constexpr, V_POWER: tl.constexpr, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr,
 ):
     block = tl.program_id(0)
     slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
@@ -119,31 +171,35 @@ def _quantized_adam_kernel(
     v_bytes = tl.load(v_codes_ptr + codes_in, mask=byte_ok & source_ok[None, :], other=0).to(tl.int32)
 
     if BITS == 8:
-        exp_avg, exp_avg_sq = _lane_step(grad_ptr, update_ptr, byte_index, slots, length, n_slots, source_ok,
-                                         m_bytes, v_bytes, m_scale, v_scale, m_levels_ptr, v_levels_ptr,
-                                         stride_value_len, stride_value_slot,
-                                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1, sqrt_bc2)
+        exp_avg, exp_avg_sq, grad = _lane_step(grad_ptr, update_ptr, byte_index, slots, length, n_slots, source_ok,
+                                               m_bytes, v_bytes, m_scale, v_scale, m_levels_ptr, v_levels_ptr,
+                                               stride_value_len, stride_value_slot,
+                                               beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1, sqrt_bc2)
         m_absmax = tl.max(tl.abs(exp_avg), axis=0)
         v_absmax = tl.max(tl.abs(exp_avg_sq), axis=0)
         m_out = _quantize(exp_avg, m_absmax[None, :], m_midpoints_ptr, BITS)
-        v_out = _quantize(exp_avg_sq, v_absmax[None, :], v_midpoints_ptr, BITS)
+        v_out = _v_codes(exp_avg_sq, v_absmax[None, :], grad, step, v_levels_ptr, v_midpoints_ptr, BITS, V_STOCHASTIC,
+                         V_POWER, NOISE_KEY, NOISE_BITS)
     else:
         even = 2 * byte_index
-        m_even, v_even = _lane_step(grad_ptr, update_ptr, even, slots, length, n_slots, source_ok,
-                                    m_bytes & 15, v_bytes & 15, m_scale, v_scale, m_levels_ptr, v_levels_ptr,
-                                    stride_value_len, stride_value_slot,
-                                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1, sqrt_bc2)
-        m_odd, v_odd = _lane_step(grad_ptr, update_ptr, even + 1, slots, length, n_slots, source_ok,
-                                  m_bytes >> 4, v_bytes >> 4, m_scale, v_scale, m_levels_ptr, v_levels_ptr,
-                                  stride_value_len, stride_value_slot,
-                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1, sqrt_bc2)
+        m_even, v_even, grad_even = _lane_step(grad_ptr, update_ptr, even, slots, length, n_slots, source_ok,
+                                               m_bytes & 15, v_bytes & 15, m_scale, v_scale, m_levels_ptr,
+                                               v_levels_ptr, stride_value_len, stride_value_slot,
+                                               beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1,
+                                               sqrt_bc2)
+        m_odd, v_odd, grad_odd = _lane_step(grad_ptr, update_ptr, even + 1, slots, length, n_slots, source_ok,
+                                            m_bytes >> 4, v_bytes >> 4, m_scale, v_scale, m_levels_ptr, v_levels_ptr,
+                                            stride_value_len, stride_value_slot,
+                                            beta1, one_minus_beta1, beta2, one_minus_beta2, eps_value, bc1, sqrt_bc2)
         m_absmax = tl.maximum(tl.max(tl.abs(m_even), axis=0), tl.max(tl.abs(m_odd), axis=0))
         v_absmax = tl.maximum(tl.max(tl.abs(v_even), axis=0), tl.max(tl.abs(v_odd), axis=0))
         odd_ok = (even + 1)[:, None] < length         # an odd slot's last high nibble stays 0
         m_out = _quantize(m_even, m_absmax[None, :], m_midpoints_ptr, BITS) | (
             tl.where(odd_ok, _quantize(m_odd, m_absmax[None, :], m_midpoints_ptr, BITS), 0) << 4)
-        v_out = _quantize(v_even, v_absmax[None, :], v_midpoints_ptr, BITS) | (
-            tl.where(odd_ok, _quantize(v_odd, v_absmax[None, :], v_midpoints_ptr, BITS), 0) << 4)
+        v_out = _v_codes(v_even, v_absmax[None, :], grad_even, step, v_levels_ptr, v_midpoints_ptr, BITS, V_STOCHASTIC,
+                         V_POWER, NOISE_KEY, NOISE_BITS) | (
+            tl.where(odd_ok, _v_codes(v_odd, v_absmax[None, :], grad_odd, step, v_levels_ptr, v_midpoints_ptr, BITS,
+                                      V_STOCHASTIC, V_POWER, NOISE_KEY, NOISE_BITS), 0) << 4)
 
     store_ok = byte_ok & slot_ok[None, :]
     codes_out = byte_index[:, None] * stride_code_len + slots[None, :] * stride_code_slot
@@ -194,6 +250,7 @@ def quantized_adam_moment_update_triton(
     bits: int,
     layout: str,
     block_size: int,
+    step: int,
     source_slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(N, m_codes, m_scales, v_codes, v_scales)``, as the reference: in place without
@@ -242,15 +299,17 @@ def quantized_adam_moment_update_triton(
         source_slots if has_remap else update, *slot_values,
         length, n_slots,
         *_slot_strides(grad, layout), *_slot_strides(m_codes, layout), *_slot_strides(m_scales, layout),
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, *scalars,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, *scalars, int(step) & 0xFFFFFFFF,
         BITS=bits, BLOCK=block_size, BLOCK_SLOTS=block_slots, HAS_REMAP=has_remap, PER_SLOT=per_slot,
+        V_STOCHASTIC=v_codebook.stochastic, V_POWER=v_codebook.power, NOISE_KEY=NOISE_KEY, NOISE_BITS=NOISE_BITS,
         **_COMPILE_OPTIONS,
     )
     return (update, *outputs)
 
 
 def compile_for_target(target, *, bits: int, block_size: int, layout: str = "columns", has_remap: bool = False,
-                       per_slot: bool = False, grad_dtype: str = "fp32", block_slots: int | None = None):
+                       per_slot: bool = False, v_stochastic: bool = False, v_power: int = 1, grad_dtype: str = "fp32",
+                       block_slots: int | None = None):
     """Ahead-of-time compile of the kernel for a ``triton.backends.compiler.GPUTarget`` (no GPU
     needed): proves the kernel lowers to PTX and cubin for that architecture. Returns the
     ``triton.compile`` result (``.asm["ptx"]``, ``.asm["cubin"]``)."""
@@ -265,8 +324,10 @@ def compile_for_target(target, *, bits: int, block_size: int, layout: str = "col
                               "stride_code_slot", "stride_scale_len", "stride_scale_slot"), "i32")
     floats = dict.fromkeys(("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias_correction1",
                             "sqrt_bias_correction2"), "fp32")
+    integers["step"] = "i64"
     constexprs = dict(BITS=bits, BLOCK=block_size, BLOCK_SLOTS=block_slots, HAS_REMAP=has_remap,
-                      PER_SLOT=per_slot)
+                      PER_SLOT=per_slot, V_STOCHASTIC=v_stochastic, V_POWER=v_power, NOISE_KEY=NOISE_KEY,
+                      NOISE_BITS=NOISE_BITS)
     signature = {**pointers, **integers, **floats, **dict.fromkeys(constexprs, "constexpr")}
     source = triton.compiler.ASTSource(fn=_quantized_adam_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=target, options=dict(_COMPILE_OPTIONS))

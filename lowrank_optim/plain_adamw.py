@@ -114,7 +114,7 @@ def _single_tensor_adamw_(param: torch.Tensor, grad: torch.Tensor, moments: Mome
                           generator: torch.Generator | None = None) -> None:
     bc1, bc2 = bias_corrections(step, beta1, beta2) if correct_bias else (1.0, 1.0)
     update = moments.step(backend, grad, beta1=beta1, beta2=beta2, eps=form.effective_eps(eps, bc2),
-                          bias_correction1=bc1, bias_correction2=bc2)
+                          bias_correction1=bc1, bias_correction2=bc2, step=step)
     decay = 1.0 - lr * weight_decay
     if generator is not None:       # (W − ηu)(1 − ηλ) after the update: a = 1 − ηλ, b = η(1 − ηλ)
         b = lr if form.decay_before_update else lr * decay

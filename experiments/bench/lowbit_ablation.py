@@ -20,9 +20,16 @@ Schemes of one moment (``fake`` below; ``x`` a moment in its natural shape, ``la
   max_i' |x_i'j|)`` (row max, column max); a 1-D moment falls back to ``block:128``;
 * ``slot:MAP``: one absmax per slot (a column of ``m×r``, a row of ``r×n``; the whole tensor when flat).
 
+A trailing ``:sr`` rounds stochastically between the two neighbouring levels, unbiased in the
+moment's own value (in ``v``, not ``√v``, for ``sqrt``), instead of to the nearest; ``:srs`` does so
+unbiased in the stored value (``√v`` for ``sqrt``; the same as ``:sr`` for the other maps).
+
 Maps: ``dyn`` (the library's 4-bit dynamic map, signed for ``m``), ``lin`` (``k/16``, ``k = 1…16``,
 zero-free), ``dynu`` (the dynamic unsigned 4-bit map, zero-free, 4 decades), ``sqrt`` (``lin`` applied
-to ``√v``: the stored magnitude is ``√v``, so ``v`` spans 1/1024 … 1 of its scale).
+to ``√v``: the stored magnitude is ``√v``, so ``v`` spans 1/1024 … 1 of its scale), ``slin`` (the
+signed linear 4-bit map ``k/7``, ``k = −7…7``), ``dyn8`` (the library's 8-bit dynamic map, signed for
+``m``, zero-free unsigned for ``v``: the 8-bit scheme as a reference), ``nf4`` (QLoRA's NormalFloat-4
+levels, signed, for ``m``).
 
 Writes ``results.md`` and ``results.json`` into ``--out`` after every run (a cut-off run keeps its
 finished rows).
@@ -69,18 +76,30 @@ VARIANTS = {
 }
 
 
-def _levels(name: str, signed: bool) -> torch.Tensor:
-    if name == "dyn":
-        return dynamic_map(4, signed=signed)
+# QLoRA's NormalFloat-4 levels (Dettmers et al. 2023, appendix E): quantiles of a normal distribution
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1848449, -0.0910500, 0.0,
+                           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0],
+                          dtype=torch.float64)
+
+
+def _levels(name: str, signed: bool) -> tuple[torch.Tensor, int]:
+    """The levels of map ``name`` (module doc) and its bits."""
+    if name in ("dyn", "dyn8"):
+        bits = 8 if name == "dyn8" else 4
+        return dynamic_map(bits, signed=signed), bits
     if name == "dynu":
-        return dynamic_map(4, signed=False)
+        return dynamic_map(4, signed=False), 4
     if name in ("lin", "sqrt"):
-        return linear_zero_free_map(4)
+        return linear_zero_free_map(4), 4
+    if name == "slin":
+        return torch.arange(-7, 8, dtype=torch.float64) / 7, 4
+    if name == "nf4":
+        return NF4_LEVELS, 4
     raise ValueError(f"unknown map {name!r}")
 
 
-def _nearest(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    bounds = midpoints(levels, 4)[: levels.numel() - 1].to(t.dtype)
+def _nearest(t: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    bounds = midpoints(levels, bits)[: levels.numel() - 1].to(t.dtype)
     return levels.to(t.dtype)[torch.bucketize(t, bounds, right=True)]
 
 
@@ -109,9 +128,25 @@ def _scales(x: torch.Tensor, layout: str, normalization: str, block: int) -> tor
     return per_slot.t() if slot_dim(layout) == 1 else per_slot
 
 
+def _stochastic(t: torch.Tensor, levels: torch.Tensor, power: int) -> torch.Tensor:
+    """``t`` rounded stochastically to one of its two neighbouring levels, unbiased in ``t^power``:
+    ``E[q^power] = t^power`` (``t`` outside the levels' range goes to the nearest end)."""
+    levels = levels.to(t.dtype)
+    upper = torch.searchsorted(levels, t.contiguous(), right=True).clamp_(1, levels.numel() - 1)
+    low, high = levels[upper - 1], levels[upper]
+    chance = ((t.pow(power) - low.pow(power)) / (high.pow(power) - low.pow(power))).clamp_(0, 1)
+    return torch.where(torch.rand(t.shape, generator=_NOISE, dtype=t.dtype) < chance, high, low)
+
+
+_NOISE = torch.Generator().manual_seed(0)      # the rounding noise of ``:sr`` schemes, apart from training's
+
+
 def fake(x: torch.Tensor, scheme: str, layout: str, signed: bool) -> torch.Tensor:
     """The quantize → dequantize round trip of ``x`` under ``scheme`` (module doc)."""
     parts = scheme.split(":")
+    stochastic = parts[-1] in ("sr", "srs")
+    in_stored_domain = parts[-1] == "srs"
+    parts = parts[:-1] if stochastic else parts
     normalization, map_name = parts[0], parts[-1]
     block = int(parts[1]) if normalization == "block" else 128
     if normalization == "rank1" and x.ndim != 2:
@@ -119,7 +154,11 @@ def fake(x: torch.Tensor, scheme: str, layout: str, signed: bool) -> torch.Tenso
     stored = x.sqrt() if map_name == "sqrt" else x
     scales = _scales(stored, layout, normalization, block)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    rounded = _nearest(stored / safe, _levels(map_name, signed)) * scales
+    levels, bits = _levels(map_name, signed)
+    if stochastic:
+        rounded = _stochastic(stored / safe, levels, 2 if map_name == "sqrt" and not in_stored_domain else 1) * scales
+    else:
+        rounded = _nearest(stored / safe, levels, bits) * scales
     return rounded.square() if map_name == "sqrt" else rounded
 
 

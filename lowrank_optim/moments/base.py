@@ -99,10 +99,11 @@ class Moments(ABC):
 
     @abstractmethod
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,
-             bias_correction2, source_slots: torch.Tensor | None = None) -> torch.Tensor:
+             bias_correction2, step: int, source_slots: torch.Tensor | None = None) -> torch.Tensor:
         """One Adam moment step with gradient ``grad`` (remapping slots first when ``source_slots``)
         on the resolved ``backend`` (``"torch"`` or ``"triton"``); returns ``N = m̂/(√v̂ + ε)`` in
-        :attr:`float_dtype` (module doc for the math)."""
+        :attr:`float_dtype` (module doc for the math). ``step``: the count of the step being taken
+        (≥ 1), which a storage that rounds stochastically draws its noise with."""
 
     @abstractmethod
     def zero_(self) -> None:

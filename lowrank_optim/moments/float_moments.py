@@ -47,7 +47,7 @@ class FloatMoments(Moments):
                 stored.copy_(moment)
 
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,
-             bias_correction2, source_slots: torch.Tensor | None = None) -> torch.Tensor:
+             bias_correction2, step: int, source_slots: torch.Tensor | None = None) -> torch.Tensor:
         exp_avg, exp_avg_sq = self._local()
         normalized, new_avg, new_avg_sq = adam_moment_update(
             backend, grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1,

@@ -76,14 +76,14 @@ class QuantizedMoments(Moments):
                 stored.copy_(new)
 
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,
-             bias_correction2, source_slots: torch.Tensor | None = None) -> torch.Tensor:
+             bias_correction2, step: int, source_slots: torch.Tensor | None = None) -> torch.Tensor:
         local = [tensor for prefix, _ in _MOMENTS for tensor in self._codes_and_scales(prefix)]
         normalized, *stored = quantized_adam_moment_update(
             backend, grad, *local,
             m_codebook=codebook(self.bits, True, grad.device), v_codebook=codebook(self.bits, False, grad.device),
             beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
             bits=self.bits, layout=self.layout, block_size=resolve_block_size(self.bits, self.block_size),
-            source_slots=source_slots)
+            step=step, source_slots=source_slots)
         if stored[0] is not local[0]:          # a slot remap made new tensors
             for index, (prefix, _) in enumerate(_MOMENTS):
                 self._put(prefix, *stored[2 * index: 2 * index + 2])

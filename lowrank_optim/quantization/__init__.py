@@ -30,10 +30,23 @@ exact (``q = ±1`` are levels).
 bits   ``m`` (signed)                                   ``v`` (unsigned, **no zero level**)
 =====  ===============================================  ==============================================
 8      dynamic tree: 0, ±[5.5·10^−7, 1], 255 levels      dynamic tree: [5.5·10^−9, 1], 256 levels
-4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    square root: (k/16)², k = 1…16, nearest in √
+4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    square root: (k/16)², k = 1…16, **stochastic**
 =====  ===============================================  ==============================================
 
 A zero level in ``v`` would blow up ``N = m̂/(√v̂ + ε)`` for values rounded to it (maps doc).
+
+**Stochastic rounding of the 4-bit ``v``** (the step's; :func:`.maps.rounds_stochastically`):
+``t`` between levels ``q_k ≤ t < q_{k+1}`` is written as ``q_{k+1}`` with probability
+``(√t − √q_k)/(√q_{k+1} − √q_k)``, so ``E[√ṽ] = √v``: unbiased in the map's own (square-root)
+domain, the one the update divides by. ``v``'s average moves by ``(1 − β2)(R² − v)``,
+0.1% a step, far below the spacing of 16 levels; rounded to the nearest level it stays where it is
+until the block's absmax moves, so over hundreds of steps a 4-bit ``v`` falls behind a growing
+gradient and the update grows (measured on the tiny LLaMA's GaLore moments over steps 601–1000:
+``‖Ñ‖/‖N‖`` 1.66 and relative error 0.90 rounded to nearest, 1.18 and 0.39 stochastically;
+``experiments/results/LOWBIT_4BIT.md``). The noise is a hash of the value, its gradient and the
+step count (:mod:`lowrank_optim.kernels.quantized_moment_update`): nothing stored, the same in any
+chunking, sharding, backend, replica and resumed run. The first moment (``β1 = 0.9``: a tenth of
+its value a step) and 8-bit ``v`` (256 levels) round to the nearest level.
 
 **Block sizes** (:mod:`.policy`): ``B = 256`` at 8 bits, ``128`` at 4 bits: the sizes torchao uses
 and bitsandbytes settled on (2048 → 256: one outlier spoils a large block's resolution; a group's
@@ -59,7 +72,9 @@ fused Triton kernel; :class:`lowrank_optim.moments.QuantizedMoments` calls it)::
 
     m ← deq(m̃)·β1 + R·(1−β1),     v ← deq(ṽ)·β2 + R²·(1−β2)        fp32
     N = (m / bc1) / (√(v / bc2) + ε)                                  from the fp32 moments
-    m̃, ṽ ← quant(m), quant(v)
+    m̃, ṽ ← quant(m), quant(v)                                        (4-bit ṽ: stochastically)
+
+``load``/``store`` and the transports below round to the nearest level.
 
 **Subspace changes.** A DCT slot remap moves the codes and scales of whole slots
 (:func:`lowrank_optim.kernels.quantized_moment_update.remap_quantized_slots`; exactly the remap

@@ -22,13 +22,15 @@ from .maps import codebook
 from .policy import resolve_block_size
 
 
-def quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, *,
-             block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, *, block_size: int | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of ``x``: per block, ``scale = max |x|`` and ``code`` the nearest level of
-    the map to ``x / scale``."""
+    the map to ``x / scale`` — or, with ``noise`` (each value's ``u``,
+    :func:`lowrank_optim.kernels.quantized_moment_update.rounding_noise`), one of the two levels
+    around it, stochastically (the fused step's rounding of a map that rounds stochastically)."""
     block_size = resolve_block_size(bits, block_size)
     return _reference.quantize_blockwise(x, codebook(bits, signed, x.device), bits=bits, layout=layout,
-                                         block_size=block_size)
+                                         block_size=block_size, noise=noise)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, signed: bool, shape, layout: str, *,

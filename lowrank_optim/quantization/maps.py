@@ -27,7 +27,9 @@ optimizers with 4-bit states", 2023): ``k / 2^b`` for ``k = 1 … 2^b``.
 **Square-root map** for the 4-bit second moment: the linear zero-free map applied to ``√v``, i.e.
 levels ``(k / 16)²`` of ``v / absmax(v)`` (``k = 1 … 16``), rounded to the level nearest in the
 square-root domain (decision boundaries ``((2k + 1) / 32)²``: :func:`midpoints` with
-``power = 2``). Its lowest level is ``1/256`` of the block's absmax instead of ``1/16``: what a
+``power = 2``) where a value is rounded to nearest (``load``/``store``), and stochastically between
+its two neighbouring levels, unbiased in ``√v``, by the step (:func:`rounds_stochastically`; the
+package doc says why). Its lowest level is ``1/256`` of the block's absmax instead of ``1/16``: what a
 second moment needs, because the update divides by ``√v`` and the rounding error that matters is
 that of ``√v``. Measured (``experiments/results/LOWBIT_4BIT.md``, the ablation): with the linear
 map a projected moment's ``v`` (slots of one DCT/SVD direction, whose rows differ by orders of
@@ -99,6 +101,13 @@ def rounding_power(bits: int, signed: bool) -> int:
     return 2 if (bits, signed) == (4, False) else 1
 
 
+def rounds_stochastically(bits: int, signed: bool) -> bool:
+    """Whether the fused step writes the moment with stochastic rounding: the 4-bit second moment
+    (module doc)."""
+    check_bits(bits)
+    return (bits, signed) == (4, False)
+
+
 def midpoints(levels: torch.Tensor, bits: int, power: int = 1) -> torch.Tensor:
     """Decision boundaries between consecutive levels, float64, padded with ``+inf`` to ``2^b − 1``:
     ``((q_k^(1/p) + q_{k+1}^(1/p)) / 2)^p``, the midpoints in the rounding domain (``power`` p)."""
@@ -116,7 +125,8 @@ def _codebook(bits: int, signed: bool, device: str) -> Codebook:
     # the spare code of a signed map decodes as the top level: every byte reads inside the table
     table = torch.cat((levels, levels[-1:].expand(2**bits - levels.numel())))
     return Codebook(table.to(device=device, dtype=torch.float32),
-                    boundaries.to(device=device, dtype=torch.float32), fill_code)
+                    boundaries.to(device=device, dtype=torch.float32), fill_code,
+                    stochastic=rounds_stochastically(bits, signed), power=rounding_power(bits, signed))
 
 
 def codebook(bits: int, signed: bool, device: torch.device | str = "cpu") -> Codebook:

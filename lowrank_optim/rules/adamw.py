@@ -39,5 +39,5 @@ class AdamWRule(UpdateRule):
         bc1, bc2 = bias_corrections(step.step, hyper.beta1, hyper.beta2) if hyper.correct_bias else (1.0, 1.0)
         normalized = step.moments.step(step.backend, step.low_rank_grad, beta1=hyper.beta1, beta2=hyper.beta2,
                                        eps=hyper.form.effective_eps(hyper.eps, bc2), bias_correction1=bc1,
-                                       bias_correction2=bc2, source_slots=step.source_slots)
+                                       bias_correction2=bc2, step=step.state["step"], source_slots=step.source_slots)
         apply_projected_update_(step, normalized, hyper, residual=group["residual"] == "scaled")

@@ -88,7 +88,7 @@ class APOLLORule(UpdateRule):
     def update(self, step: ProjectedStep, hyper: AdamHyperparameters, group: dict) -> None:
         normalized = step.moments.step(step.backend, step.low_rank_grad, beta1=hyper.beta1, beta2=hyper.beta2,
                                        eps=hyper.eps, bias_correction1=1.0, bias_correction2=1.0,
-                                       source_slots=step.source_slots)
+                                       step=step.state["step"], source_slots=step.source_slots)
         factors = _scaling_factors(normalized, step.low_rank_grad, step, group["scale_type"])
         if group["norm_growth_limit"] is not None:
             factors = _limited(factors, step, group["norm_growth_limit"])

@@ -39,9 +39,11 @@ def adamw_with_step_counts_(
     eps: float,
     weight_decay: float,
     rewarmup_steps: int,
+    optimizer_step: int,
     generator: torch.Generator | None = None,
 ) -> None:
-    """One AdamW step in place; ``steps`` (int, already incremented, ≥ 1) broadcasts against ``param``.
+    """One AdamW step in place; ``steps`` (int, already incremented, ≥ 1) broadcasts against ``param``;
+    ``optimizer_step`` (the optimizer's count, ≥ 1) seeds the moments' stochastic rounding.
 
     ``steps`` has shape (r,) for an (m, r) matrix of columns, or () for a tensor with one count.
     ``moments`` are float or quantized (:class:`~lowrank_optim.moments.Moments`); ``generator``
@@ -50,7 +52,8 @@ def adamw_with_step_counts_(
     t = steps.to(torch.float64)
     lr_t = lr * (torch.clamp(t / rewarmup_steps, max=1.0) if rewarmup_steps else torch.ones_like(t))
     update = moments.step("torch", grad, beta1=beta1, beta2=beta2, eps=eps,
-                          bias_correction1=(1.0 - beta1**t).float(), bias_correction2=(1.0 - beta2**t).float())
+                          bias_correction1=(1.0 - beta1**t).float(), bias_correction2=(1.0 - beta2**t).float(),
+                          step=optimizer_step)
     dtype = update.dtype
     decay = (1.0 - lr_t * weight_decay).to(dtype)
     if generator is not None:

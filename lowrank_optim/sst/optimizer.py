@@ -215,6 +215,7 @@ class SSTAdamW(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"] if role == "s" else 0.0,
                 rewarmup_steps=group["rewarmup_steps"],
+                optimizer_step=self._sst_step,
                 generator=self._rounding(group, p),
             )
         layer.s.clamp_(min=0.0)

@@ -1,6 +1,6 @@
 """Benchmarks at toy size: experiments/bench/optimizer_step.py (every candidate steps and is counted),
-lowbit_report.py over the committed compare outputs of results/lowbit_cpu, and communication.py
---backward_projection on the micro LLaMA."""
+lowbit_report.py over the committed compare outputs of results/lowbit_cpu, communication.py
+--backward_projection on the micro LLaMA, and lowbit_update_error.py's shadow moments."""
 
 from __future__ import annotations
 
@@ -101,3 +101,23 @@ def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| dct_4bit"))
     assert "| 0, 1 | 2.0200, 2.0790 | 2.0495 | 0.0590 | 2.0500 | -0.02% | +1.00%, -1.00% |" in row
     assert "`compare --seed 0`; `compare --seed 1`" in text
+
+
+def test_update_error_of_an_unquantized_shadow_is_zero(tmp_path):
+    """lowbit_update_error.py on the tiny LLaMA (rank 32: its 128×32 projected moments are
+    quantized): a shadow with both moments in float is the float moments themselves (error 0, norm
+    ratio 1, projected and plain tensors); 8-bit shadows move the update a little, 4-bit ones more."""
+    from experiments.bench import lowbit_update_error
+
+    lowbit_update_error.main(["--optimizer", "dct_adamw", "--model_config", "llama_tiny", "--num_training_steps", "6",
+                              "--eval_every", "6", "--eval_tokens", "2048", "--batch_size", "2", "--max_length",
+                              "32", "--rank", "32", "--update_proj_gap", "3", "--schemes", "float,float",
+                              "block:256:dyn8,block:256:dyn8", "block:128:dyn,block:128:sqrt:srs",
+                              "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    error = {(row["scheme"], row["kind"]): row["relative_error"] for row in rows}
+    assert {kind for _, kind in error} == {"projected", "plain"}
+    for kind in ("projected", "plain"):
+        assert error["float,float", kind] == 0.0
+        assert 0 < error["block:256:dyn8,block:256:dyn8", kind] < error["block:128:dyn,block:128:sqrt:srs", kind]
+    assert all(row["norm_ratio"] == 1.0 for row in rows if row["scheme"] == "float,float")

@@ -65,6 +65,10 @@ _QUANTIZED_POINTERS = dict(
     source_slots_ptr="i64", bias_correction1_ptr="fp32", sqrt_bias_correction2_ptr="fp32", eps_ptr="fp32")
 
 
+_NEAREST_V = dict(V_STOCHASTIC=False, V_POWER=1, NOISE_KEY=0, NOISE_BITS=24)
+_STOCHASTIC_V = dict(V_STOCHASTIC=True, V_POWER=2, NOISE_KEY=0x2545_F491_4F6C_DD1D, NOISE_BITS=24)
+
+
 def _quantized(pointers=None, **constexprs):
     return ("quantized_moment_update_triton", "_quantized_adam_kernel", dict(_QUANTIZED_POINTERS, **(pointers or {})),
             _MOMENT_FLOATS, constexprs, dict(num_warps=4, enable_fp_fusion=False))
@@ -113,8 +117,10 @@ CASES = [
     _weight(_BF16_LOW_RANK, HAS_INDEX=False, BASIS_ON_LEFT=True, RESIDUAL=True),
     # The quantized moment update (not autotuned): 8-bit and 4-bit (two nibble lanes) codes, with
     # the options its launcher passes (4 warps, no FP fusion).
-    _quantized(BITS=8, BLOCK=256, BLOCK_SLOTS=8, HAS_REMAP=True, PER_SLOT=True),
-    _quantized(dict(grad_ptr="bf16"), BITS=4, BLOCK=64, BLOCK_SLOTS=32, HAS_REMAP=False, PER_SLOT=False),
+    # A 4-bit v is rounded stochastically (Philox at its bits), an 8-bit one to the nearest level.
+    _quantized(BITS=8, BLOCK=256, BLOCK_SLOTS=8, HAS_REMAP=True, PER_SLOT=True, **_NEAREST_V),
+    _quantized(dict(grad_ptr="bf16"), BITS=4, BLOCK=64, BLOCK_SLOTS=32, HAS_REMAP=False, PER_SLOT=False,
+               **_STOCHASTIC_V),
     # APOLLO's two passes (not autotuned; the launcher's tiles and warps): channel norms of an fp32
     # and a bf16 gradient, the scaled update per row, per column and by one factor, fp32/bf16/fp16.
     _apollo_norms("fp32"),

@@ -134,9 +134,10 @@ def test_the_defaults_run_the_fused_kernels(monkeypatch):
 def test_low_bit_dct_on_triton_follows_torch(bits, block_size):
     """The fused quantized moment kernel inside the optimizer, 6 steps across a refresh. The fused
     weight update rounds W differently in its last bit (see TOLERANCE); the next gradient then
-    differs in its last bits and, rarely, a moment lands on the other side of a code boundary: one
-    map step (≤ 1/128 of the block's absmax at 8 bits) in one entry, times lr. Hence 2e-3, and at
-    least 99% of the codes equal."""
+    differs in its last bits and, rarely, a moment lands on the other side of a code boundary (at 4
+    bits, of its stochastic rounding's threshold): one map step (≤ 1/128 of the block's absmax at 8
+    bits, a step of 1/16 in √v at 4) in one entry, times lr. Hence 2e-3 at 8 bits, 5e-3 at 4
+    (measured 2.05e-3 there), and at least 99% of the codes equal."""
     def make(model, backend):
         return DCTProjAdam(model.named_parameters(), lr=3e-3, rank=5, update_proj_gap=4, moment_bits=bits,
                            moment_block_size=block_size, backend=backend)
@@ -146,7 +147,7 @@ def test_low_bit_dct_on_triton_follows_torch(bits, block_size):
 
     torch_model, torch_optimizer = _run(make, "torch", model=wide(), steps=6)
     triton_model, triton_optimizer = _run(make, "triton", model=wide(), steps=6)
-    assert max_rel_diff(triton_model, torch_model) < 2e-3
+    assert max_rel_diff(triton_model, torch_model) < (2e-3 if bits == 8 else 5e-3)
     for p, q in zip(triton_model.parameters(), torch_model.parameters()):
         if "exp_avg_codes" in torch_optimizer.state[q]:
             same = triton_optimizer.state[p]["exp_avg_codes"] == torch_optimizer.state[q]["exp_avg_codes"]

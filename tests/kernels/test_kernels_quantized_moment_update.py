@@ -137,9 +137,9 @@ def test_ten_steps_from_zero_state_stay_identical(bits):
         grad = torch.randn(shape, generator=generator).to(DEVICE)
         scalars = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**step,
                        bias_correction2=1 - 0.999**step)
-        expected = quantized_step(grad, *torch_state, bits=bits, layout=layout, **scalars)
-        actual = quantized_step(grad, *triton_state, bits=bits, layout=layout, backend="triton",
-                                               **scalars)
+        expected = quantized_step(grad, *torch_state, bits=bits, layout=layout, step=step, **scalars)
+        actual = quantized_step(grad, *triton_state, bits=bits, layout=layout, backend="triton", step=step,
+                                **scalars)
         _assert_identical(expected, actual)
 
 
@@ -154,7 +154,7 @@ def test_bf16_gradient():
 def test_launcher_checks():
     grad, state = _state((300, 37), 8, "columns", seed=8)
     books = dict(m_codebook=codebook(8, True, DEVICE), v_codebook=codebook(8, False, DEVICE))
-    common = dict(bits=8, layout="columns", block_size=256, **books, **STEP)
+    common = dict(bits=8, layout="columns", block_size=256, step=1, **books, **STEP)
     with pytest.raises(ValueError, match="exp_avg: codes of shape"):
         quantized_adam_moment_update_triton(grad.t().contiguous(), *state, **common)
     wide = torch.zeros(37, 600, dtype=torch.uint8, device=DEVICE)

@@ -194,6 +194,7 @@ def test_rewarmup_scales_the_learning_rate_of_young_columns():
             eps=1e-8,
             weight_decay=0.0,
             rewarmup_steps=rewarmup_steps,
+            optimizer_step=40,
         )
         return param
 

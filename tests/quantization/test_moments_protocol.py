@@ -22,6 +22,7 @@ from lowrank_optim.kernels.slot_remap import remap_slots
 
 from lowrank_optim.moments import FLOAT_KEYS, QUANTIZED_KEYS, FloatMoments, Moments, QuantizedMoments
 from lowrank_optim.quantization import dequantize, quantization_map, quantize
+from lowrank_optim.quantization.maps import rounds_stochastically
 
 # (side, shape): odd shapes, at least 4096 values (smaller moments stay float whatever the bits),
 # partial last blocks and an odd slot length (4 bits: a half-used byte)
@@ -29,7 +30,8 @@ CASES = {"columns": ("right", (300, 37)), "rows": ("left", (37, 301)), "flat": (
 # storage id: (moment_bits, float dtype passed to create)
 STORAGES = {"fp32": (None, torch.float32), "bf16": (None, torch.bfloat16), "8bit": (8, torch.float32),
             "4bit": (4, torch.float32)}
-SCALARS = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**5, bias_correction2=1 - 0.999**5)
+ADAM_SCALARS = dict(beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=1 - 0.9**5, bias_correction2=1 - 0.999**5)
+SCALARS = dict(ADAM_SCALARS, step=5)              # the protocol's step also takes the step count
 FP32_RTOL = 2e-6
 BF16_RTOL = 2e-2
 
@@ -59,10 +61,11 @@ def _held(moments: Moments, dtype: torch.dtype, exp_avg: torch.Tensor, exp_avg_s
 
 
 def _quantization_bound(bits: int, signed: bool) -> float:
-    """The largest ``|deq(x) − x| / absmax`` of the map (module doc)."""
+    """The largest ``|deq(x) − x| / absmax`` of a step's rounding (module doc): half the widest gap
+    between levels, the whole gap where the step rounds stochastically."""
     levels = quantization_map(bits, signed)
-    half_gap = float((levels[1:] - levels[:-1]).max()) / 2
-    return half_gap if signed else max(half_gap, float(levels[0]))
+    gap = float((levels[1:] - levels[:-1]).max()) / (1 if rounds_stochastically(bits, signed) else 2)
+    return gap if signed else max(gap, float(levels[0]))
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
@@ -125,7 +128,7 @@ def test_step_is_adams_moment_update(storage, layout):
     m0, v0 = (moment.double() for moment in moments.load())
     if storage == "fp32":
         reference = [moment.clone() for moment in moments.load()]
-        reference_update = adam_moment_update_(grad, *reference, **SCALARS)
+        reference_update = adam_moment_update_(grad, *reference, **ADAM_SCALARS)
     update = moments.step("torch", grad, **SCALARS)
     assert update.dtype == moments.float_dtype and update.shape == moments.shape
 
