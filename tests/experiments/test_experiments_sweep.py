@@ -151,3 +151,15 @@ def test_runner_commands_carry_each_flag_once(capsys):
         assert "--wandb_mode=disabled" in command and "--wandb_mode=online" not in command
         assert "--num_training_steps=500" not in command and command[-4:] == [
             "--num_training_steps", "20", "--galore_scale", "0.5"]
+
+
+def test_compare_keeps_a_methods_plain_lr_while_lr_factors_scale_its_lr(tmp_path):
+    """``apollo_mini_plain_lr`` overrides --plain_lr: each run of the sweep gets it as it is, beside the
+    scaled --lr."""
+    compare.main(["--methods", "apollo_mini_plain_lr", "--model_config", "llama_micro", "--num_training_steps", "2",
+                  "--batch_size", "4", "--max_length", "32", "--eval_every", "0", "--eval_tokens", "512",
+                  "--lr_factors", "0.5", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
+    method = compare.METHODS["apollo_mini_plain_lr"]
+    saved = json.loads((tmp_path / "runs" / f"apollo_mini_plain_lr-lr{method.lr / 2:.0e}-seed0" / "config.json")
+                       .read_text())
+    assert (saved["optimizer"], saved["lr"], saved["plain_lr"]) == ("apollo_mini", method.lr / 2, 1e-2)
