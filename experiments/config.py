@@ -185,6 +185,14 @@ class TrainConfig:
     lr: float = _flag(
         1e-2, "peak learning rate (GaLore recipe: 0.01 with scale 0.25; AdamW: about 1e-3)", type=float, valid=POSITIVE
     )
+    plain_lr: float | None = _flag(
+        None,
+        "peak learning rate of the parameters a projected optimizer does not project (its plain group: "
+        "embedding, norms, head, plain AdamW), scheduled like --lr; only for optimizers with GaLore's groups",
+        type=float,
+        valid=POSITIVE,
+        default_text="--lr",
+    )
     weight_decay: float = _flag(0.0, "decoupled weight decay", type=float, valid=NON_NEGATIVE)
     betas: list[float] | None = _flag(
         None,

@@ -4,13 +4,13 @@
 a value out of range or not among its choices (:func:`experiments.config.check_values`), a name no
 table knows (optimizer, dataset, parameterization, model config), a model config file that is
 unreadable or (native model) whose ``max_position_embeddings`` is shorter than ``--max_length``, a
-device that is not there, what ``--fsdp``, ``--backward_projection``, ``--step_in_backward`` and
-``--weight_bits`` cannot train (clipping included for the third, optimizers that cannot write int8
-weights for the last), and a ``--continue_from`` that is no
-complete checkpoint of the right kind of a resumable optimizer. What needs the world size (batch
-divisibility, warmup against the derived steps) is checked by :func:`experiments.config.resolve`;
-what needs the data or the model (corpus size, the library's own hyperparameter checks, checkpoint
-contents) where those are built.
+device that is not there, a ``--plain_lr`` for an optimizer without a plain param group, what
+``--fsdp``, ``--backward_projection``, ``--step_in_backward`` and ``--weight_bits`` cannot train
+(clipping included for the third, optimizers that cannot write int8 weights for the last), and a
+``--continue_from`` that is no complete checkpoint of the right kind of a resumable optimizer. What
+needs the world size (batch divisibility, warmup against the derived steps) is checked by
+:func:`experiments.config.resolve`; what needs the data or the model (corpus size, the library's own
+hyperparameter checks, checkpoint contents) where those are built.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from experiments.config import TrainConfig, check_values
 from experiments.data import DATASETS
 from experiments.distributed import check_fsdp_supported
 from experiments.errors import UsageError, expected_one_of
-from experiments.methods import PARAMETERIZATIONS, available_methods, info_for, resolved_parameterization
+from experiments.methods import (
+    PARAMETERIZATIONS,
+    available_methods,
+    has_plain_group,
+    info_for,
+    resolved_parameterization,
+)
 from experiments.model import LlamaConfig
 from experiments.model_factory import read_model_config
 from experiments.run_folder import check_run_folder
@@ -46,6 +52,11 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(
             "--optimizer", f"unknown optimizer: {expected_one_of(config.optimizer, available_methods())}{hint}"
         )
+    if config.plain_lr is not None and not has_plain_group(config.optimizer):
+        supported = [name for name in available_methods() if has_plain_group(name)]
+        raise UsageError("--plain_lr", f"sets the plain param group of an optimizer with GaLore's groups "
+                         f"({', '.join(supported)}); got optimizer {config.optimizer!r}, which trains every "
+                         f"parameter in one group at --lr")
     if config.dataset not in DATASETS:
         raise UsageError("--dataset", f"unknown dataset: {expected_one_of(config.dataset, DATASETS)}")
     parameterization = resolved_parameterization(config)

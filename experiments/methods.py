@@ -235,21 +235,28 @@ def projection_rank(config: TrainConfig) -> int | float:
     return config.rank if own is None else own
 
 
+def has_plain_group(name: str) -> bool:
+    """Whether the optimizer ``name`` gets GaLore's groups, hence a plain group that ``--plain_lr`` sets."""
+    return bool(info_for(name).projection_keys)
+
+
 def optimizer_params(model: nn.Module, config: TrainConfig):
     """``model.parameters()``, or GaLore's two param groups (named parameters) for a projected optimizer:
-    the ``--target_modules`` linears projected, everything else plain."""
-    keys = info_for(config.optimizer).projection_keys
-    if not keys:
+    the ``--target_modules`` linears projected, everything else plain, at ``--plain_lr`` when it is set
+    (the group's own ``lr``, which the scheduler multiplies like the projected group's)."""
+    if not has_plain_group(config.optimizer):
         return model.parameters()
+    keys = info_for(config.optimizer).projection_keys
     projection = {key: getattr(config, key) for key in keys if key != "rank" and getattr(config, key) is not None}
     projected, *rest = lowrank_optim.lowrank_param_groups(
         model, target_modules=tuple(config.target_modules), rank=projection_rank(config), **projection
     )
+    plain_lr = {} if config.plain_lr is None else {"lr": config.plain_lr}
     if config.optimizer in PEER_OPTIMIZERS:      # the peers take a group without "rank" as plain
-        return [projected, *rest]
+        return [projected, *({**group, **plain_lr} for group in rest)]
     # the library's DCTProjAdam and APOLLO would project the 2-D weights of a group without its own rank
     # (their default rule), e.g. the attention linears under --target_modules mlp: rank=None keeps them plain
-    return [projected, *({**group, "rank": None} for group in rest)]
+    return [projected, *({**group, "rank": None, **plain_lr} for group in rest)]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -316,11 +316,18 @@ def save_run(run: Run) -> None:
         prune_checkpoints(run.config.save_dir, run.config.keep_last)
 
 
+def peak_lrs(config: TrainConfig) -> str:
+    """``lr <peak lr>``, followed by `` (plain <plain lr>)`` when ``--plain_lr`` is set."""
+    plain = f" (plain {config.plain_lr:g})" if config.plain_lr is not None else ""
+    return f"lr {config.lr:g}{plain}"
+
+
 def plot_title(config: TrainConfig) -> str:
-    """``<run name>: <optimizer>, lr <peak lr>[, rank <r>]`` (rank only where a projection uses it)."""
+    """``<run name>: <optimizer>, lr <peak lr>[ (plain <plain lr>)][, rank <r>]`` (rank only where a
+    projection uses it)."""
     rank = f", rank {projection_rank(config):g}" if resolved_parameterization(config) != "dense" or info_for(
         config.optimizer).projection_keys else ""
-    return f"{config.run_name}: {config.optimizer}, lr {config.lr:g}{rank}"
+    return f"{config.run_name}: {config.optimizer}, {peak_lrs(config)}{rank}"
 
 
 class StopRequest:
@@ -401,8 +408,8 @@ def _train(config: TrainConfig, context: DistributedContext) -> TrainResult:
     if context.is_main:
         print(
             f"{config.run_name}: {config.model_config} ({total_params / 1e6:.2f}M parameters, "
-            f"{trainable / 1e6:.2f}M trainable, {resolved_parameterization(config)}), {config.optimizer} lr "
-            f"{config.lr:g}, {config.num_training_steps} steps x {config.total_batch_size} x {config.max_length} "
+            f"{trainable / 1e6:.2f}M trainable, {resolved_parameterization(config)}), {config.optimizer} "
+            f"{peak_lrs(config)}, {config.num_training_steps} steps x {config.total_batch_size} x {config.max_length} "
             f"tokens, {config.gradient_accumulation} micro-batch(es) x {config.world_size} process(es)"
             f"{' (FSDP2)' if config.fsdp else ''} on {context.device.type}"
             f"{f' ({torch.get_num_threads()} CPU threads)' if context.device.type == 'cpu' else ''}; "

@@ -57,6 +57,11 @@ FLAG_MISTAKES = [
     (["--eval_tokens", "0"], "error: --eval_tokens: expected an integer >= 1, got 0"),
     (["--lr", "nan"], "error: --lr: expected a finite number > 0, got nan"),
     (["--lr", "-1"], "error: --lr: expected a finite number > 0, got -1.0"),
+    (["--plain_lr", "0"], "error: --plain_lr: expected a finite number > 0, got 0.0"),
+    # tiny_flags' adamw trains model.parameters() in one group: no plain group for --plain_lr to set
+    (["--plain_lr", "1e-3"], "error: --plain_lr: sets the plain param group of an optimizer with GaLore's groups "
+     f"({', '.join(name for name in available_methods() if info_for(name).projection_keys)}); got optimizer "
+     "'adamw', which trains every parameter in one group at --lr"),
     (["--weight_decay", "-0.1"], "error: --weight_decay: expected a finite number >= 0, got -0.1"),
     (["--betas", "0.9", "1.0"], "error: --betas: expected a finite number in [0, 1), got 1.0"),
     (["--eps", "-1"], "error: --eps: expected a finite number >= 0, got -1.0"),

@@ -19,6 +19,7 @@ from experiments.methods import (  # noqa: E402
 )
 from experiments.model import Llama, LlamaConfig  # noqa: E402
 from experiments.pretrain import plot_title  # noqa: E402
+from experiments.schedulers import build_scheduler  # noqa: E402
 from lowrank_optim.validation import InvalidHyperparameter  # noqa: E402
 
 SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -187,3 +188,39 @@ def test_apollo_torch_peers_get_their_published_group_keys(name, rank, scale_typ
     assert (projected["rank"], projected["update_proj_gap"], projected["proj"]) == (rank, 50, "random")
     assert (projected["scale_type"], projected["scale"]) == (scale_type, scale)
     assert "rank" not in optimizer.param_groups[1]
+
+
+PLAIN_GROUP_OPTIMIZERS = ["galore_adamw", "dct_adamw", "apollo_adamw", "apollo_mini", "galore_torch_adamw",
+                          "apollo_torch_mini"]
+
+
+@pytest.mark.parametrize("name", PLAIN_GROUP_OPTIMIZERS)
+def test_plain_lr_reaches_the_plain_group_only(name):
+    """--plain_lr is the lr of GaLore's plain group (embedding, norms, head), the projected group keeps --lr;
+    unset, both groups run at --lr."""
+    if name == "galore_torch_adamw":
+        pytest.importorskip("galore_torch")
+    if name == "apollo_torch_mini":
+        pytest.importorskip("apollo_torch")
+    model = Llama(SMALL)
+    projected, plain = build_optimizer(model, TrainConfig(optimizer=name, rank=8, lr=1e-2, plain_lr=1e-3)).param_groups
+    assert (projected["lr"], plain["lr"]) == (1e-2, 1e-3)
+    assert {id(p) for p in plain["params"]} == {id(p) for n, p in model.named_parameters()
+                                                if ".attn." not in n and ".mlp." not in n}
+    default = build_optimizer(model, TrainConfig(optimizer=name, rank=8, lr=1e-2)).param_groups
+    assert [group["lr"] for group in default] == [1e-2, 1e-2]
+
+
+def test_the_schedule_keeps_the_ratio_of_plain_lr_to_lr():
+    """The scheduler multiplies each group's own initial lr: warmup and cosine move both groups together."""
+    config = TrainConfig(optimizer="apollo_mini", lr=1e-2, plain_lr=1e-3)
+    optimizer = build_optimizer(Llama(SMALL), config)
+    scheduler = build_scheduler(optimizer, "cosine", warmup_steps=3, total_steps=10, min_lr_ratio=0.1)
+    for step in range(10):
+        projected, plain = optimizer.param_groups
+        assert plain["lr"] == pytest.approx(projected["lr"] / 10), step
+        assert projected["lr"] == pytest.approx(1e-2 * scheduler.lr_lambdas[0](step)), step
+        optimizer.step()
+        scheduler.step()
+    assert [group["initial_lr"] for group in optimizer.param_groups] == [1e-2, 1e-3]
+    assert plot_title(config).endswith("lr 0.01 (plain 0.001), rank 1")

@@ -171,3 +171,15 @@ def test_compare_int8_method_trains_with_int8_weights(tmp_path):
     assert json.loads((run / "config.json").read_text())["weight_bits"] == 8
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert math.isfinite(row["final_val_loss"])
+
+
+def test_compare_keeps_a_methods_plain_lr_while_lr_factors_scale_its_lr(tmp_path):
+    """``apollo_mini_plain_lr`` overrides --plain_lr: each run of the sweep gets it as it is, beside the
+    scaled --lr."""
+    compare.main(["--methods", "apollo_mini_plain_lr", "--model_config", "llama_micro", "--num_training_steps", "2",
+                  "--batch_size", "4", "--max_length", "32", "--eval_every", "0", "--eval_tokens", "512",
+                  "--lr_factors", "0.5", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
+    method = compare.METHODS["apollo_mini_plain_lr"]
+    saved = json.loads((tmp_path / "runs" / f"apollo_mini_plain_lr-lr{method.lr / 2:.0e}-seed0" / "config.json")
+                       .read_text())
+    assert (saved["optimizer"], saved["lr"], saved["plain_lr"]) == ("apollo_mini", method.lr / 2, 1e-2)
