@@ -30,7 +30,8 @@ moving on average, where rounding to the nearest level would hold it still. ``u`
 hash of the value, its gradient and the step count ``t``: Philox-4x32-10
 (:func:`.philox.philox_randint4x`) at the counter ``(bits(x) ∧ H, bits(R) ∧ H, t mod 2³², 0)``
 under a fixed key, ``bits`` the fp32 bit pattern and ``H`` (:data:`HASHED_BITS`) keeping its
-top 16 bits (sign, exponent, 7 mantissa bits: the bf16 part). It depends on nothing else — not on
+exponent and top 7 mantissa bits (the bf16 part of the magnitude: ``v`` depends on ``R`` only through
+``R²``, so a negated gradient, ``maximize=True``, draws the same noise). It depends on nothing else — not on
 the value's position or the parameter — so it is the same in any chunking, FSDP2 sharding,
 backend, data-parallel replica and resumed run, with nothing to store; ``t`` makes it fresh at
 every step even where the value and the gradient repeat (a zero gradient, a stationary value).
@@ -85,7 +86,7 @@ CODE_DTYPE = torch.uint8
 SCALE_DTYPE = torch.float32
 NOISE_KEY = 0x2545_F491_4F6C_DD1D      # the Philox key of the stochastic rounding (any fixed 63-bit value)
 NOISE_BITS = 24                         # u has 24 random bits: exact in fp32
-HASHED_BITS = 0xFFFF0000                # the bits of x and R the noise reads: their bf16 part
+HASHED_BITS = 0x7FFF0000                # the bits of x and R the noise reads: the bf16 part of |x|, |R|
 _WORD = 0xFFFFFFFF
 
 
@@ -241,8 +242,8 @@ def quantize_blockwise(x: torch.Tensor, codebook: Codebook, *, bits: int, layout
 def rounding_noise(values: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
     """``u`` of each value (int64 in ``[0, 2²⁴)``, ``values``' shape): the top 24 bits of word 0 of
     Philox-4x32-10 keyed by :data:`NOISE_KEY` at the counter ``(bits(x) ∧ H, bits(R) ∧ H,
-    t mod 2³², 0)``: the top 16 bits of the fp32 bit patterns of the new moment value and of its
-    gradient, and the step ``t`` (module doc)."""
+    t mod 2³², 0)``: the bf16 part of the magnitudes of the new moment value and of its gradient,
+    and the step ``t`` (module doc)."""
     value_bits = values.float().contiguous().view(torch.int32).long().bitwise_and_(HASHED_BITS)
     grad_bits = grad.float().contiguous().view(torch.int32).long().bitwise_and_(HASHED_BITS).bitwise_left_shift_(32)
     word, *_ = philox_randint4x(torch.tensor(NOISE_KEY, device=values.device), value_bits.bitwise_or_(grad_bits),

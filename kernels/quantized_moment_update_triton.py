@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_moment_update import HASHED_BITS, NOISE_BITS, NOISE_KEY, Codebook, check_slot_remap, check_state, slot_geometry
+from .quantized_moment_update import (
+    HASHED_BITS,
+    NOISE_BITS,
+    NOISE_KEY,
+    Codebook,
+    check_slot_remap,
+    check_state,
+    slot_geometry,
+)
 from .triton_support import check_launchable
 
 _TILE_VALUES = 2048          # values per program, B × BLOCK_SLOTS: 16 per thread at 4 warps (untuned: no GPU here)

@@ -192,15 +192,21 @@ def install(variant: str) -> None:
     moments_base.MomentSpec.of = classmethod(of)
 
 
+def add_simulation_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    """The flags of a run with simulated low-bit moments: the optimizer, its lr, the output folder,
+    the runs' folder (``runs/NAME``) and the budget every method shares."""
+    parser.add_argument("--optimizer", default="dct_adamw")
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs") / name)
+    add_budget_flags(parser)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.lowbit_ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", required=True, choices=[*VARIANTS, "real"])
-    parser.add_argument("--optimizer", default="dct_adamw")
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs_dir", type=Path, default=Path("runs") / "lowbit_ablation")
-    add_budget_flags(parser)
+    add_simulation_flags(parser, "lowbit_ablation")
     args = parser.parse_args(argv)
     from experiments.pretrain import train
 

@@ -34,8 +34,8 @@ from lowrank_optim.kernels.slot_remap import remap_slots
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from experiments.bench.common import command_line, write_text
-from experiments.bench.lowbit_ablation import fake
-from experiments.results.compare import add_budget_flags, base_config
+from experiments.bench.lowbit_ablation import add_simulation_flags, fake
+from experiments.results.compare import base_config
 from lowrank_optim.moments import base as moments_base
 from lowrank_optim.moments.float_moments import FloatMoments
 from lowrank_optim.quantization import moment_bits_for
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.lowbit_update_error", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schemes", nargs="+", required=True, help="M_SCHEME,V_SCHEME each (module doc)")
-    parser.add_argument("--optimizer", default="dct_adamw")
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs_dir", type=Path, default=Path("runs") / "lowbit_update_error")
-    add_budget_flags(parser)
+    add_simulation_flags(parser, "lowbit_update_error")
     args = parser.parse_args(argv)
     for scheme in args.schemes:
         parse_scheme(scheme)

@@ -28,7 +28,7 @@ def _bits(value: float) -> int:
 def reference_noise(values: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
     """Each value's stochastic-rounding ``u`` from the Python-integer Philox (independent of the
     kernels' copy): word 0 at counter ``(bits(x) ∧ H, bits(R) ∧ H, step, 0)`` of the fp32 values (``H``
-    keeps the top 16 bits), key ``NOISE_KEY``, top ``NOISE_BITS`` bits."""
+    keeps the exponent and the top 7 mantissa bits), key ``NOISE_KEY``, top ``NOISE_BITS`` bits."""
     key = (NOISE_KEY & 0xFFFFFFFF, NOISE_KEY >> 32)
     words = [reference_philox4x32((_bits(x) & HASHED_BITS, _bits(r) & HASHED_BITS, step, 0), key)[0]
              >> (32 - NOISE_BITS)
