@@ -135,9 +135,10 @@ def test_low_bit_dct_on_triton_follows_torch(bits, block_size):
     """The fused quantized moment kernel inside the optimizer, 6 steps across a refresh. The fused
     weight update rounds W differently in its last bit (see TOLERANCE); the next gradient then
     differs in its last bits and, rarely, a moment lands on the other side of a code boundary (at 4
-    bits, of its stochastic rounding's threshold): one map step (≤ 1/128 of the block's absmax at 8
-    bits, a step of 1/16 in √v at 4) in one entry, times lr. Hence 2e-3 at 8 bits, 5e-3 at 4
-    (measured 2.05e-3 there), and at least 99% of the codes equal."""
+    bits, of its stochastic rounding's threshold): one map step in one entry, times lr. At 8 bits
+    that is ≤ 1/128 of the block's absmax: 2e-3. At 4 bits a flip of v between its lowest levels
+    ((k/16)², k = 1, 2) changes that entry's 1/√v by 2×: 2e-2 (measured 2.05e-3 and 9.5e-3 with two
+    noise hashes). At least 99% of the code bytes equal (97% of a 4-bit v's)."""
     def make(model, backend):
         return DCTProjAdam(model.named_parameters(), lr=3e-3, rank=5, update_proj_gap=4, moment_bits=bits,
                            moment_block_size=block_size, backend=backend)
@@ -147,10 +148,12 @@ def test_low_bit_dct_on_triton_follows_torch(bits, block_size):
 
     torch_model, torch_optimizer = _run(make, "torch", model=wide(), steps=6)
     triton_model, triton_optimizer = _run(make, "triton", model=wide(), steps=6)
-    assert max_rel_diff(triton_model, torch_model) < (2e-3 if bits == 8 else 5e-3)
+    assert max_rel_diff(triton_model, torch_model) < (2e-3 if bits == 8 else 2e-2)
     for p, q in zip(triton_model.parameters(), torch_model.parameters()):
-        if "exp_avg_codes" in torch_optimizer.state[q]:
-            same = triton_optimizer.state[p]["exp_avg_codes"] == torch_optimizer.state[q]["exp_avg_codes"]
-            assert same.float().mean() > 0.99
+        for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+            if key in torch_optimizer.state[q]:
+                same = triton_optimizer.state[p][key] == torch_optimizer.state[q][key]
+                # a 4-bit v byte holds two values written stochastically: measured 98.5% of bytes equal
+                assert same.float().mean() > (0.97 if key == "exp_avg_sq_codes" and bits == 4 else 0.99), key
     up = [q for q in torch_model.parameters() if q.shape == (1100, 16)][0]
     assert torch_optimizer.state[up]["exp_avg_codes"].dtype == torch.uint8
