@@ -109,6 +109,9 @@ def add_budget_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--eval_tokens", type=int, default=65_536)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights dtype of every run (with --weight_bits 8: the dtype of the row scales, "
+                             "embedding, head and norms); default float32")
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
@@ -125,6 +128,7 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
         save_every=0,
         wandb_mode="disabled",
         seed=args.seed,
+        dtype=args.dtype,
     )
 
 
@@ -169,7 +173,7 @@ def markdown_table(rows: list[dict], base: TrainConfig, device: str, command: st
     lines = [
         f"Model `{base.model_config}`, embedded Shakespeare corpus (byte tokenizer), {base.num_training_steps} "
         f"steps x {base.batch_size} x {base.max_length} tokens = {tokens:,} tokens, rank {base.rank}, "
-        f"update gap {base.update_proj_gap}, seed {base.seed}. Device: {device}.",
+        f"update gap {base.update_proj_gap}, seed {base.seed}, {base.dtype} weights. Device: {device}.",
         "",
         f"Command: `{command}`",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -183,3 +184,18 @@ def test_compare_keeps_a_methods_plain_lr_while_lr_factors_scale_its_lr(tmp_path
     saved = json.loads((tmp_path / "runs" / f"apollo_mini_plain_lr-lr{method.lr / 2:.0e}-seed0" / "config.json")
                        .read_text())
     assert (saved["optimizer"], saved["lr"], saved["plain_lr"]) == ("apollo_mini", method.lr / 2, 1e-2)
+
+
+def test_compare_dtype_flag_reaches_each_run_config(tmp_path):
+    """--dtype bfloat16 reaches every run's config.json, the int8 run's (bf16 row scales) included;
+    without the flag the runs keep float32."""
+    compare.main(["--methods", "adamw_lib", "adamw_lib_int8", "--model_config", "llama_micro",
+                  "--num_training_steps", "2", "--batch_size", "2", "--max_length", "16", "--eval_every", "2",
+                  "--eval_tokens", "256", "--dtype", "bfloat16", "--out", str(tmp_path / "out"),
+                  "--runs_dir", str(tmp_path / "runs")])
+    configs = [json.loads((run / "config.json").read_text()) for run in sorted((tmp_path / "runs").iterdir())]
+    assert [(config["dtype"], config["weight_bits"]) for config in configs] == [("bfloat16", None), ("bfloat16", 8)]
+    assert "bfloat16 weights" in (tmp_path / "out" / "results.md").read_text()
+    parser = argparse.ArgumentParser()
+    compare.add_budget_flags(parser)
+    assert compare.base_config(parser.parse_args([])).dtype == "float32"
