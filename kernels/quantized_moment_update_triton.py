@@ -50,7 +50,9 @@ from .triton_support import check_launchable
 
 _TILE_VALUES = 2048          # values per program, B × BLOCK_SLOTS: 16 per thread at 4 warps (untuned: no GPU here)
 _NUM_WARPS = 4
-_HASHED_BITS = tl.constexpr(HASHED_BITS)
+# the stochastic rounding's fixed constants (:mod:`.quantized_moment_update`), as the kernel reads them
+_NOISE_KEY, _HASHED_BITS = tl.constexpr(NOISE_KEY), tl.constexpr(HASHED_BITS)
+_NOISE_SHIFT, _NOISE_SCALE = tl.constexpr(32 - NOISE_BITS), tl.constexpr(float(1 << NOISE_BITS))
 _COMPILE_OPTIONS = {"num_warps": _NUM_WARPS, "enable_fp_fusion": False}
 
 
@@ -91,15 +93,14 @@ def _quantize(values, absmax, midpoints_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _rounding_noise(values, grad, step, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr,
-                    HASHED_BITS: tl.constexpr):
+def _rounding_noise(values, grad, step):
     """``u`` (uint32 below ``2**NOISE_BITS``): word 0 of Philox at counter
     ``(bits(values) ∧ H, bits(grad) ∧ H, step, 0)``."""
-    value_bits = values.to(tl.uint32, bitcast=True) & HASHED_BITS
+    value_bits = values.to(tl.uint32, bitcast=True) & _HASHED_BITS
     zeros = value_bits * 0
-    word, _, _, _ = tl.philox(NOISE_KEY, value_bits, grad.to(tl.uint32, bitcast=True) & HASHED_BITS,
+    word, _, _, _ = tl.philox(_NOISE_KEY, value_bits, grad.to(tl.uint32, bitcast=True) & _HASHED_BITS,
                               zeros + step.to(tl.uint32), zeros)
-    return word >> (32 - NOISE_BITS)
+    return word >> _NOISE_SHIFT
 
 
 @triton.jit
@@ -110,8 +111,7 @@ def _root(x, POWER: tl.constexpr):
 
 
 @triton.jit
-def _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS: tl.constexpr, POWER: tl.constexpr,
-                         NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr):
+def _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS: tl.constexpr, POWER: tl.constexpr):
     """Codes (int32) of ``values`` rounded stochastically between their neighbouring levels,
     unbiased in ``t^(1/POWER)``."""
     normalized = tl.div_rn(values, tl.where(absmax > 0, absmax, 1.0))
@@ -123,16 +123,16 @@ def _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS: tl.conste
     lower = tl.minimum(lower, (1 << BITS) - 2)
     low = _root(tl.load(levels_ptr + lower), POWER)
     chance = tl.div_rn(_root(normalized, POWER) - low, _root(tl.load(levels_ptr + lower + 1), POWER) - low)
-    noise = _rounding_noise(values, grad, step, NOISE_KEY, NOISE_BITS, _HASHED_BITS).to(tl.float32)
-    return tl.where(noise < chance * (1 << NOISE_BITS), lower + 1, lower)
+    noise = _rounding_noise(values, grad, step).to(tl.float32)
+    return tl.where(noise < chance * _NOISE_SCALE, lower + 1, lower)
 
 
 @triton.jit
 def _v_codes(values, absmax, grad, step, levels_ptr, midpoints_ptr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
-             POWER: tl.constexpr, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr):
+             POWER: tl.constexpr):
     """The second moment's codes: stochastic or nearest, as its codebook says."""
     if STOCHASTIC:
-        return _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS, POWER, NOISE_KEY, NOISE_BITS)
+        return _stochastic_quantize(values, absmax, grad, step, levels_ptr, BITS, POWER)
     return _quantize(values, absmax, midpoints_ptr, BITS)
 
 
@@ -148,7 +148,7 @@ def _quantized_adam_kernel(
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, sqrt_bias_correction2, step,
     BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
     HAS_REMAP: tl.constexpr, PER_SLOT: tl.constexpr,
-    V_STOCHASTIC: tl.constexpr, V_POWER: tl.constexpr, NOISE_KEY: tl.constexpr, NOISE_BITS: tl.constexpr,
+    V_STOCHASTIC: tl.constexpr, V_POWER: tl.constexpr,
 ):
     block = tl.program_id(0)
     slots = tl.program_id(1) * BLOCK_SLOTS + tl.arange(0, BLOCK_SLOTS)
@@ -187,7 +187,7 @@ def _quantized_adam_kernel(
         v_absmax = tl.max(tl.abs(exp_avg_sq), axis=0)
         m_out = _quantize(exp_avg, m_absmax[None, :], m_midpoints_ptr, BITS)
         v_out = _v_codes(exp_avg_sq, v_absmax[None, :], grad, step, v_levels_ptr, v_midpoints_ptr, BITS, V_STOCHASTIC,
-                         V_POWER, NOISE_KEY, NOISE_BITS)
+                         V_POWER)
     else:
         even = 2 * byte_index
         m_even, v_even, grad_even = _lane_step(grad_ptr, update_ptr, even, slots, length, n_slots, source_ok,
@@ -205,9 +205,9 @@ def _quantized_adam_kernel(
         m_out = _quantize(m_even, m_absmax[None, :], m_midpoints_ptr, BITS) | (
             tl.where(odd_ok, _quantize(m_odd, m_absmax[None, :], m_midpoints_ptr, BITS), 0) << 4)
         v_out = _v_codes(v_even, v_absmax[None, :], grad_even, step, v_levels_ptr, v_midpoints_ptr, BITS, V_STOCHASTIC,
-                         V_POWER, NOISE_KEY, NOISE_BITS) | (
+                         V_POWER) | (
             tl.where(odd_ok, _v_codes(v_odd, v_absmax[None, :], grad_odd, step, v_levels_ptr, v_midpoints_ptr, BITS,
-                                      V_STOCHASTIC, V_POWER, NOISE_KEY, NOISE_BITS), 0) << 4)
+                                      V_STOCHASTIC, V_POWER), 0) << 4)
 
     store_ok = byte_ok & slot_ok[None, :]
     codes_out = byte_index[:, None] * stride_code_len + slots[None, :] * stride_code_slot
@@ -309,7 +309,7 @@ def quantized_adam_moment_update_triton(
         *_slot_strides(grad, layout), *_slot_strides(m_codes, layout), *_slot_strides(m_scales, layout),
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, *scalars, int(step) & 0xFFFFFFFF,
         BITS=bits, BLOCK=block_size, BLOCK_SLOTS=block_slots, HAS_REMAP=has_remap, PER_SLOT=per_slot,
-        V_STOCHASTIC=v_codebook.stochastic, V_POWER=v_codebook.power, NOISE_KEY=NOISE_KEY, NOISE_BITS=NOISE_BITS,
+        V_STOCHASTIC=v_codebook.stochastic, V_POWER=v_codebook.power,
         **_COMPILE_OPTIONS,
     )
     return (update, *outputs)
@@ -334,8 +334,7 @@ def compile_for_target(target, *, bits: int, block_size: int, layout: str = "col
                             "sqrt_bias_correction2"), "fp32")
     integers["step"] = "i64"
     constexprs = dict(BITS=bits, BLOCK=block_size, BLOCK_SLOTS=block_slots, HAS_REMAP=has_remap,
-                      PER_SLOT=per_slot, V_STOCHASTIC=v_stochastic, V_POWER=v_power, NOISE_KEY=NOISE_KEY,
-                      NOISE_BITS=NOISE_BITS)
+                      PER_SLOT=per_slot, V_STOCHASTIC=v_stochastic, V_POWER=v_power)
     signature = {**pointers, **integers, **floats, **dict.fromkeys(constexprs, "constexpr")}
     source = triton.compiler.ASTSource(fn=_quantized_adam_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=target, options=dict(_COMPILE_OPTIONS))

@@ -65,8 +65,8 @@ _QUANTIZED_POINTERS = dict(
     source_slots_ptr="i64", bias_correction1_ptr="fp32", sqrt_bias_correction2_ptr="fp32", eps_ptr="fp32")
 
 
-_NEAREST_V = dict(V_STOCHASTIC=False, V_POWER=1, NOISE_KEY=0, NOISE_BITS=24)
-_STOCHASTIC_V = dict(V_STOCHASTIC=True, V_POWER=2, NOISE_KEY=0x2545_F491_4F6C_DD1D, NOISE_BITS=24)
+_NEAREST_V = dict(V_STOCHASTIC=False, V_POWER=1)
+_STOCHASTIC_V = dict(V_STOCHASTIC=True, V_POWER=2)
 
 
 def _quantized(pointers=None, **constexprs):
