@@ -7,7 +7,9 @@ Every input folder holds one ``python -m experiments.results.compare`` run (``re
 several seeds. For each method: the final validation loss per seed, its mean and spread
 (max − min); for each low-bit row, ``Δ% = 100·(mean − mean₃₂)/mean₃₂`` against its 32-bit
 counterpart (:data:`~experiments.bench.lowbit_report.REFERENCE`) and the per-seed Δ% (same seed,
-same data: the paired difference, which is less noisy than the difference of the means).
+same data: the paired difference, which is less noisy than the difference of the means). A second
+table sets the library's low-bit AdamW beside the peer's of the same bits (:data:`PEER`, torchao's):
+the same Δ% with the peer in place of the 32-bit row (negative: the library's ends lower).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from experiments.bench.common import write_text
 from experiments.bench.lowbit_report import ORDER, REFERENCE, bits_of
+
+PEER = {"adamw_lib_8bit": "torchao_adamw8bit", "adamw_lib_4bit": "torchao_adamw4bit"}
 
 
 def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[str, str], list[str]]:
@@ -36,10 +40,33 @@ def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[st
     return losses, labels, commands
 
 
+def difference(runs: dict[int, float], reference: dict[int, float]) -> tuple[str, str]:
+    """``Δ%`` of the means and the paired ``Δ%`` per seed of ``runs`` against ``reference``, over the
+    seeds both have."""
+    seeds = sorted(set(runs) & set(reference))
+    delta = 100 * (statistics.fmean(runs[s] for s in seeds) / statistics.fmean(reference[s] for s in seeds) - 1)
+    paired = ", ".join(f"{100 * (runs[s] / reference[s] - 1):+.2f}%" for s in seeds)
+    return f"{delta:+.2f}%", paired
+
+
+def peer_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
+    lines = ["| library | peer | seeds | library mean | peer mean | Δ% of means | paired Δ% per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for key, peer in PEER.items():
+        if key in losses and peer in losses:
+            runs, reference = losses[key], losses[peer]
+            seeds = sorted(set(runs) & set(reference))
+            delta, paired = difference(runs, reference)
+            lines.append(f"| {labels[key]} | {labels[peer]} | {', '.join(map(str, seeds))} "
+                         f"| {statistics.fmean(runs[s] for s in seeds):.4f} "
+                         f"| {statistics.fmean(reference[s] for s in seeds):.4f} | {delta} | {paired} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
     keys = [key for key in ORDER if key in losses] + sorted(key for key in losses if key not in ORDER)
-    lines = ["| method | bits | seeds | final val loss per seed | mean | spread | 32-bit mean | Δ% of means "
-             "| paired Δ% per seed |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | seeds | final val loss per seed | mean | spread | 32-bit mean (same seeds) "
+             "| Δ% of means | paired Δ% per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         runs = losses[key]
         seeds = sorted(runs)
@@ -48,10 +75,8 @@ def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> 
         reference = losses.get(REFERENCE.get(key, ""), {})
         bits = bits_of(key) or 32
         if reference and bits != 32:
-            reference_mean = statistics.fmean(reference.values())
-            delta = f"{100 * (mean / reference_mean - 1):+.2f}%"
-            paired = ", ".join(f"{100 * (runs[s] / reference[s] - 1):+.2f}%" for s in seeds if s in reference)
-            reference_text = f"{reference_mean:.4f}"
+            delta, paired = difference(runs, reference)
+            reference_text = f"{statistics.fmean(reference[s] for s in seeds if s in reference):.4f}"
         else:
             delta = paired = reference_text = ""
         per_seed = ", ".join(f"{runs[s]:.4f}" for s in seeds)
@@ -70,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     losses, labels, commands = read_runs(args.inputs)
     text = ((f"{args.title}\n\n" if args.title else "") + "Commands: " + "; ".join(f"`{c}`" for c in commands)
             + "\n\n" + seeds_table(losses, labels))
+    peers = peer_table(losses, labels)
+    if peers:
+        text += "\nThe library against the peer, paired by seed:\n\n" + peers
     write_text(args.out, text)
     print(text)
 

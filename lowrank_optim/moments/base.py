@@ -93,9 +93,13 @@ class Moments(ABC):
         tensors themselves (an in-place edit updates the state); any other storage gives copies."""
 
     @abstractmethod
-    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, grad: torch.Tensor | None = None,
+              step: int | None = None) -> None:
         """Write fp32 moments of the local shape back (in place into the stored tensors): float
-        ones in their dtype, quantized ones re-quantized into their codes and scales."""
+        ones in their dtype, quantized ones re-quantized into their codes and scales. A rule that
+        updates the moments itself passes the step's gradient ``grad`` and count ``step``: a
+        storage that rounds stochastically then writes as :meth:`step` does (the same noise);
+        without them it rounds to nearest."""
 
     @abstractmethod
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,

@@ -38,7 +38,8 @@ class FloatMoments(Moments):
         exp_avg, exp_avg_sq = self._local()
         return exp_avg.float(), exp_avg_sq.float()          # fp32 moments: themselves
 
-    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, grad: torch.Tensor | None = None,
+              step: int | None = None) -> None:
         for key, stored, moment in zip(FLOAT_KEYS, self._local(), (exp_avg, exp_avg_sq)):
             if moment.shape != stored.shape:
                 raise ValueError(f"{key}: a moment of shape {tuple(moment.shape)} cannot be stored in one of shape "

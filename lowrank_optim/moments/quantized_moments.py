@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ..kernels.dispatch import quantized_adam_moment_update
-from ..kernels.quantized_moment_update import remap_quantized_slots, storage_shapes
+from ..kernels.quantized_moment_update import remap_quantized_slots, rounding_noise, storage_shapes
 from ..quantization import (
     codebook,
     dequantize,
@@ -66,13 +66,20 @@ class QuantizedMoments(Moments):
         return tuple(dequantize(*self._codes_and_scales(prefix), self.bits, signed, self.shard_shape, self.layout,
                                 block_size=self.block_size) for prefix, signed in _MOMENTS)
 
-    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, grad: torch.Tensor | None = None,
+              step: int | None = None) -> None:
+        """Re-quantize; with ``grad`` and ``step`` a map that rounds stochastically (the 4-bit ``v``)
+        draws :func:`~lowrank_optim.kernels.quantized_moment_update.rounding_noise` as the fused step."""
+        if (grad is None) != (step is None):
+            raise ValueError(f"store: grad and step go together (grad given: {grad is not None}, step={step!r})")
         for (prefix, signed), moment in zip(_MOMENTS, (exp_avg, exp_avg_sq)):
             if tuple(moment.shape) != self.shard_shape:
                 raise ValueError(f"{prefix}: a moment of shape {tuple(moment.shape)} cannot be stored in one of "
                                  f"shape {self.shard_shape}")
-            for stored, new in zip(self._codes_and_scales(prefix),
-                                   quantize(moment, self.bits, signed, self.layout, block_size=self.block_size)):
+            stochastic = grad is not None and codebook(self.bits, signed).stochastic
+            noise = rounding_noise(moment, grad, step) if stochastic else None
+            for stored, new in zip(self._codes_and_scales(prefix), quantize(moment, self.bits, signed, self.layout,
+                                                                            block_size=self.block_size, noise=noise)):
                 stored.copy_(new)
 
     def step(self, backend: str, grad: torch.Tensor, *, beta1: float, beta2: float, eps, bias_correction1,

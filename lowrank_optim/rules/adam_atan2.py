@@ -12,8 +12,10 @@ projected moments, with everything else as :mod:`.adamw`:
 
 The group's ``eps`` is not used. The paper's scaling constants of the two arguments are not
 applied (``scale`` multiplies the update). The moments go through the moments protocol
-(:meth:`~lowrank_optim.moments.Moments.load` / ``store``), so float and 8/4-bit moments both work,
-on PyTorch; the weight update runs on the parameter's backend (:func:`.weight_step.apply_projected_update_`).
+(:meth:`~lowrank_optim.moments.Moments.load` / ``store``, the step's gradient and count passed to
+``store`` so that a 4-bit ``v`` is written with the fused step's stochastic rounding), so float and
+8/4-bit moments both work, on PyTorch; the weight update runs on the parameter's backend
+(:func:`.weight_step.apply_projected_update_`).
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ class AdamAtan2Rule(AdamWRule):
             step.moments.remap_slots(step.source_slots)
         exp_avg, exp_avg_sq = step.moments.load()
         grad = step.low_rank_grad.to(exp_avg.dtype)
-        exp_avg.mul_(hyper.beta1).add_(grad, alpha=1.0 - hyper.beta1)
-        exp_avg_sq.mul_(hyper.beta2).addcmul_(grad, grad, value=1.0 - hyper.beta2)
-        step.moments.store(exp_avg, exp_avg_sq)
+        # the fused step's expressions, so that stored moments are those an adamw step stores
+        exp_avg.mul_(hyper.beta1).add_(grad * (1.0 - hyper.beta1))
+        exp_avg_sq.mul_(hyper.beta2).add_((grad * grad) * (1.0 - hyper.beta2))
+        step.moments.store(exp_avg, exp_avg_sq, grad=grad, step=step.state["step"])
         bc1, bc2 = bias_corrections(step.step, hyper.beta1, hyper.beta2) if hyper.correct_bias else (1.0, 1.0)
         normalized = torch.atan2(exp_avg / bc1, (exp_avg_sq / bc2).sqrt())
         apply_projected_update_(step, normalized, hyper, residual=group["residual"] == "scaled")

@@ -83,10 +83,13 @@ def test_apollo_scaling_compares_both_projections_at_each_rank(tmp_path):
 
 
 def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
-    """Two compare outputs (seeds 0 and 1): the mean, the spread and the paired Δ% per seed."""
+    """Three compare outputs (seeds 0, 1, 2): the mean, the spread and the paired Δ% per seed, over
+    the seeds both rows have; the library's 4-bit AdamW beside torchao's the same way."""
     from experiments.bench import lowbit_seeds
 
-    losses = {0: {"dct_default": 2.0, "dct_4bit": 2.02}, 1: {"dct_default": 2.1, "dct_4bit": 2.079}}
+    losses = {0: {"dct_default": 2.0, "dct_4bit": 2.02, "adamw_lib_4bit": 1.98, "torchao_adamw4bit": 2.0},
+              1: {"dct_default": 2.1, "dct_4bit": 2.079, "adamw_lib_4bit": 2.1},
+              2: {"dct_default": 2.2, "adamw_lib_4bit": 2.2, "torchao_adamw4bit": 2.0}}
     folders = []
     for seed, rows in losses.items():
         folder = tmp_path / f"seed{seed}"
@@ -100,6 +103,8 @@ def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
     text = (tmp_path / "seeds.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| dct_4bit"))
     assert "| 0, 1 | 2.0200, 2.0790 | 2.0495 | 0.0590 | 2.0500 | -0.02% | +1.00%, -1.00% |" in row
+    peer = next(line for line in text.splitlines() if line.startswith("| adamw_lib_4bit | torchao_adamw4bit"))
+    assert "| 0, 2 | 2.0900 | 2.0000 | +4.50% | -1.00%, +10.00% |" in peer
     assert "`compare --seed 0`; `compare --seed 1`" in text
 
 

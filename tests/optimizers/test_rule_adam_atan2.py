@@ -44,6 +44,26 @@ def test_adam_atan2_follows_its_float64_reference(moment_bits, tolerance):
     assert ((weight.double() - expected).norm() / moved.norm()).item() < tolerance
 
 
+@pytest.mark.parametrize("moment_bits", [8, 4])
+def test_adam_atan2_stores_the_moments_an_adamw_step_stores(moment_bits):
+    """The moments do not depend on the weights: on the same gradients the two rules store the same
+    codes and scales, so a 4-bit ``v`` is written with the fused step's stochastic rounding (rounded
+    to nearest it stops following a slowly growing average: ``test_quantization_update.py``)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(256, 64) * (1 + 0.01 * t) for t in range(5)]
+    states = []
+    for rule in ("adamw", "adam_atan2"):
+        weight = torch.nn.Parameter(torch.randn(256, 64))
+        optimizer = DCTProjAdam([{"params": [weight], "rank": 16}], lr=1e-2, update_rule=rule, residual="none",
+                                update_proj_gap=100, moment_bits=moment_bits, moment_block_size=64)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        states.append(optimizer.state[weight])
+    for key in ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales"):
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
 def test_adam_atan2_is_not_adamw():
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]

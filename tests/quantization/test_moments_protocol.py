@@ -151,6 +151,37 @@ def test_step_is_adams_moment_update(storage, layout):
         assert all(torch.equal(a, b) for a, b in zip((exp_avg, exp_avg_sq), reference))
 
 
+@parametrize("storage", ["fp32", "8bit", "4bit"])
+@layouts
+def test_store_with_the_steps_gradient_writes_what_step_writes(storage, layout):
+    """A rule that updates the moments itself (``adam_atan2``) stores them with the step's gradient
+    and count: the state then equals the fused step's, the 4-bit ``v``'s stochastic rounding
+    included; without them a quantized store rounds to nearest (another state at 4 bits)."""
+    states = []
+    for with_gradient in (True, False, None):
+        moments, _ = _moments(storage, layout)
+        grad, exp_avg, exp_avg_sq = _random(moments.shape, seed=7)
+        moments.store(exp_avg, exp_avg_sq)
+        if with_gradient is None:
+            moments.step("torch", grad, **SCALARS)
+        else:
+            m, v = (moment.clone() for moment in moments.load())
+            m = m * SCALARS["beta1"] + grad * (1.0 - SCALARS["beta1"])
+            v = v * SCALARS["beta2"] + (grad * grad) * (1.0 - SCALARS["beta2"])
+            moments.store(m, v, **(dict(grad=grad, step=SCALARS["step"]) if with_gradient else {}))
+        states.append([tensor.clone() for tensor in moments.state.values()])
+    fused_step, with_gradient, nearest = states[2], states[0], states[1]
+    if storage == "fp32":                      # the float step's own expressions: equal to rounding
+        for a, b in zip(with_gradient, fused_step):
+            torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=FP32_RTOL * float(b.abs().max()))
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(with_gradient, fused_step))
+        assert all(torch.equal(a, b) for a, b in zip(nearest, fused_step)) == (storage == "8bit")
+        with pytest.raises(ValueError, match=r"grad and step go together \(grad given: True, step=None\)"):
+            moments.store(exp_avg, exp_avg_sq, grad=grad)
+        assert all(torch.equal(a, b) for a, b in zip(moments.state.values(), fused_step))      # untouched
+
+
 @storages
 @parametrize("layout", ["columns", "rows"])
 def test_remap_slots_remaps_the_loaded_moments(storage, layout):
