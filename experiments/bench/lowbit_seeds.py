@@ -3,7 +3,8 @@
     python -m experiments.bench.lowbit_seeds --inputs DIR [DIR ...] --out FILE.md
 
 Every input folder holds one ``python -m experiments.results.compare`` run (``results.json`` and
-``results.md``, whose header names the seed); the same methods on the same model and budget at
+``results.md``, whose header names the seed: "…, seed 0, float32 weights." or, before the weights'
+dtype was a flag, "…, seed 0."); the same methods on the same model and budget at
 several seeds. For each method: the final validation loss per seed, its mean and spread
 (max − min); for each low-bit row, ``Δ% = 100·(mean − mean₃₂)/mean₃₂`` against its 32-bit
 counterpart (:data:`~experiments.bench.lowbit_report.REFERENCE`) and the per-seed Δ% (same seed,
@@ -32,7 +33,7 @@ def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[st
     labels, commands = {}, []
     for folder in folders:
         text = (folder / "results.md").read_text(encoding="utf-8")
-        seed = int(re.search(r"seed (\d+)\.", text).group(1))
+        seed = int(re.search(r"seed (\d+)[.,]", text).group(1))    # "seed 0, float32 weights." (or "seed 0.")
         commands += re.findall(r"^Command: `(.*)`$", text, flags=re.M)
         for row in json.loads((folder / "results.json").read_text(encoding="utf-8")):
             losses[row["key"]][seed] = row["final_val_loss"]

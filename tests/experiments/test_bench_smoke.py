@@ -94,7 +94,8 @@ def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
     for seed, rows in losses.items():
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
-        (folder / "results.md").write_text(f"Model `m`, rank 32, update gap 200, seed {seed}. Device: cpu.\n\n"
+        weights = ", float32 weights" if seed else ""          # compare's header now, and before --dtype
+        (folder / "results.md").write_text(f"Model `m`, rank 32, update gap 200, seed {seed}{weights}. Device: cpu.\n\n"
                                            f"Command: `compare --seed {seed}`\n")
         (folder / "results.json").write_text(json.dumps([{"key": key, "label": key, "final_val_loss": loss}
                                                          for key, loss in rows.items()]))
