@@ -15,6 +15,7 @@ the same Δ% with the peer in place of the 32-bit row (negative: the library's e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -41,13 +42,23 @@ def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[st
     return losses, labels, commands
 
 
-def difference(runs: dict[int, float], reference: dict[int, float]) -> tuple[str, str]:
-    """``Δ%`` of the means and the paired ``Δ%`` per seed of ``runs`` against ``reference``, over the
-    seeds both have."""
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """``runs`` against ``reference`` over the seeds both have: their means, the ``Δ%`` of the means
+    and the paired ``Δ%`` per seed (as table text)."""
+
+    seeds: list[int]
+    mean: float
+    reference_mean: float
+    delta: str
+    paired: str
+
+
+def difference(runs: dict[int, float], reference: dict[int, float]) -> Difference:
     seeds = sorted(set(runs) & set(reference))
-    delta = 100 * (statistics.fmean(runs[s] for s in seeds) / statistics.fmean(reference[s] for s in seeds) - 1)
+    mean, reference_mean = statistics.fmean(runs[s] for s in seeds), statistics.fmean(reference[s] for s in seeds)
     paired = ", ".join(f"{100 * (runs[s] / reference[s] - 1):+.2f}%" for s in seeds)
-    return f"{delta:+.2f}%", paired
+    return Difference(seeds, mean, reference_mean, f"{100 * (mean / reference_mean - 1):+.2f}%", paired)
 
 
 def peer_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
@@ -55,12 +66,9 @@ def peer_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> s
              "|---|---|---|---|---|---|---|"]
     for key, peer in PEER.items():
         if key in losses and peer in losses:
-            runs, reference = losses[key], losses[peer]
-            seeds = sorted(set(runs) & set(reference))
-            delta, paired = difference(runs, reference)
-            lines.append(f"| {labels[key]} | {labels[peer]} | {', '.join(map(str, seeds))} "
-                         f"| {statistics.fmean(runs[s] for s in seeds):.4f} "
-                         f"| {statistics.fmean(reference[s] for s in seeds):.4f} | {delta} | {paired} |")
+            d = difference(losses[key], losses[peer])
+            lines.append(f"| {labels[key]} | {labels[peer]} | {', '.join(map(str, d.seeds))} | {d.mean:.4f} "
+                         f"| {d.reference_mean:.4f} | {d.delta} | {d.paired} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -76,8 +84,8 @@ def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> 
         reference = losses.get(REFERENCE.get(key, ""), {})
         bits = bits_of(key) or 32
         if reference and bits != 32:
-            delta, paired = difference(runs, reference)
-            reference_text = f"{statistics.fmean(reference[s] for s in seeds if s in reference):.4f}"
+            d = difference(runs, reference)
+            delta, paired, reference_text = d.delta, d.paired, f"{d.reference_mean:.4f}"
         else:
             delta = paired = reference_text = ""
         per_seed = ", ".join(f"{runs[s]:.4f}" for s in seeds)
