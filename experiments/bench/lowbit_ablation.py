@@ -73,6 +73,7 @@ VARIANTS = {
     "m32_v_rank1": ("block:32:dyn", "rank1:lin", "all"),
     "m32_v_rank1_sqrt": ("block:32:dyn", "rank1:sqrt", "all"),
     "m32_v_sqrt": ("block:32:dyn", "block:128:sqrt", "all"),
+    "v_floor": (None, "block:128:floor", "all"),
 }
 
 
@@ -89,7 +90,7 @@ def _levels(name: str, signed: bool) -> tuple[torch.Tensor, int]:
         return dynamic_map(bits, signed=signed), bits
     if name == "dynu":
         return dynamic_map(4, signed=False), 4
-    if name in ("lin", "sqrt"):
+    if name in ("lin", "sqrt", "floor"):
         return linear_zero_free_map(4), 4
     if name == "slin":
         return torch.arange(-7, 8, dtype=torch.float64) / 7, 4
@@ -153,8 +154,10 @@ def fake(x: torch.Tensor, scheme: str, layout: str, signed: bool) -> torch.Tenso
         normalization = "block"
     stored = x.sqrt() if map_name == "sqrt" else x
     scales = _scales(stored, layout, normalization, block)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     levels, bits = _levels(map_name, signed)
+    if map_name == "floor":
+        return torch.maximum(x, scales * levels[0].item())
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     if stochastic:
         rounded = _stochastic(stored / safe, levels, 2 if map_name == "sqrt" and not in_stored_domain else 1) * scales
     else:

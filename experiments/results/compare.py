@@ -82,6 +82,8 @@ METHODS: dict[str, Method] = {
     # beat Mini's 3e-3 for that group (results/APOLLO.md). --lr_factors scale the projected group's lr only.
     "apollo_mini_plain_lr": Method("apollo_mini", 3e-3, {"plain_lr": 1e-2}, note="plain group at lr 1e-2"),
     "apollo_dct": Method("apollo_adamw", 3e-3, {"optimizer_kwargs": {"proj": "dct"}}, note="proj='dct'"),
+    "apollo_mini_dct": Method("apollo_mini", 3e-3, {"plain_lr": 1e-2, "optimizer_kwargs": {"proj": "dct"}},
+                              note="proj='dct', plain group at lr 1e-2"),
     "apollo_torch": Method("apollo_torch_adamw", 3e-3),
     "apollo_torch_mini": Method("apollo_torch_mini", 3e-3),
     "sst": Method("sst_adamw", 3e-3),
