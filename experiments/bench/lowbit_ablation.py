@@ -74,6 +74,10 @@ VARIANTS = {
     "m32_v_rank1_sqrt": ("block:32:dyn", "rank1:sqrt", "all"),
     "m32_v_sqrt": ("block:32:dyn", "block:128:sqrt", "all"),
     "v_floor": (None, "block:128:floor", "all"),
+    # the library's 4-bit v (square-root map, stochastic in √v) under three first-moment schemes
+    "v_lib": ("block:128:dyn", "block:128:sqrt:srs", "all"),
+    "m32_v_lib": ("block:32:dyn", "block:128:sqrt:srs", "all"),
+    "m_rank1_v_lib": ("rank1:dyn", "block:128:sqrt:srs", "all"),
 }
 
 

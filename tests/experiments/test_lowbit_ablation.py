@@ -1,0 +1,22 @@
+"""The simulated schemes of experiments/bench/lowbit_ablation.py: the ``floor`` map is the ``lin``
+map's lowest level without its rounding."""
+import torch
+
+from experiments.bench.lowbit_ablation import fake
+
+
+def test_floor_raises_the_values_below_a_sixteenth_of_their_block_absmax_and_keeps_the_rest():
+    v = torch.rand(3, 256, dtype=torch.float64).pow(4)
+    floored = fake(v, "block:128:floor", "flat", signed=False)
+    absmax = v.view(3, 2, 128).amax(dim=-1).repeat_interleave(128, dim=1)
+    low = v < absmax / 16
+    assert low.any() and (~low).any()
+    torch.testing.assert_close(floored[low], (absmax / 16)[low], rtol=0, atol=0)
+    torch.testing.assert_close(floored[~low], v[~low], rtol=0, atol=0)
+
+
+def test_the_linear_map_stores_a_value_far_below_its_floor_at_the_floor():
+    v = torch.tensor([1.0, 1e-4, 0.5], dtype=torch.float64)
+    rounded = fake(v, "block:128:lin", "flat", signed=False)
+    floored = fake(v, "block:128:floor", "flat", signed=False)
+    assert rounded[1] == floored[1] == 1 / 16
