@@ -8,7 +8,9 @@ dtype was a flag, "…, seed 0."); the same methods on the same model and budget
 several seeds. For each method: the final validation loss per seed, its mean and spread
 (max − min); for each low-bit row, ``Δ% = 100·(mean − mean₃₂)/mean₃₂`` against its 32-bit
 counterpart (:data:`~experiments.bench.lowbit_report.REFERENCE`) and the per-seed Δ% (same seed,
-same data: the paired difference, which is less noisy than the difference of the means). A second
+same data: the paired difference, which is less noisy than the difference of the means) with their
+mean and its standard error, ``s/√n`` of the per-seed Δ% (the noise a goal such as "within +1%" or
+"at least as good" is read against). A second
 table sets the library's low-bit AdamW beside the peer's of the same bits (:data:`PEER`, torchao's):
 the same Δ% with the peer in place of the 32-bit row (negative: the library's ends lower).
 """
@@ -44,38 +46,45 @@ def read_runs(folders: list[Path]) -> tuple[dict[str, dict[int, float]], dict[st
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    """``runs`` against ``reference`` over the seeds both have: their means, the ``Δ%`` of the means
-    and the paired ``Δ%`` per seed (as table text)."""
+    """``runs`` against ``reference`` over the seeds both have: their means, the ``Δ%`` of the means,
+    the paired ``Δ%`` per seed and their mean ± standard error (as table text)."""
 
     seeds: list[int]
     mean: float
     reference_mean: float
     delta: str
     paired: str
+    paired_mean: str
 
 
 def difference(runs: dict[int, float], reference: dict[int, float]) -> Difference:
     seeds = sorted(set(runs) & set(reference))
     mean, reference_mean = statistics.fmean(runs[s] for s in seeds), statistics.fmean(reference[s] for s in seeds)
-    paired = ", ".join(f"{100 * (runs[s] / reference[s] - 1):+.2f}%" for s in seeds)
-    return Difference(seeds, mean, reference_mean, f"{100 * (mean / reference_mean - 1):+.2f}%", paired)
+    per_seed = [100 * (runs[s] / reference[s] - 1) for s in seeds]
+    paired = ", ".join(f"{value:+.2f}%" for value in per_seed)
+    if len(per_seed) > 1:
+        error = statistics.stdev(per_seed) / len(per_seed) ** 0.5
+        paired_mean = f"{statistics.fmean(per_seed):+.2f} ± {error:.2f}%"
+    else:
+        paired_mean = f"{per_seed[0]:+.2f}% (one seed)"
+    return Difference(seeds, mean, reference_mean, f"{100 * (mean / reference_mean - 1):+.2f}%", paired, paired_mean)
 
 
 def peer_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
-    lines = ["| library | peer | seeds | library mean | peer mean | Δ% of means | paired Δ% per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| library | peer | seeds | library mean | peer mean | Δ% of means | paired Δ% per seed "
+             "| paired mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
     for key, peer in PEER.items():
         if key in losses and peer in losses:
             d = difference(losses[key], losses[peer])
             lines.append(f"| {labels[key]} | {labels[peer]} | {', '.join(map(str, d.seeds))} | {d.mean:.4f} "
-                         f"| {d.reference_mean:.4f} | {d.delta} | {d.paired} |")
+                         f"| {d.reference_mean:.4f} | {d.delta} | {d.paired} | {d.paired_mean} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> str:
     keys = [key for key in ORDER if key in losses] + sorted(key for key in losses if key not in ORDER)
     lines = ["| method | bits | seeds | final val loss per seed | mean | spread | 32-bit mean (same seeds) "
-             "| Δ% of means | paired Δ% per seed |", "|---|---|---|---|---|---|---|---|---|"]
+             "| Δ% of means | paired Δ% per seed | paired mean ± s.e. |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         runs = losses[key]
         seeds = sorted(runs)
@@ -85,12 +94,12 @@ def seeds_table(losses: dict[str, dict[int, float]], labels: dict[str, str]) -> 
         bits = bits_of(key) or 32
         if reference and bits != 32:
             d = difference(runs, reference)
-            delta, paired, reference_text = d.delta, d.paired, f"{d.reference_mean:.4f}"
+            delta, paired, paired_mean, reference_text = d.delta, d.paired, d.paired_mean, f"{d.reference_mean:.4f}"
         else:
-            delta = paired = reference_text = ""
+            delta = paired = paired_mean = reference_text = ""
         per_seed = ", ".join(f"{runs[s]:.4f}" for s in seeds)
         lines.append(f"| {labels[key]} | {bits} | {', '.join(map(str, seeds))} | {per_seed} | {mean:.4f} "
-                     f"| {spread:.4f} | {reference_text} | {delta} | {paired} |")
+                     f"| {spread:.4f} | {reference_text} | {delta} | {paired} | {paired_mean} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,8 +83,9 @@ def test_apollo_scaling_compares_both_projections_at_each_rank(tmp_path):
 
 
 def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
-    """Three compare outputs (seeds 0, 1, 2): the mean, the spread and the paired Δ% per seed, over
-    the seeds both rows have; the library's 4-bit AdamW beside torchao's the same way."""
+    """Three compare outputs (seeds 0, 1, 2): the mean, the spread and the paired Δ% per seed with
+    their mean ± standard error, over the seeds both rows have; the library's 4-bit AdamW beside
+    torchao's the same way."""
     from experiments.bench import lowbit_seeds
 
     losses = {0: {"dct_default": 2.0, "dct_4bit": 2.02, "adamw_lib_4bit": 1.98, "torchao_adamw4bit": 2.0},
@@ -103,9 +104,9 @@ def test_lowbit_seeds_pairs_each_seed_with_its_counterpart(tmp_path):
     lowbit_seeds.main(["--inputs", *folders, "--out", str(tmp_path / "seeds.md")])
     text = (tmp_path / "seeds.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| dct_4bit"))
-    assert "| 0, 1 | 2.0200, 2.0790 | 2.0495 | 0.0590 | 2.0500 | -0.02% | +1.00%, -1.00% |" in row
+    assert "| 0, 1 | 2.0200, 2.0790 | 2.0495 | 0.0590 | 2.0500 | -0.02% | +1.00%, -1.00% | +0.00 ± 1.00% |" in row
     peer = next(line for line in text.splitlines() if line.startswith("| adamw_lib_4bit | torchao_adamw4bit"))
-    assert "| 0, 2 | 2.0900 | 2.0000 | +4.50% | -1.00%, +10.00% |" in peer
+    assert "| 0, 2 | 2.0900 | 2.0000 | +4.50% | -1.00%, +10.00% | +4.50 ± 5.50% |" in peer
     assert "`compare --seed 0`; `compare --seed 1`" in text
 
 
