@@ -76,7 +76,7 @@ class QuantizedMoments(Moments):
             if tuple(moment.shape) != self.shard_shape:
                 raise ValueError(f"{prefix}: a moment of shape {tuple(moment.shape)} cannot be stored in one of "
                                  f"shape {self.shard_shape}")
-            stochastic = grad is not None and codebook(self.bits, signed, layout=self.layout).stochastic
+            stochastic = grad is not None and codebook(self.bits, signed).stochastic
             noise = rounding_noise(moment, grad, step) if stochastic else None
             for stored, new in zip(self._codes_and_scales(prefix), quantize(moment, self.bits, signed, self.layout,
                                                                             block_size=self.block_size, noise=noise)):
@@ -87,8 +87,7 @@ class QuantizedMoments(Moments):
         local = [tensor for prefix, _ in _MOMENTS for tensor in self._codes_and_scales(prefix)]
         normalized, *stored = quantized_adam_moment_update(
             backend, grad, *local,
-            m_codebook=codebook(self.bits, True, grad.device, layout=self.layout),
-            v_codebook=codebook(self.bits, False, grad.device, layout=self.layout),
+            m_codebook=codebook(self.bits, True, grad.device), v_codebook=codebook(self.bits, False, grad.device),
             beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
             bits=self.bits, layout=self.layout, block_size=resolve_block_size(self.bits, self.block_size),
             step=step, source_slots=source_slots)
@@ -103,9 +102,9 @@ class QuantizedMoments(Moments):
     def remap_slots(self, source_slots: torch.Tensor) -> None:
         """Moves the codes and scales of whole slots: exactly the remap of the dequantized moments."""
         for prefix, signed in _MOMENTS:
-            fill_code = codebook(self.bits, signed, layout=self.layout).fill_code
             self._put(prefix, *remap_quantized_slots(*self._codes_and_scales(prefix), source_slots,
-                                                     layout=self.layout, bits=self.bits, fill_code=fill_code))
+                                                     layout=self.layout, bits=self.bits,
+                                                     fill_code=codebook(self.bits, signed).fill_code))
 
     def transform_(self, first: Callable[[torch.Tensor], torch.Tensor],
                    second: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -30,9 +30,7 @@ exact (``q = ±1`` are levels).
 bits   ``m`` (signed)                                   ``v`` (unsigned, **no zero level**)
 =====  ===============================================  ==============================================
 8      dynamic tree: 0, ±[5.5·10^−7, 1], 255 levels      dynamic tree: [5.5·10^−9, 1], 256 levels
-4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    projected: square root (k/16)², k = 1…16;
-                                                        plain: floored square root ((k+5)/20)²,
-                                                        k = 0…15 (floor 1/16); both **stochastic**
+4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    square root: (k/16)², k = 1…16, **stochastic**
 =====  ===============================================  ==============================================
 
 A zero level in ``v`` would blow up ``N = m̂/(√v̂ + ε)`` for values rounded to it (maps doc).

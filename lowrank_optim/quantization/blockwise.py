@@ -3,7 +3,6 @@
 State is two plain tensors per moment, ``codes`` (uint8) and ``scales`` (fp32), laid out as
 :mod:`lowrank_optim.kernels.quantized_moment_update` describes; every function takes the map by
 ``(bits, signed)`` (``signed=True`` for the first moment, False for the second) and the layout
-(which also picks the 4-bit second moment's map, :func:`.maps.quantization_map`)
 (:func:`lowrank_optim.kernels.layout.layout_for` maps a projection side to it).
 ``block_size=None`` is the default of :mod:`.policy` for ``bits``. The step and the slot remap
 run through :mod:`lowrank_optim.kernels.dispatch` and
@@ -30,7 +29,7 @@ def quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, *, block_siz
     :func:`lowrank_optim.kernels.quantized_moment_update.rounding_noise`), one of the two levels
     around it, stochastically (the fused step's rounding of a map that rounds stochastically)."""
     block_size = resolve_block_size(bits, block_size)
-    return _reference.quantize_blockwise(x, codebook(bits, signed, x.device, layout=layout), bits=bits, layout=layout,
+    return _reference.quantize_blockwise(x, codebook(bits, signed, x.device), bits=bits, layout=layout,
                                          block_size=block_size, noise=noise)
 
 
@@ -38,9 +37,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, signed: boo
                block_size: int | None = None) -> torch.Tensor:
     """The fp32 moment of ``shape``: ``levels[code]·scale``."""
     block_size = resolve_block_size(bits, block_size)
-    book = codebook(bits, signed, codes.device, layout=layout)
-    return _reference.dequantize_blockwise(codes, scales, book, bits=bits, layout=layout, block_size=block_size,
-                                           shape=shape)
+    return _reference.dequantize_blockwise(codes, scales, codebook(bits, signed, codes.device), bits=bits,
+                                           layout=layout, block_size=block_size, shape=shape)
 
 
 def quantized_zeros(shape, bits: int, signed: bool, layout: str, *, block_size: int | None = None,
@@ -49,7 +47,7 @@ def quantized_zeros(shape, bits: int, signed: bool, layout: str, *, block_size: 
     directly: no float temporary of the moment's size."""
     block_size = resolve_block_size(bits, block_size)
     code_shape, scale_shape = storage_shapes(shape, bits, layout, block_size)
-    fill = fill_byte(codebook(bits, signed, layout=layout).fill_code, bits)
+    fill = fill_byte(codebook(bits, signed).fill_code, bits)
     return (torch.full(code_shape, fill, dtype=torch.uint8, device=device),
             torch.zeros(scale_shape, dtype=torch.float32, device=device))
 

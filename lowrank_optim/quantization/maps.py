@@ -24,7 +24,7 @@ decades. The all-zero magnitude pattern is
 **Linear zero-free map** (torchao's ``AdamW4bit`` second moment; Li et al., "Memory efficient
 optimizers with 4-bit states", 2023): ``k / 2^b`` for ``k = 1 … 2^b``.
 
-**Square-root map** for the 4-bit second moment of a projected moment: the linear zero-free map applied to ``√v``, i.e.
+**Square-root map** for the 4-bit second moment: the linear zero-free map applied to ``√v``, i.e.
 levels ``(k / 16)²`` of ``v / absmax(v)`` (``k = 1 … 16``), rounded to the level nearest in the
 square-root domain (decision boundaries ``((2k + 1) / 32)²``: :func:`midpoints` with
 ``power = 2``) where a value is rounded to nearest (``load``/``store``), and stochastically between
@@ -37,21 +37,6 @@ magnitude) rounds most of a block up to ``absmax/16``, shrinking those coordinat
 to 4× — the whole 4-bit loss (DCTProjAdam +2.0% at 300 steps, GaLoreAdamW +1.0%; ``m`` in 4 bits
 alone costs nothing); the square-root map removes it, as do blocks of 32 (a quarter more bytes)
 and Li et al.'s rank-1 normalization (a second pass over the moment).
-
-**Floored square-root map** for the 4-bit second moment of a *plain* parameter (layout ``"flat"``):
-16 levels equally spaced in ``√v`` from ``√(1/16)`` to 1, ``((k + 5) / 20)²`` for ``k = 0 … 15``,
-rounded as the square-root map. Its lowest level, ``absmax/16``, is a floor: every ``v`` below a
-sixteenth of its block's absmax is stored at it (stochastic rounding cannot go below the lowest
-level). That floor is torchao's (its linear map's lowest level, where everything below
-``absmax/32`` rounds to), and it is what made torchao's 4-bit AdamW train *better* than float
-AdamW on the tiny LLaMA: float AdamW with only ``v ← max(v, absmax/16)`` per block of 128 (no
-rounding) ends 0.39% below float AdamW on the mean of three seeds, as torchao's AdamW4bit does
-(``experiments/results/LOWBIT_4BIT.md`` §7). It damps the coordinates with the smallest ``v`` in a
-block (rare embedding rows, rare outputs of the head) like a per-block ``ε``. Projected moments keep
-the square-root map: there a block holds slots of one direction whose ``v`` spans orders of
-magnitude, and rounding them up to ``absmax/16`` was the whole 4-bit loss of the ablation (above).
-Above the floor the levels keep the square-root map's resolution in ``√v`` (spacing 0.05 against
-0.0625), so the stochastic rounding follows float AdamW as before.
 
 Why no zero for ``v``: a value of ``v`` below half the lowest level is stored as 0; the next step
 then has ``v = (1 − β2)·R²`` while ``m`` kept its history, so ``N = m̂/(√v̂ + ε)`` grows by up to
@@ -67,7 +52,6 @@ import functools
 
 import torch
 
-from lowrank_optim.kernels.layout import check_layout
 from lowrank_optim.kernels.quantized_moment_update import Codebook, check_bits
 
 
@@ -102,30 +86,13 @@ def square_root_map(bits: int) -> torch.Tensor:
     return linear_zero_free_map(bits).square()
 
 
-PLAIN_V_FLOOR = 1 / 16          # the floored square-root map's lowest level (module doc)
-
-
-def floored_square_root_map(bits: int) -> torch.Tensor:
-    """``(√f + (1 − √f)·k / (2^b − 1))²`` for ``k = 0 … 2^b − 1``, ``f`` = :data:`PLAIN_V_FLOOR`,
-    float64: ``2^b`` levels equally spaced in ``√v`` from ``√f`` to 1 (4 bits: ``((k + 5)/20)²``)."""
-    check_bits(bits)
-    root_floor = PLAIN_V_FLOOR ** 0.5
-    steps = torch.arange(2**bits, dtype=torch.float64) / (2**bits - 1)
-    return (root_floor + (1 - root_floor) * steps).square()
-
-
-def quantization_map(bits: int, signed: bool, *, layout: str) -> torch.Tensor:
+def quantization_map(bits: int, signed: bool) -> torch.Tensor:
     """The map the library uses, float64, ascending: dynamic signed for ``m`` (8 and 4 bits);
-    for ``v`` dynamic zero-free unsigned at 8 bits; at 4 bits the square-root map for a projected
-    moment (``layout`` ``"columns"``/``"rows"``), the floored square-root map for a plain one
-    (``"flat"``)."""
+    for ``v`` dynamic zero-free unsigned at 8 bits, the square-root map at 4 bits."""
     check_bits(bits)
-    check_layout(layout)
     if signed:
         return dynamic_map(bits, signed=True)
-    if bits == 8:
-        return dynamic_map(8, signed=False)
-    return floored_square_root_map(4) if layout == "flat" else square_root_map(4)
+    return dynamic_map(8, signed=False) if bits == 8 else square_root_map(4)
 
 
 def rounding_power(bits: int, signed: bool) -> int:
@@ -151,8 +118,8 @@ def midpoints(levels: torch.Tensor, bits: int, power: int = 1) -> torch.Tensor:
 
 
 @functools.cache
-def _codebook(bits: int, signed: bool, layout: str, device: str) -> Codebook:
-    levels = quantization_map(bits, signed, layout=layout)
+def _codebook(bits: int, signed: bool, device: str) -> Codebook:
+    levels = quantization_map(bits, signed)
     fill_code = int(levels.abs().argmin())
     boundaries = midpoints(levels, bits, rounding_power(bits, signed))
     # the spare code of a signed map decodes as the top level: every byte reads inside the table
@@ -162,6 +129,6 @@ def _codebook(bits: int, signed: bool, layout: str, device: str) -> Codebook:
                     stochastic=rounds_stochastically(bits, signed), power=rounding_power(bits, signed))
 
 
-def codebook(bits: int, signed: bool, device: torch.device | str = "cpu", *, layout: str) -> Codebook:
+def codebook(bits: int, signed: bool, device: torch.device | str = "cpu") -> Codebook:
     """The fp32 lookup tables of :func:`quantization_map` on ``device`` (built once per device)."""
-    return _codebook(bits, bool(signed), layout, str(torch.device(device)))
+    return _codebook(bits, bool(signed), str(torch.device(device)))

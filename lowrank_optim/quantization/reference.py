@@ -52,7 +52,7 @@ def reference_quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, bl
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` in the fast path's storage; scales float64 (absmax of the float64 values).
     To the nearest level, or stochastically with ``noise`` (each value's ``u``, ``x``'s shape)."""
-    levels = quantization_map(bits, signed, layout=layout)
+    levels = quantization_map(bits, signed)
     power = rounding_power(bits, signed)
     code_shape, scale_shape = storage_shapes(x.shape, bits, layout, block_size)
     codes = torch.zeros(code_shape, dtype=torch.int64)
@@ -82,7 +82,7 @@ def reference_quantize(x: torch.Tensor, bits: int, signed: bool, layout: str, bl
 def reference_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, signed: bool, shape, layout: str,
                          block_size: int) -> torch.Tensor:
     """The float64 moment the state stands for: ``levels64[code]·scale``."""
-    levels = quantization_map(bits, signed, layout=layout)
+    levels = quantization_map(bits, signed)
     n_slots, length = slot_geometry(shape, layout)
     codes, scales = codes.cpu().long(), scales.cpu().double()
     per_byte = 8 // bits

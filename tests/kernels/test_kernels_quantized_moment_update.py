@@ -153,8 +153,7 @@ def test_bf16_gradient():
 
 def test_launcher_checks():
     grad, state = _state((300, 37), 8, "columns", seed=8)
-    books = dict(m_codebook=codebook(8, True, DEVICE, layout="columns"),
-                 v_codebook=codebook(8, False, DEVICE, layout="columns"))
+    books = dict(m_codebook=codebook(8, True, DEVICE), v_codebook=codebook(8, False, DEVICE))
     common = dict(bits=8, layout="columns", block_size=256, step=1, **books, **STEP)
     with pytest.raises(ValueError, match="exp_avg: codes of shape"):
         quantized_adam_moment_update_triton(grad.t().contiguous(), *state, **common)

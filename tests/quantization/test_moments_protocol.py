@@ -60,10 +60,10 @@ def _held(moments: Moments, dtype: torch.dtype, exp_avg: torch.Tensor, exp_avg_s
                  for moment, signed in ((exp_avg, True), (exp_avg_sq, False)))
 
 
-def _quantization_bound(bits: int, signed: bool, layout: str) -> float:
+def _quantization_bound(bits: int, signed: bool) -> float:
     """The largest ``|deq(x) − x| / absmax`` of a step's rounding (module doc): half the widest gap
     between levels, the whole gap where the step rounds stochastically."""
-    levels = quantization_map(bits, signed, layout=layout)
+    levels = quantization_map(bits, signed)
     gap = float((levels[1:] - levels[:-1]).max()) / (1 if rounds_stochastically(bits, signed) else 2)
     return gap if signed else max(gap, float(levels[0]))
 
@@ -144,7 +144,7 @@ def test_step_is_adams_moment_update(storage, layout):
     else:
         _assert_close(update, update64, FP32_RTOL)
         for actual, expected, signed in ((exp_avg, m64, True), (exp_avg_sq, v64, False)):
-            bound = (_quantization_bound(moments.bits, signed, moments.layout) + 1e-6) * float(expected.abs().max())
+            bound = (_quantization_bound(moments.bits, signed) + 1e-6) * float(expected.abs().max())
             assert float((actual.double() - expected).abs().max()) <= bound
     if storage == "fp32":
         assert torch.equal(update, reference_update)

@@ -63,8 +63,8 @@ def _per_value_absmax(x64: torch.Tensor, layout: str, block: int) -> torch.Tenso
     return absmax.t() if layout == "columns" else absmax
 
 
-def _error_bound(x64: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool, layout: str) -> torch.Tensor:
-    levels = quantization_map(bits, signed, layout=layout)
+def _error_bound(x64: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    levels = quantization_map(bits, signed)
     boundaries = midpoints(levels, bits, rounding_power(bits, signed))[:levels.numel() - 1]
     t = torch.where(absmax > 0, x64 / absmax.clamp(min=1e-300), torch.zeros_like(x64))
     upper = torch.searchsorted(levels, t.reshape(-1)).clamp(max=levels.numel() - 1).view(t.shape)
@@ -88,7 +88,7 @@ def test_round_trip_error_is_within_half_a_map_step(bits, signed, layout, kind):
     x64 = x.double()
     absmax = _per_value_absmax(x64, layout, BLOCK[bits])
     error = (restored.double() - x64).abs()
-    bound = _error_bound(x64, absmax, bits, signed, layout)
+    bound = _error_bound(x64, absmax, bits, signed)
     assert torch.all(error <= bound), f"worst excess {float((error - bound).max()):.3g}"
     # the bound is tight: some value comes within 1% of it (excluding the fp32 slack)
     assert float((error / (bound - absmax * SLACK).clamp(min=1e-30)).max()) > 0.99
@@ -168,7 +168,7 @@ def test_slot_remap_equals_remapping_the_dequantized_state(bits, signed, layout)
     source[::4] = -1                                    # new slots start from zero
     codes, scales = quantize(x, bits, signed, layout)
     new_codes, new_scales = remap_quantized_slots(codes, scales, source, bits=bits, layout=layout,
-                                                  fill_code=codebook(bits, signed, layout=layout).fill_code)
+                                                  fill_code=codebook(bits, signed).fill_code)
     expected = remap_slots(dequantize(codes, scales, bits, signed, x.shape, layout), source, layout)
     assert torch.equal(dequantize(new_codes, new_scales, bits, signed, x.shape, layout), expected)
     assert new_codes.shape == codes.shape and new_scales.shape == scales.shape
@@ -211,7 +211,7 @@ def test_quantized_zeros_is_the_state_of_a_zero_moment(bits, signed, layout):
     assert torch.all(dequantize(codes, scales, bits, signed, shape, layout) == 0)
     if bits == 8 or shape[-1] % 2 == 0 or layout == "columns":
         assert torch.equal(codes, expected_codes)
-    book = codebook(bits, signed, layout=layout)
+    book = codebook(bits, signed)
     low = codes & 15 if bits == 4 else codes
     assert torch.all(low == book.fill_code)
 

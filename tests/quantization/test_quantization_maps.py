@@ -10,16 +10,14 @@ from lowrank_optim.quantization import (
     quantization_map,
     quantize,
 )
-from lowrank_optim.quantization.maps import floored_square_root_map, midpoints, rounding_power, square_root_map
+from lowrank_optim.quantization.maps import midpoints, rounding_power, square_root_map
 
-# (bits, signed, layout): the layout picks the 4-bit second moment's map (projected or plain)
-MAPS = [(8, True, "rows"), (8, False, "rows"), (4, True, "rows"), (4, False, "rows"), (4, False, "flat")]
-maps = pytest.mark.parametrize("bits,signed,layout", MAPS, ids=[f"{b}-{'m' if s else 'v'}-{lay}" for b, s, lay in MAPS])
+MAPS = [(8, True), (8, False), (4, True), (4, False)]
 
 
-@maps
-def test_maps_are_sorted_distinct_and_span_the_unit_interval(bits, signed, layout):
-    levels = quantization_map(bits, signed, layout=layout)
+@pytest.mark.parametrize("bits,signed", MAPS)
+def test_maps_are_sorted_distinct_and_span_the_unit_interval(bits, signed):
+    levels = quantization_map(bits, signed)
     assert levels.dtype == torch.float64
     assert torch.all(levels[1:] > levels[:-1])                      # strictly ascending, no duplicates
     assert levels.numel() == (2**bits - 1 if signed else 2**bits)   # signed: symmetric around 0, one spare code
@@ -45,32 +43,23 @@ def test_dynamic_map_decades():
     assert four[four > 0].tolist() == pytest.approx([0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 1.0])
 
 
-def test_only_the_four_bit_second_moment_map_depends_on_the_layout():
-    for bits, signed in ((8, True), (8, False), (4, True)):
-        assert torch.equal(quantization_map(bits, signed, layout="flat"), quantization_map(bits, signed, layout="rows"))
-    assert torch.equal(quantization_map(4, False, layout="columns"), quantization_map(4, False, layout="rows"))
-    assert not torch.equal(quantization_map(4, False, layout="flat"), quantization_map(4, False, layout="rows"))
-    with pytest.raises(ValueError, match="Invalid layout: 'plain'"):
-        quantization_map(4, False, layout="plain")
-
-
 def test_codebook_tables():
-    for bits, signed, layout in MAPS:
-        book = codebook(bits, signed, layout=layout)
-        used = quantization_map(bits, signed, layout=layout).numel()
+    for bits, signed in MAPS:
+        book = codebook(bits, signed)
+        used = quantization_map(bits, signed).numel()
         assert book.levels.dtype == torch.float32 and book.levels.numel() == 2**bits
-        assert torch.equal(book.levels[:used], quantization_map(bits, signed, layout=layout).float())
+        assert torch.equal(book.levels[:used], quantization_map(bits, signed).float())
         assert torch.all(book.levels[used:] == 1.0)                # spare codes decode inside the table
         assert book.midpoints.numel() == 2**bits - 1
         finite = book.midpoints[torch.isfinite(book.midpoints)]
         assert finite.numel() == used - 1
         assert torch.all((finite > book.levels[:used - 1]) & (finite < book.levels[1:used]))
         assert book.levels[book.fill_code].abs() == book.levels.abs().min()
-    assert codebook(8, True, layout="rows").levels[codebook(8, True, layout="rows").fill_code] == 0
+    assert codebook(8, True).levels[codebook(8, True).fill_code] == 0
 
 
 def test_midpoints_are_padded_with_inf():
-    levels = quantization_map(4, True, layout="flat")
+    levels = quantization_map(4, True)
     padded = midpoints(levels, 4)
     assert padded.numel() == 15 and torch.isinf(padded[-1]) and torch.isfinite(padded[:-1]).all()
 
@@ -83,26 +72,11 @@ def torchao_utils():
 
 def test_four_bit_second_moment_map_is_torchaos_applied_to_the_square_root(torchao_utils):
     assert torch.equal(linear_zero_free_map(4), torch.linspace(0, 1, 17, dtype=torch.float64)[1:])
-    assert torch.equal(quantization_map(4, False, layout="columns"), square_root_map(4))
+    assert torch.equal(quantization_map(4, False), square_root_map(4))
     assert torch.equal(square_root_map(4).sqrt(), linear_zero_free_map(4))
-    assert rounding_power(4, False) == 2 and {rounding_power(b, s) for b, s, _ in MAPS if (b, s) != (4, False)} == {1}
+    assert rounding_power(4, False) == 2 and {rounding_power(b, s) for b, s in MAPS if (b, s) != (4, False)} == {1}
     boundaries = midpoints(square_root_map(4), 4, power=2)
     assert torch.equal(boundaries[:15], ((2 * torch.arange(1, 16, dtype=torch.float64) + 1) / 32) ** 2)
-
-
-def test_plain_second_moments_are_floored_at_torchaos_lowest_level_with_finer_steps_above_it(torchao_utils):
-    """The floored square-root map (maps doc): 16 levels equally spaced in √v from 1/4 to 1, so its
-    lowest level is torchao's 4-bit lowest, 1/16 of the block's absmax; the steps in √v are 0.05
-    where torchao's linear map has steps in v of 1/16 (in √v up to 0.104 at its bottom)."""
-    floored = quantization_map(4, False, layout="flat")
-    assert torch.equal(floored, floored_square_root_map(4))
-    torch.testing.assert_close(floored.sqrt(), (torch.arange(16, dtype=torch.float64) + 5) / 20, rtol=0, atol=1e-15)
-    theirs = torch.linspace(0, 1, 17)[1:].double()                 # torchao's 4-bit second-moment map
-    assert floored[0] == theirs[0] == 1 / 16 and floored[-1] == theirs[-1] == 1
-    assert float(floored.sqrt().diff().max()) < float(theirs.sqrt().diff().max())
-    # a value far below the floor is stored at it, by both
-    codes, scales = quantize(torch.tensor([1.0, 1e-6] * 64), 4, False, "flat")
-    assert dequantize(codes, scales, 4, False, (128,), "flat")[1] == 1 / 16
 
 
 def test_square_root_map_keeps_small_second_moments():
@@ -143,17 +117,16 @@ def test_eight_bit_maps_are_torchaos_with_the_documented_changes(torchao_utils):
         assert _set_difference(theirs, ours) == pytest.approx(only_theirs, abs=1e-7)
 
 
-@maps
-def test_nearest_level_search_agrees_with_torchao(torchao_utils, bits, signed, layout):
+@pytest.mark.parametrize("bits,signed", MAPS)
+def test_nearest_level_search_agrees_with_torchao(torchao_utils, bits, signed):
     """torchao's own search, given our map (padded to 2^bits entries with a repeated 1.0), picks the
     same values; a disagreement is allowed only at a tie: t within 1e-6 of a midpoint (torchao
     compares the residual t − q_k with half the gap, a different rounding than our t ≥ midpoint)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64 * 256, generator=generator) * torch.rand(64 * 256, generator=generator).pow(4)
     x = x if signed else x * x
-    codes, scales = quantize(x.view(64, 256), bits, signed, layout, block_size=256)    # a row: one block
-    scales = scales.view(-1)
-    ours = codebook(bits, signed, layout=layout).levels[:quantization_map(bits, signed, layout=layout).numel()]
+    codes, scales = quantize(x, bits, signed, "flat", block_size=256)
+    ours = codebook(bits, signed).levels[:quantization_map(bits, signed).numel()]
     mine = torch.stack((codes & 15, codes >> 4), -1).reshape(-1) if bits == 4 else codes
     dequantized = ours[mine.long()].view(-1, 256) * scales.view(-1, 1)
 
@@ -171,22 +144,21 @@ def test_nearest_level_search_agrees_with_torchao(torchao_utils, bits, signed, l
         return
     assert torch.equal(scales, torchao_scales)
     differ = dequantized != theirs
-    boundaries = codebook(bits, signed, layout=layout).midpoints[:ours.numel() - 1].double()
+    boundaries = codebook(bits, signed).midpoints[:ours.numel() - 1].double()
     distance = (normalized.double().view(-1, 1) - boundaries.view(1, -1)).abs().amin(1).view(-1, 256)
     assert torch.all(distance[differ] < 1e-6), f"{int(differ.sum())} values differ away from a tie"
 
 
-@maps
-def test_our_maps_are_no_less_accurate_than_torchaos(torchao_utils, bits, signed, layout):
+@pytest.mark.parametrize("bits,signed", MAPS)
+def test_our_maps_are_no_less_accurate_than_torchaos(torchao_utils, bits, signed):
     """Mean absolute dequantization error on Gaussian data (m) and its squares (v), default block
     sizes (256 / 128): ours within 10% of torchao's maps (or better). Measured in the report."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(256 * 256, generator=generator)
     x = x if signed else x * x
     block = 256 if bits == 8 else 128
-    block_rows = x.view(-1, block)                                 # a row: one block, in either layout
-    codes, scales = quantize(block_rows, bits, signed, layout)
-    ours = (dequantize(codes, scales, bits, signed, block_rows.shape, layout).view(-1) - x).abs().mean()
+    codes, scales = quantize(x, bits, signed, "flat")
+    ours = (dequantize(codes, scales, bits, signed, x.shape, "flat") - x).abs().mean()
     if bits == 8:
         qmap = torch.tensor(torchao_utils.create_dynamic_map(signed=signed))
     elif signed:

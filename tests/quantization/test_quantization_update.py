@@ -50,11 +50,11 @@ def _assert_codes_match_up_to_ties(codes, expected_codes, moment64, bits, signed
     absmax = _per_value_absmax(moment64, layout, BLOCK[bits])
     t = moment64 / absmax.clamp(min=1e-300)
     if noise is None:
-        boundaries = codebook(bits, signed, layout=layout).midpoints.double()
+        boundaries = codebook(bits, signed).midpoints.double()
         boundaries = boundaries[torch.isfinite(boundaries)]
         near_tie = (t[differ].view(-1, 1) - boundaries.view(1, -1)).abs().amin(1) <= TIE_DISTANCE
     else:
-        levels = codebook(bits, signed, layout=layout).levels.double().sqrt()    # the 4-bit v rounds in √ (p = 2)
+        levels = codebook(bits, signed).levels.double().sqrt()           # the 4-bit v rounds in √ (p = 2)
         lower = torch.minimum(ours, theirs)[differ]
         chance = (t[differ].sqrt() - levels[lower]) / (levels[lower + 1] - levels[lower])
         near_tie = (chance - noise[differ].double() / 2**24).abs() <= TIE_DISTANCE
@@ -69,7 +69,7 @@ def _v_noise(grad, state, bits, layout, source_slots=None):
     v_codes, v_scales = state[2:]
     if source_slots is not None:
         v_codes, v_scales = remap_quantized_slots(v_codes, v_scales, source_slots, layout=layout, bits=bits,
-                                                  fill_code=codebook(bits, False, layout=layout).fill_code)
+                                                  fill_code=codebook(bits, False).fill_code)
     return reference_noise(fused_second_moment(grad, v_codes, v_scales, bits=bits, layout=layout, **STEP), grad, 1)
 
 
