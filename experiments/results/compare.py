@@ -86,6 +86,8 @@ METHODS: dict[str, Method] = {
                               note="proj='dct', plain group at lr 1e-2"),
     "apollo_torch": Method("apollo_torch_adamw", 3e-3),
     "apollo_torch_mini": Method("apollo_torch_mini", 3e-3),
+    "apollo_torch_mini_plain_lr": Method("apollo_torch_mini", 3e-3, {"plain_lr": 1e-2},
+                                         note="plain group at lr 1e-2"),
     "sst": Method("sst_adamw", 3e-3),
     "sltrain": Method("adamw", 3e-3, {"parameterization": "sltrain"}, label="SLTrain"),
 }
