@@ -11,8 +11,6 @@ nothing else changed, to measure whether that asymmetry is part of torchao's lea
 """
 from __future__ import annotations
 
-import sys
-
 
 def patch_signed_map() -> tuple[float, ...]:
     """Replace torchao's signed 4-bit map (what ``OptimState4bit.zeros`` reads) by itself with the lowest
@@ -32,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from experiments.results import compare
 
     patch_signed_map()
-    compare.main(sys.argv[1:] if argv is None else argv)
+    compare.main(argv, module="experiments.bench.torchao_map_probe")
 
 
 if __name__ == "__main__":

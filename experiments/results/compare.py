@@ -196,9 +196,11 @@ def markdown_table(rows: list[dict], base: TrainConfig, device: str, command: st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, module: str = "experiments.results.compare") -> None:
+    """Run the comparison; ``module`` is the entry point named in ``--help`` and in the recorded command
+    (another script that calls this one, e.g. ``experiments.bench.torchao_map_probe``, passes its own)."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.results.compare",
+        prog=f"python -m {module}",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     base = base_config(args)
     rows = [run_method(key, METHODS[key], base, args.lr_factors, args.runs_dir) for key in args.methods]
 
-    command = command_line("experiments.results.compare", argv)
+    command = command_line(module, argv)
     device = device_label("cuda" if torch.cuda.is_available() else "cpu")
     table = markdown_table(rows, base, device, command)
     write_text(args.out / "results.md", table)

@@ -32,3 +32,17 @@ def test_patched_map_stores_a_negative_block_maximum_exactly(monkeypatch):
     assert after_state.qmap.tolist() == pytest.approx(list(patched))
     torch.testing.assert_close(before[:, 0], torch.full((64,), -0.1 * 0.8875))    # m = (1 − β1)·g, shrunk
     torch.testing.assert_close(after[:, 0], torch.full((64,), -0.1))              # stored exactly
+
+
+def test_probe_runs_compare_and_records_itself_as_the_command(monkeypatch, tmp_path):
+    """The probe's results name the probe, not ``compare``, as the command that made them."""
+    from experiments.bench import torchao_map_probe
+
+    monkeypatch.setattr(subclass_4bit, "get_qmap_signed", subclass_4bit.get_qmap_signed)  # restored after
+    torchao_map_probe.main(["--methods", "torchao_adamw4bit", "--model_config", "llama_micro",
+                            "--num_training_steps", "2", "--batch_size", "2", "--max_length", "16",
+                            "--eval_every", "2", "--eval_tokens", "256", "--out", str(tmp_path / "out"),
+                            "--runs_dir", str(tmp_path / "runs")])
+    assert subclass_4bit.get_qmap_signed()[0] == -1.0
+    assert "Command: `python -m experiments.bench.torchao_map_probe --methods torchao_adamw4bit " \
+        in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
