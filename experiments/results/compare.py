@@ -140,12 +140,20 @@ def validation_curve(save_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val/loss"]) for r in read_metrics(save_dir / METRICS_FILE) if "val/loss" in r]
 
 
+def format_lr(lr: float) -> str:
+    """``lr`` in scientific notation with up to three significant digits and no trailing zeros
+    (``1e-03``, ``1.5e-03``, ``3.33e-03``): distinct for every ``--lr_factors`` sweep, which one digit
+    is not (1.5e-3 and 2e-3 both print ``2e-03``)."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
 def run_method(key: str, method: Method, base: TrainConfig, lr_factors: list[float], runs_dir: Path) -> dict:
     """Train ``method`` at each lr; return the best run's summary and every run's final loss."""
     sweep = []
     for factor in lr_factors:
         lr = method.lr * factor
-        name = f"{key}-lr{lr:.0e}-seed{base.seed}"      # seeds may share a --runs_dir
+        name = f"{key}-lr{format_lr(lr)}-seed{base.seed}"      # seeds may share a --runs_dir
         config = dataclasses.replace(base, optimizer=method.optimizer, lr=lr, run_name=name,
                                      save_dir=str(runs_dir / name), **method.overrides)
         result = train(config)
@@ -187,9 +195,10 @@ def markdown_table(rows: list[dict], base: TrainConfig, device: str, command: st
     ]
     for row in rows:
         ratio = f"{row['optimizer_state_bytes'] / adamw_bytes:.2f}x" if adamw_bytes else "n/a"
-        sweep = ", ".join(f"{lr:.0e}: {loss:.4f}" for lr, loss in row["lr_sweep"])
+        sweep = ", ".join(f"{format_lr(lr)}: {loss:.4f}" for lr, loss in row["lr_sweep"])
         lines.append(
-            f"| {row['label']} | {row['lr']:.0e} | {row['final_val_loss']:.4f} | {row['final_val_perplexity']:.2f} "
+            f"| {row['label']} | {format_lr(row['lr'])} | {row['final_val_loss']:.4f} "
+            f"| {row['final_val_perplexity']:.2f} "
             f"| {row['optimizer_state_bytes'] / 2**20:.2f} MiB | {ratio} | {row['tokens_per_second']:.0f} "
             f"| {row['trainable_parameters'] / 1e6:.2f}M | {sweep} |"
         )

@@ -181,8 +181,8 @@ def test_compare_keeps_a_methods_plain_lr_while_lr_factors_scale_its_lr(tmp_path
                   "--batch_size", "4", "--max_length", "32", "--eval_every", "0", "--eval_tokens", "512",
                   "--lr_factors", "0.5", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
     method = compare.METHODS["apollo_mini_plain_lr"]
-    saved = json.loads((tmp_path / "runs" / f"apollo_mini_plain_lr-lr{method.lr / 2:.0e}-seed0" / "config.json")
-                       .read_text())
+    run_name = f"apollo_mini_plain_lr-lr{compare.format_lr(method.lr / 2)}-seed0"
+    saved = json.loads((tmp_path / "runs" / run_name / "config.json").read_text())
     assert (saved["optimizer"], saved["lr"], saved["plain_lr"]) == ("apollo_mini", method.lr / 2, 1e-2)
 
 
@@ -199,3 +199,10 @@ def test_compare_dtype_flag_reaches_each_run_config(tmp_path):
     parser = argparse.ArgumentParser()
     compare.add_budget_flags(parser)
     assert compare.base_config(parser.parse_args([])).dtype == "float32"
+
+
+@pytest.mark.parametrize("lr, text", [(1e-3, "1e-03"), (1.5e-3, "1.5e-03"), (2e-3, "2e-03"), (3.33e-3, "3.33e-03"),
+                                      (0.01, "1e-02")])
+def test_compare_names_each_lr_of_a_sweep_apart(lr, text):
+    # one significant digit printed 1.5e-3 as 2e-03: two factors of a sweep shared a run folder's name
+    assert compare.format_lr(lr) == text
