@@ -78,6 +78,8 @@ VARIANTS = {
     "v_lib": ("block:128:dyn", "block:128:sqrt:srs", "all"),
     "m32_v_lib": ("block:32:dyn", "block:128:sqrt:srs", "all"),
     "m_rank1_v_lib": ("rank1:dyn", "block:128:sqrt:srs", "all"),
+    # torchao 0.18's AdamW4bit as published, its signed map included (session 13)
+    "torchao_exact": ("block:128:tao", "block:128:lin", "all"),
 }
 
 
@@ -87,8 +89,19 @@ NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414,
                           dtype=torch.float64)
 
 
+# torchao 0.18's signed 4-bit map, ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``:
+# the library's 15 levels with a 16th, +0.8875, and without −1.0 (its lowest level is −0.8875)
+TORCHAO_SIGNED_4BIT_LEVELS = torch.tensor([-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
+                                           0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0],
+                                          dtype=torch.float64)
+
+
 def _levels(name: str, signed: bool) -> tuple[torch.Tensor, int]:
     """The levels of map ``name`` (module doc) and its bits."""
+    if name == "tao":
+        if not signed:
+            raise ValueError("the 'tao' map is torchao's signed map, for the first moment only")
+        return TORCHAO_SIGNED_4BIT_LEVELS, 4
     if name in ("dyn", "dyn8"):
         bits = 8 if name == "dyn8" else 4
         return dynamic_map(bits, signed=signed), bits
