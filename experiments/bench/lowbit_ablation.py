@@ -29,7 +29,8 @@ zero-free), ``dynu`` (the dynamic unsigned 4-bit map, zero-free, 4 decades), ``s
 to ``√v``: the stored magnitude is ``√v``, so ``v`` spans 1/1024 … 1 of its scale), ``slin`` (the
 signed linear 4-bit map ``k/7``, ``k = −7…7``), ``dyn8`` (the library's 8-bit dynamic map, signed for
 ``m``, zero-free unsigned for ``v``: the 8-bit scheme as a reference), ``nf4`` (QLoRA's NormalFloat-4
-levels, signed, for ``m``).
+levels, signed, for ``m``), ``tao`` (torchao 0.18's signed 4-bit map: 16 levels from −0.8875 to 1.0, for
+``m``).
 
 Writes ``results.md`` and ``results.json`` into ``--out`` after every run (a cut-off run keeps its
 finished rows).
