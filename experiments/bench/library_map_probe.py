@@ -3,8 +3,8 @@
     python -m experiments.bench.library_map_probe COMPARE_FLAGS...
 
 The library's signed 4-bit map has 15 levels, ±1.0 at both ends and one code never written; torchao
-0.18's (``create_dynamic_map(True, 3, 4)``) uses all 16: the same levels plus +0.8875, with −0.8875 as
-its lowest. Simulated at 3.3M, torchao's published scheme with its own map reproduces torchao's real
+0.18's (``create_dynamic_map(True, 3, 4)``) uses all 16: the same levels with −1.0 replaced by −0.8875,
+and +0.8875. Simulated at 3.3M, torchao's published scheme with its own map reproduces torchao's real
 runs, and with the library's map it does not. This runs ``experiments.results.compare`` with the
 library's 4-bit first moment on torchao's map (the levels of
 :data:`experiments.bench.lowbit_ablation.TORCHAO_SIGNED_4BIT_LEVELS`) and nothing else changed — the

@@ -91,7 +91,7 @@ NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414,
 
 
 # torchao 0.18's signed 4-bit map, ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``:
-# the library's 15 levels with a 16th, +0.8875, and without −1.0 (its lowest level is −0.8875)
+# the library's 15 levels with −1.0 replaced by −0.8875, and a 16th, +0.8875
 TORCHAO_SIGNED_4BIT_LEVELS = torch.tensor([-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
                                            0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0],
                                           dtype=torch.float64)
