@@ -52,8 +52,8 @@ def test_patch_refuses_once_a_codebook_is_cached(patched):
         patched()
 
 
-def test_probe_runs_compare_and_records_itself_as_the_command(patched, monkeypatch, tmp_path):
-    monkeypatch.setattr(library_map_probe, "patch_signed_4bit_map", patched)
+def test_probe_runs_compare_and_records_itself_as_the_command(patched, tmp_path):
+    """The probe patches the map (the fixture undoes it) and names itself as the command."""
     library_map_probe.main(["--methods", "adamw_lib_4bit", "--model_config", "llama_micro",
                             "--num_training_steps", "2", "--batch_size", "2", "--max_length", "16",
                             "--eval_every", "2", "--eval_tokens", "256", "--out", str(tmp_path / "out"),
