@@ -5,10 +5,12 @@ dicts it saves (the promise), and one without the key, as ``torch.distributed.ch
 it from per-parameter entries; a state dict of another format, or whose param groups lack keys of
 this version, is refused with what it lacks (no defaults are guessed for an older layout).
 
-Format 3 changed one thing: the map of 4-bit second moments (the square-root map,
-:mod:`lowrank_optim.quantization.maps`); the stored tensors kept their shapes, so a format-2 state
-would load and be misread. A format-2 state dict without a ``moment_bits=4`` group holds the same
-tensors as format 3 and is loaded; one with such a group is refused.
+Formats 3 and 4 each changed one thing, a map of the 4-bit moments
+(:mod:`lowrank_optim.quantization.maps`): format 3 the second moment's (the square-root map), format 4
+the first moment's (the full signed map, 16 levels instead of 15). The stored tensors kept their
+shapes, so an older 4-bit state would load and be misread. A format-2 or format-3 state dict without
+a ``moment_bits=4`` group holds the same tensors as format 4 and is loaded; one with such a group is
+refused by name.
 
 ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating parameter to the
 parameter's dtype (except ``"step"``): integer subspace indices and step counts would become
@@ -19,21 +21,22 @@ from __future__ import annotations
 
 import torch
 
-STATE_FORMAT = 3
-_SAME_TENSORS_WITHOUT_4BIT = 2      # format 2 differs only in the 4-bit second moment's map
+STATE_FORMAT = 4
+# formats that differ from this one only in the maps of 4-bit moments, and what changed since
+_OTHER_4BIT_MAPS = {2: "4-bit first and second moments", 3: "4-bit first moments"}
 
 
 def check_state_format(state_dict: dict, group_keys: set[str], optimizer_name: str) -> None:
     """``ValueError`` naming what is wrong when ``state_dict`` is not of :data:`STATE_FORMAT` (or a
-    format-2 one without 4-bit moments, module doc) or a saved param group lacks one of
+    format-2 or format-3 one without 4-bit moments, module doc) or a saved param group lacks one of
     ``group_keys``; nothing is loaded then."""
     found = state_dict.get("state_format", STATE_FORMAT)
     four_bit = [index for index, group in enumerate(state_dict["param_groups"]) if group.get("moment_bits") == 4]
-    if found == _SAME_TENSORS_WITHOUT_4BIT and four_bit:
+    if found in _OTHER_4BIT_MAPS and four_bit:
         raise ValueError(f"Invalid state_dict: state_format {found!r} with moment_bits=4 in "
-                         f"param_groups[{four_bit[0]}] (format {STATE_FORMAT} stores 4-bit second moments on "
-                         "another map; load it with the version that saved it, or start those moments anew)")
-    if found not in (STATE_FORMAT, _SAME_TENSORS_WITHOUT_4BIT):
+                         f"param_groups[{four_bit[0]}] (format {STATE_FORMAT} stores {_OTHER_4BIT_MAPS[found]} on "
+                         "other maps; load it with the version that saved it, or start those moments anew)")
+    if found != STATE_FORMAT and found not in _OTHER_4BIT_MAPS:
         raise ValueError(f"Invalid state_dict: state_format {found!r} (this version of lowrank-optim loads format "
                          f"{STATE_FORMAT}; load it with the version that saved it)")
     for index, group in enumerate(state_dict["param_groups"]):

@@ -24,13 +24,14 @@ A trailing ``:sr`` rounds stochastically between the two neighbouring levels, un
 moment's own value (in ``v``, not ``√v``, for ``sqrt``), instead of to the nearest; ``:srs`` does so
 unbiased in the stored value (``√v`` for ``sqrt``; the same as ``:sr`` for the other maps).
 
-Maps: ``dyn`` (the library's 4-bit dynamic map, signed for ``m``), ``lin`` (``k/16``, ``k = 1…16``,
+Maps: ``dyn`` (the 4-bit dynamic map, :func:`~lowrank_optim.quantization.dynamic_map`: for ``m`` the
+library's symmetric 15-level signed map up to session 13), ``lin`` (``k/16``, ``k = 1…16``,
 zero-free), ``dynu`` (the dynamic unsigned 4-bit map, zero-free, 4 decades), ``sqrt`` (``lin`` applied
 to ``√v``: the stored magnitude is ``√v``, so ``v`` spans 1/1024 … 1 of its scale), ``slin`` (the
 signed linear 4-bit map ``k/7``, ``k = −7…7``), ``dyn8`` (the library's 8-bit dynamic map, signed for
 ``m``, zero-free unsigned for ``v``: the 8-bit scheme as a reference), ``nf4`` (QLoRA's NormalFloat-4
 levels, signed, for ``m``), ``tao`` (torchao 0.18's signed 4-bit map: 16 levels from −0.8875 to 1.0, for
-``m``).
+``m``; the library's since session 14, :func:`lowrank_optim.quantization.full_signed_map`).
 
 Writes ``results.md`` and ``results.json`` into ``--out`` after every run (a cut-off run keeps its
 finished rows).
@@ -50,7 +51,7 @@ from experiments.bench.common import command_line, write_text
 from experiments.results.compare import add_budget_flags, base_config
 from lowrank_optim.moments import base as moments_base
 from lowrank_optim.moments.float_moments import FloatMoments
-from lowrank_optim.quantization import dynamic_map, linear_zero_free_map, moment_bits_for
+from lowrank_optim.quantization import dynamic_map, full_signed_map, linear_zero_free_map, moment_bits_for
 from lowrank_optim.quantization.maps import midpoints
 
 # variant: (scheme of m, scheme of v, which tensors: "all", "projected" or "plain"); None = float
@@ -90,19 +91,12 @@ NF4_LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414,
                           dtype=torch.float64)
 
 
-# torchao 0.18's signed 4-bit map, ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``:
-# the library's 15 levels with −1.0 replaced by −0.8875, and a 16th, +0.8875
-TORCHAO_SIGNED_4BIT_LEVELS = torch.tensor([-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
-                                           0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0],
-                                          dtype=torch.float64)
-
-
 def _levels(name: str, signed: bool) -> tuple[torch.Tensor, int]:
     """The levels of map ``name`` (module doc) and its bits."""
     if name == "tao":
         if not signed:
             raise ValueError("the 'tao' map is torchao's signed map, for the first moment only")
-        return TORCHAO_SIGNED_4BIT_LEVELS, 4
+        return full_signed_map(4), 4
     if name in ("dyn", "dyn8"):
         bits = 8 if name == "dyn8" else 4
         return dynamic_map(bits, signed=signed), bits

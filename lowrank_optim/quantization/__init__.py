@@ -22,7 +22,8 @@ DCT/SVD directions carry most of the gradient), so a block never mixes two slots
 found by a binary search over the midpoints ``(q_k + q_{k+1})/2``. Error bound: if
 ``q_k ≤ t_i ≤ q_{k+1}`` then ``|x̃_i − x_i| ≤ a_β (q_{k+1} − q_k)/2``; below the lowest level of a
 zero-free map, ``|x̃_i − x_i| ≤ a_β (q_0 − t_i)`` (the value is rounded up). The absmax itself is
-exact (``q = ±1`` are levels).
+exact (``q = 1`` is a level, and so is ``q = −1`` except in the 4-bit ``m`` map, whose lowest level
+is ``−0.8875``).
 
 **Maps** (:mod:`.maps`): first moment signed, second unsigned.
 
@@ -30,7 +31,7 @@ exact (``q = ±1`` are levels).
 bits   ``m`` (signed)                                   ``v`` (unsigned, **no zero level**)
 =====  ===============================================  ==============================================
 8      dynamic tree: 0, ±[5.5·10^−7, 1], 255 levels      dynamic tree: [5.5·10^−9, 1], 256 levels
-4      dynamic tree: 0, ±{.0055, .0325, …, .6625, 1}    square root: (k/16)², k = 1…16, **stochastic**
+4      full signed: 0, ±{.0055, .0325, …, .8875}, +1    square root: (k/16)², k = 1…16, **stochastic**
 =====  ===============================================  ==============================================
 
 A zero level in ``v`` would blow up ``N = m̂/(√v̂ + ε)`` for values rounded to it (maps doc).
@@ -88,7 +89,7 @@ Dependencies: none beyond torch (and Triton for the kernel). The maps are built 
 definitions; :mod:`.reference` is an independent float64 implementation the tests compare with.
 """
 from .blockwise import dequantize, quantize, quantized_zeros, requantize_transformed
-from .maps import codebook, dynamic_map, linear_zero_free_map, quantization_map, square_root_map
+from .maps import codebook, dynamic_map, full_signed_map, linear_zero_free_map, quantization_map, square_root_map
 from .policy import (
     DEFAULT_BLOCK_SIZES,
     MIN_QUANTIZED_NUMEL,
@@ -105,7 +106,7 @@ from .stochastic_rounding import add_stochastic_round_, stochastic_round_bf16
 __all__ = [
     "DEFAULT_BLOCK_SIZES", "MIN_QUANTIZED_NUMEL", "MOMENT_BITS",
     "add_stochastic_round_", "check_moment_bits", "check_moment_block_size", "codebook", "default_block_size",
-    "dequantize", "dynamic_map", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
+    "dequantize", "dynamic_map", "full_signed_map", "linear_zero_free_map", "moment_bits_for", "moment_state_bytes",
     "quantization_map", "quantize", "quantized_zeros", "requantize_transformed", "resolve_block_size",
     "square_root_map",
     "stochastic_round_bf16",

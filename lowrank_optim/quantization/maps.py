@@ -15,11 +15,20 @@ except that the top level (``e = 0``, ``f = F_0 − 1``) is 1 itself, so a block
 exactly. Relative resolution is about ``0.9/F_e`` inside a decade and the range spans ``c``
 decades. The all-zero magnitude pattern is
 
-* ``0`` in the **signed** map (first moment): levels ``{0} ∪ {±level(e, f)}``, symmetric,
-  ``2^b − 1`` levels (8 bits: 255, magnitudes from ``5.5·10^−7`` to 1; 4 bits: 15,
-  ``{.0055, .0325, .0775, .2125, .4375, .6625, 1}``); the one spare code is never written;
+* ``0`` in the **signed** map (first moment), 8 bits: levels ``{0} ∪ {±level(e, f)}``, symmetric,
+  255 levels, magnitudes from ``5.5·10^−7`` to 1; the one spare code is never written;
 * the centre of the next decade, ``0.55·10^−c``, in the **unsigned** map (second moment):
   ``2^b`` levels, none of them zero (8 bits: 256, from ``5.5·10^−9`` to 1).
+
+**Full signed map** for the 4-bit first moment (torchao's ``AdamW4bit``, Li et al.'s and
+bitsandbytes' ``create_dynamic_map(signed=True)``): the same decades with the top bin centre kept,
+``±{.0055, .0325, .0775, .2125, .4375, .6625, .8875}``, ``0``, and ``+1`` on the code the symmetric
+map leaves spare — all 16 codes used. A block's absmax is exact when it is positive and stored as
+``−0.8875`` of it when negative. Measured (``experiments/results/LOWBIT_4BIT.md`` §9–10): the
+symmetric 15-level map's top step (``0.6625 → 1``) rounds the largest momenta of a block by up to
+20%; with ``0.8875`` splitting it, the library's 4-bit AdamW ends 0.38 ± 0.12% lower at 3.3M
+parameters and 0.43 ± 0.21% on the tiny LLaMA (three seeds each), level with torchao's; making it
+symmetric instead (``−1`` for ``−0.8875``) cost torchao 0.18 ± 0.16%.
 
 **Linear zero-free map** (torchao's ``AdamW4bit`` second moment; Li et al., "Memory efficient
 optimizers with 4-bit states", 2023): ``k / 2^b`` for ``k = 1 … 2^b``.
@@ -55,23 +64,38 @@ import torch
 from lowrank_optim.kernels.quantized_moment_update import Codebook, check_bits
 
 
-def dynamic_map(bits: int, signed: bool) -> torch.Tensor:
-    """The dynamic tree map (module doc), float64, ascending."""
-    check_bits(bits)
-    magnitude_bits = bits - 1 if signed else bits
+def _decade_centres(magnitude_bits: int) -> torch.Tensor:
+    """``level(e, f)`` of the module doc for every decade and bin, the top centre not moved, float64,
+    ascending."""
     magnitudes = []
     for decade in range(magnitude_bits):
         count = 2 ** (magnitude_bits - 1 - decade)
         centres = (torch.arange(count, dtype=torch.float64) + 0.5) / count
         magnitudes.append(10.0 ** -decade * (0.1 + 0.9 * centres))
-    magnitudes = torch.cat(magnitudes)
-    magnitudes[magnitudes.argmax()] = 1.0            # the absmax is a level
+    return torch.cat(magnitudes).sort().values
+
+
+def dynamic_map(bits: int, signed: bool) -> torch.Tensor:
+    """The dynamic tree map (module doc), its top centre moved to 1, float64, ascending."""
+    check_bits(bits)
+    magnitude_bits = bits - 1 if signed else bits
+    magnitudes = _decade_centres(magnitude_bits)
+    magnitudes[-1] = 1.0                              # the absmax is a level
     if signed:
         levels = torch.cat((-magnitudes, torch.zeros(1, dtype=torch.float64), magnitudes))
     else:
         lowest = 10.0 ** -magnitude_bits * (0.1 + 0.9 * 0.5)            # the next decade's centre
         levels = torch.cat((torch.tensor([lowest], dtype=torch.float64), magnitudes))
     return levels.sort().values
+
+
+def full_signed_map(bits: int) -> torch.Tensor:
+    """The full signed map (module doc): ``±`` the decade centres, ``0`` and ``+1``; ``2^b`` levels,
+    float64, ascending."""
+    check_bits(bits)
+    magnitudes = _decade_centres(bits - 1)
+    one = torch.ones(1, dtype=torch.float64)
+    return torch.cat((-magnitudes, torch.zeros(1, dtype=torch.float64), magnitudes, one)).sort().values
 
 
 def linear_zero_free_map(bits: int) -> torch.Tensor:
@@ -87,11 +111,11 @@ def square_root_map(bits: int) -> torch.Tensor:
 
 
 def quantization_map(bits: int, signed: bool) -> torch.Tensor:
-    """The map the library uses, float64, ascending: dynamic signed for ``m`` (8 and 4 bits);
-    for ``v`` dynamic zero-free unsigned at 8 bits, the square-root map at 4 bits."""
+    """The map the library uses, float64, ascending: for ``m`` dynamic signed at 8 bits, the full
+    signed map at 4 bits; for ``v`` dynamic zero-free unsigned at 8 bits, the square-root map at 4."""
     check_bits(bits)
     if signed:
-        return dynamic_map(bits, signed=True)
+        return dynamic_map(8, signed=True) if bits == 8 else full_signed_map(4)
     return dynamic_map(8, signed=False) if bits == 8 else square_root_map(4)
 
 
@@ -122,7 +146,7 @@ def _codebook(bits: int, signed: bool, device: str) -> Codebook:
     levels = quantization_map(bits, signed)
     fill_code = int(levels.abs().argmin())
     boundaries = midpoints(levels, bits, rounding_power(bits, signed))
-    # the spare code of a signed map decodes as the top level: every byte reads inside the table
+    # the spare code of the 8-bit signed map decodes as the top level: every byte reads inside the table
     table = torch.cat((levels, levels[-1:].expand(2**bits - levels.numel())))
     return Codebook(table.to(device=device, dtype=torch.float32),
                     boundaries.to(device=device, dtype=torch.float32), fill_code,

@@ -1,9 +1,8 @@
 """The simulated schemes of experiments/bench/lowbit_ablation.py: the ``floor`` map is the ``lin``
-map's lowest level without its rounding; the ``tao`` map is torchao's signed 4-bit map."""
-import pytest
+map's lowest level without its rounding; the ``tao`` map rounds to torchao's signed 4-bit levels."""
 import torch
 
-from experiments.bench.lowbit_ablation import TORCHAO_SIGNED_4BIT_LEVELS, fake
+from experiments.bench.lowbit_ablation import fake
 
 
 def test_floor_raises_the_values_below_a_sixteenth_of_their_block_absmax_and_keeps_the_rest():
@@ -21,12 +20,6 @@ def test_the_linear_map_stores_a_value_far_below_its_floor_at_the_floor():
     rounded = fake(v, "block:128:lin", "flat", signed=False)
     floored = fake(v, "block:128:floor", "flat", signed=False)
     assert rounded[1] == floored[1] == 1 / 16
-
-
-def test_the_tao_map_is_torchaos_signed_4bit_map():
-    subclass_4bit = pytest.importorskip("torchao.optim.subclass_4bit", reason="torchao is a benchmark peer")
-    levels = torch.tensor(subclass_4bit.get_qmap_signed(), dtype=torch.float64)
-    torch.testing.assert_close(TORCHAO_SIGNED_4BIT_LEVELS, levels, rtol=0, atol=1e-7)
 
 
 def test_the_tao_map_rounds_the_first_moment_to_its_nearest_level_and_keeps_a_positive_absmax():

@@ -44,7 +44,7 @@ def test_low_bit_training_tracks_float_moments(name, bits, loss_tolerance, path_
     """Over 20 steps: mean loss within 0.2% (8-bit) / 1% (4-bit) of float moments, and the distance
     between the two runs' parameters, relative to how far float moments moved them, below 15% /
     70% (measured 2.3% / 45% for the DCT, 8.9% at 8 bits for GaLore, whose SVD refreshes follow the
-    perturbed weights; a 4-bit first moment has 15 levels per block)."""
+    perturbed weights; a 4-bit first moment has 16 levels per block)."""
     start, float_model, low_model = make_model(**WIDE), make_model(**WIDE), make_model(**WIDE)
     reference = sum(train(float_model, BUILDS[name](float_model), 20)) / 20
     low = sum(train(low_model, BUILDS[name](low_model, moment_bits=bits), 20)) / 20
@@ -262,22 +262,24 @@ def test_fsdp2_sharded_low_bit_moments_in_one_process_equal_unsharded(tmp_path, 
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("old_format, changed", [(2, "4-bit first and second moments"), (3, "4-bit first moments")])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_a_format_2_state_loads_unless_it_holds_4_bit_moments(bits):
-    """Format 3 changed only the 4-bit second moment's map (state_io doc): an older state with 4-bit
-    moments would be misread, so it is refused by name; one without them is the same tensors."""
+def test_a_format_2_or_3_state_loads_unless_it_holds_4_bit_moments(bits, old_format, changed):
+    """Formats 3 and 4 changed only maps of the 4-bit moments (state_io doc): an older state with
+    4-bit moments would be misread, so it is refused by name; one without them is the same tensors."""
     model = make_model(**WIDE)
     optimizer = _dct(model, moment_bits=bits)
     train(model, optimizer, 1)
-    saved = {**optimizer.state_dict(), "state_format": 2}
+    saved = {**optimizer.state_dict(), "state_format": old_format}
     restored = _dct(model, moment_bits=bits)
     if bits == 4:
-        with pytest.raises(ValueError, match=r"state_format 2 with moment_bits=4 in param_groups\[0\]"):
+        with pytest.raises(ValueError, match=rf"state_format {old_format} with moment_bits=4 in param_groups\[0\] "
+                                             rf"\(format 4 stores {changed} on other maps"):
             restored.load_state_dict(saved)
         assert not restored.state
         return
     restored.load_state_dict(saved)
-    assert restored.state_dict()["state_format"] == 3
+    assert restored.state_dict()["state_format"] == 4
     for param in model.parameters():
         for key, value in optimizer.state[param].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored.state[param][key]))

@@ -216,18 +216,22 @@ def test_quantized_zeros_is_the_state_of_a_zero_moment(bits, signed, layout):
     assert torch.all(low == book.fill_code)
 
 
-def test_spare_codes_of_signed_maps_decode_inside_the_table():
-    """The signed maps leave one code unused (255 at 8 bits, 15 at 4); quantization never writes it,
-    and a state holding it (corrupted or crafted) still reads inside the table, as the top level."""
-    for bits in (8, 4):
-        x = _data("student_t", (300, 37), True, seed=11)
-        codes, scales = quantize(x, bits, True, "columns")
-        assert int(codes.max()) < (255 if bits == 8 else 0xFF) or bits == 4
-        low = codes & 15 if bits == 4 else codes
-        assert int(low.max()) < 2**bits - 1
-        codes[0, 0] = 255                                   # 8 bits: the spare code; 4 bits: both nibbles 15
-        restored = dequantize(codes, scales, bits, True, x.shape, "columns")
-        assert float(restored[0, 0]) == float(scales[0, 0])
+def test_the_spare_code_of_the_8_bit_signed_map_decodes_inside_the_table():
+    """The 8-bit signed map leaves code 255 unused; quantization never writes it, and a state holding
+    it (corrupted or crafted) still reads inside the table, as the top level. At 4 bits every code is
+    a level: a block's positive absmax is written as code 15 (+1), its negative one as code 0."""
+    x = _data("student_t", (300, 37), True, seed=11)
+    codes, scales = quantize(x, 8, True, "columns")
+    assert int(codes.max()) < 255
+    codes[0, 0] = 255
+    restored = dequantize(codes, scales, 8, True, x.shape, "columns")
+    assert float(restored[0, 0]) == float(scales[0, 0])
+    four = torch.tensor([[1.0, -2.0, 0.5, 0.0], [-1.0, 2.0, 0.25, 0.0]])
+    four_codes, four_scales = quantize(four, 4, True, "rows")
+    nibbles = torch.stack((four_codes & 15, four_codes >> 4), -1).reshape(2, 4)
+    assert nibbles[0, 1] == 0 and nibbles[1, 1] == 15 and nibbles[0, 3] == 7
+    restored = dequantize(four_codes, four_scales, 4, True, four.shape, "rows")
+    assert restored[0, 1] == torch.tensor(-0.8875) * 2 and restored[1, 1] == 2.0
 
 
 def test_storage_shapes():

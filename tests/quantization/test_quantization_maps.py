@@ -6,6 +6,7 @@ from lowrank_optim.quantization import (
     codebook,
     dequantize,
     dynamic_map,
+    full_signed_map,
     linear_zero_free_map,
     quantization_map,
     quantize,
@@ -20,10 +21,12 @@ def test_maps_are_sorted_distinct_and_span_the_unit_interval(bits, signed):
     levels = quantization_map(bits, signed)
     assert levels.dtype == torch.float64
     assert torch.all(levels[1:] > levels[:-1])                      # strictly ascending, no duplicates
-    assert levels.numel() == (2**bits - 1 if signed else 2**bits)   # signed: symmetric around 0, one spare code
-    assert levels[-1] == 1.0                                        # the absmax is exact
-    if signed:
+    assert levels.numel() == (255 if (bits, signed) == (8, True) else 2**bits)  # 8-bit m: one spare code
+    assert levels[-1] == 1.0                                        # a positive absmax is exact
+    if (bits, signed) == (8, True):                                 # symmetric around 0
         assert levels[0] == -1.0 and torch.equal(levels, -levels.flip(0)) and (levels == 0).sum() == 1
+    elif signed:                                                    # 4-bit m: the full signed map
+        assert levels[0] == -0.8875 and torch.equal(levels[:-1], -levels[:-1].flip(0)) and (levels == 0).sum() == 1
     else:
         assert levels[0] > 0                                        # no zero level for v (package doc)
 
@@ -43,6 +46,16 @@ def test_dynamic_map_decades():
     assert four[four > 0].tolist() == pytest.approx([0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 1.0])
 
 
+def test_the_full_signed_map_keeps_the_top_centre_and_adds_one():
+    """The 4-bit first moment's map: the dynamic map's decade centres, the top one (0.8875) not moved
+    to 1, mirrored, 0, and +1 on the code the symmetric map leaves spare."""
+    full = full_signed_map(4)
+    centres = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]
+    assert full.tolist() == pytest.approx([-c for c in reversed(centres)] + [0.0] + centres + [1.0])
+    assert torch.equal(quantization_map(4, True), full)
+    assert torch.equal(quantization_map(8, True), dynamic_map(8, True))          # the 8-bit scheme is kept
+
+
 def test_codebook_tables():
     for bits, signed in MAPS:
         book = codebook(bits, signed)
@@ -55,11 +68,13 @@ def test_codebook_tables():
         assert finite.numel() == used - 1
         assert torch.all((finite > book.levels[:used - 1]) & (finite < book.levels[1:used]))
         assert book.levels[book.fill_code].abs() == book.levels.abs().min()
-    assert codebook(8, True).levels[codebook(8, True).fill_code] == 0
+    for bits in (8, 4):
+        assert codebook(bits, True).levels[codebook(bits, True).fill_code] == 0
+    assert torch.isfinite(codebook(4, True).midpoints).all()                    # all 16 codes are levels
 
 
 def test_midpoints_are_padded_with_inf():
-    levels = quantization_map(4, True)
+    levels = dynamic_map(4, True)
     padded = midpoints(levels, 4)
     assert padded.numel() == 15 and torch.isinf(padded[-1]) and torch.isfinite(padded[:-1]).all()
 
@@ -115,6 +130,13 @@ def test_eight_bit_maps_are_torchaos_with_the_documented_changes(torchao_utils):
         theirs = torch.tensor(torchao_utils.create_dynamic_map(signed=signed))
         assert _set_difference(ours, theirs) == pytest.approx(only_ours)
         assert _set_difference(theirs, ours) == pytest.approx(only_theirs, abs=1e-7)
+
+
+def test_four_bit_first_moment_map_is_torchaos(torchao_utils):
+    """torchao's AdamW4bit's signed map (bitsandbytes' construction at 3 exponent bits), computed by
+    torchao in fp32: the same 16 levels."""
+    theirs = torch.tensor(torchao_utils.create_dynamic_map(True, 3, 4), dtype=torch.float64)
+    torch.testing.assert_close(quantization_map(4, True), theirs, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("bits,signed", MAPS)

@@ -219,9 +219,9 @@ def float_runs():
 # Tolerances: the measured values (printed with -s) with ~30-50% margin. Trajectory:
 # ‖W_q − W_f‖ / ‖W_f‖ at the end; loss gap: max over steps of |L_q − L_f| / L_f(0).
 # Measured: 8 bits 0.027 / 0.004 full batch, 0.014-0.017 / 0.003 minibatch. 4 bits is coarse
-# (15 levels for m, 16 for v): on the noiseless problem its quantization noise keeps it from
-# converging as far (trajectory 0.30-0.32, loss gap 0.17, final loss ~7× float's; next test); with
-# minibatch gradient noise it tracks better (0.13-0.15 / 0.016).
+# (16 levels for m and for v): on the noiseless problem its quantization noise keeps it from
+# converging as far (trajectory 0.30-0.31, loss gap 0.16, final loss ~7× float's; next test); with
+# minibatch gradient noise it tracks better (0.10-0.12 / 0.018).
 TOLERANCES = {  # (bits, batch): (trajectory, loss gap)
     (8, None): (0.04, 0.01), (8, 64): (0.03, 0.01),
     (4, None): (0.42, 0.23), (4, 64): (0.2, 0.05),
