@@ -23,12 +23,13 @@ decades. The all-zero magnitude pattern is
 **Full signed map** for the 4-bit first moment (torchao's ``AdamW4bit``; bitsandbytes'
 ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``): the same decades with the
 top bin centre kept, ``±{.0055, .0325, .0775, .2125, .4375, .6625, .8875}``, ``0``, and ``+1`` on
-the code the symmetric map leaves spare — all 16 codes used. A block's absmax is exact when it is positive and stored as
-``−0.8875`` of it when negative. Measured (``experiments/results/LOWBIT_4BIT.md`` §9–10): the
-symmetric 15-level map's top step (``0.6625 → 1``) rounds the largest momenta of a block by up to
-20%; with ``0.8875`` splitting it, the library's 4-bit AdamW ends 0.30 ± 0.16% lower at 3.3M
-parameters (six seeds) and 0.43 ± 0.21% on the tiny LLaMA (three), level with torchao's within
-noise; making torchao's symmetric instead (``−1`` for ``−0.8875``) cost it 0.18 ± 0.16%.
+the code the symmetric map leaves spare — all 16 codes used. A block's absmax is exact when it is
+positive and stored as ``−0.8875`` of it when negative. Measured
+(``experiments/results/LOWBIT_4BIT.md`` §9–10): the symmetric 15-level map's top step
+(``0.6625 → 1``) rounds the largest momenta of a block by up to 20%; with ``0.8875`` splitting it,
+the library's 4-bit AdamW ends 0.30 ± 0.16% lower at 3.3M parameters (six seeds) and 0.43 ± 0.21%
+on the tiny LLaMA (three), level with torchao's within noise; making torchao's symmetric instead
+(``−1`` for ``−0.8875``) cost it 0.18 ± 0.16%.
 
 **Linear zero-free map** (torchao's ``AdamW4bit`` second moment; Li et al., "Memory efficient
 optimizers with 4-bit states", 2023): ``k / 2^b`` for ``k = 1 … 2^b``.
