@@ -297,7 +297,8 @@ def seven_b_activations(table: dict, seq: int = 2048, batch: int = 1) -> dict:
     activation checkpointing (:func:`checkpointed_activation_bytes`), for the rows stepped in the backward
     pass with int8 weights and, for comparison, their bf16-weight counterparts."""
     values = read_model_config(table["config"])
-    labels = ("APOLLO-Mini, 8-bit moments, step in backward", "APOLLO-Mini, 4-bit moments, step in backward")
+    labels = ("APOLLO-Mini, 8-bit moments, step in backward", "APOLLO-Mini, 4-bit moments, step in backward",
+              "APOLLO-Mini, 8-bit moments, step in backward, head at rank 1")
     rows = []
     for row in table["rows"]:
         int8 = row["label"].startswith("int8 weights + ")
@@ -419,10 +420,10 @@ def seven_b_table(config: str = "llama_7b", rank: int = 1024, gap: int = 200) ->
                                                                                        moment_block_size=2048),
         "hook", "as above, moment_block_size=2048")
     add("APOLLO-Mini, 4-bit moments, step in backward", apollo_mini(moment_bits=4), "hook",
-        "as above, 4-bit moments (the plain embedding and head; quality not measured here)")
+        "as above, 4-bit moments (the plain embedding and head; quality: experiments/results/APOLLO.md)")
     add("APOLLO-Mini, 8-bit moments, step in backward, head at rank 1", apollo_mini(head_rank=1, moment_bits=8),
         "hook", "as the 8-bit row, the output head projected at rank 1 too (its moments 2 × 32000 values instead "
-        "of 2 × 131M; the embedding stays plain AdamW; quality not measured here)")
+        "of 2 × 131M; the embedding stays plain AdamW; quality: experiments/results/APOLLO.md)")
     int8_note = ("weights: every nn.Linear but the head as int8 codes + one bf16 scale per row "
                  "(quantize_model_weights), embedding, head and norms in bf16; gradients stay bf16")
     add("int8 weights + APOLLO-Mini, 8-bit moments, step in backward", apollo_mini(moment_bits=8), "hook",

@@ -78,6 +78,12 @@ def test_seven_b_table_moments_agree_across_projectors_and_the_totals_add_up():
     assert plain < mini["state"] < plain + 4 * 10**6
     assert mini["projection"] - 224 * (8 + 4) == 32 * 2 * (4 * 4096 + 3 * 4096)  # one P column of k = 4096 each
     assert round(mini["total"] / mini["parameters"], 3) == 2.119
+    # the head at rank 1 too (docs/apollo.md's recipe for the issue's ≤ 2.10): its plain 8-bit moments
+    # become two 8-bit moments of 32000 values; a seed, a limiter norm and a k×1 bf16 P are added
+    head = next(row for row in rows if row["label"] == "APOLLO-Mini, 8-bit moments, step in backward, head at rank 1")
+    assert mini["state"] - head["state"] == 2 * (32000 * 4096 - 32000) * (1 + 4 / 256)
+    assert head["projection"] - mini["projection"] == 8 + 4 + 4096 * 2
+    assert round(head["total"] / head["parameters"], 3) == 2.079
     # int8 weights (--weight_bits 8): the 224 decoder linears as 1-byte codes + a bf16 scale per row,
     # the embedding and head (2 × 32000·4096) and the norms in bf16; nothing else changes
     lean = next(row for row in rows if row["label"] == "int8 weights + APOLLO-Mini, 8-bit moments, step in backward")
@@ -108,7 +114,8 @@ def test_checkpointed_activations_of_7b_and_the_totals_with_them():
     rows = {row["label"]: row for row in table["with_activations"]["rows"]}
     for label in ("int8 weights + APOLLO-Mini, 8-bit moments, step in backward",
                   "int8 weights + APOLLO-Mini, 4-bit moments, step in backward",
-                  "APOLLO-Mini, 8-bit moments, step in backward"):
+                  "APOLLO-Mini, 8-bit moments, step in backward",
+                  "APOLLO-Mini, 8-bit moments, step in backward, head at rank 1"):
         state = next(row for row in table["rows"] if row["label"] == label)
         assert rows[label]["total"] == state["total"] + rows[label]["activations"]
     assert rows["int8 weights + APOLLO-Mini, 4-bit moments, step in backward"]["total"] < 10 * 10**9

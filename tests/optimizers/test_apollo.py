@@ -134,6 +134,32 @@ def test_backward_projection_is_refused_by_name_and_step_in_backward_accumulates
     assert max_rel_diff(in_backward, standard) < 1e-12
 
 
+def _mini_with_the_head_at_rank_1(model, **kwargs):
+    """The 7B memory recipe of ``docs/apollo.md`` (2.079 B/param): the head in a param group of its own
+    at rank 1, the rest under APOLLO-Mini's own rule, 8-bit moments."""
+    named = list(model.named_parameters())
+    head = [(name, p) for name, p in named if name.startswith("head")]
+    rest = [(name, p) for name, p in named if not name.startswith("head")]
+    return APOLLOMini([{"params": head, "rank": 1}, {"params": rest}], lr=1e-2, update_proj_gap=3, moment_bits=8,
+                      **kwargs)
+
+
+# With the head in its own group, the toy's rest ends with its only down weight, whose shape the rule
+# cannot tell from an output head's (a LLaMA ends with a down_proj shaped like the others: no warning).
+@pytest.mark.filterwarnings("ignore:APOLLOMini. cannot tell from its shape")
+def test_the_7b_memory_recipe_steps_in_backward_exactly_as_the_standard_loop():
+    """Head at rank 1 (a ``k×1`` moment pair and a seed), the embedding's moments in 8 bits, every
+    parameter stepped in its gradient hook: bit for bit the standard loop over 7 steps (2 resamples)."""
+    standard, in_backward = make_model(vocab=512), make_model(vocab=512)
+    train_in_micro_batches(standard, _mini_with_the_head_at_rank_1(standard), 7, 1)
+    optimizer = _mini_with_the_head_at_rank_1(in_backward, step_in_backward=True)
+    train_in_micro_batches(in_backward, optimizer, 7, 1)
+    assert max_rel_diff(in_backward, standard) == 0.0
+    head, embedding = optimizer.state[in_backward.head.weight], optimizer.state[in_backward.embed.weight]
+    assert head["exp_avg"].shape == head["exp_avg_sq"].shape == (512, 1) and "proj_seed" in head
+    assert embedding["exp_avg_codes"].dtype == embedding["exp_avg_sq_codes"].dtype == torch.uint8
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scale_type="row"), r"Invalid scale_type: 'row' \(expected one of 'channel', 'tensor'\)"),
     (dict(norm_growth_limit=0.5), r"Invalid norm_growth_limit: 0\.5"),
