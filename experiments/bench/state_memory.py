@@ -295,7 +295,8 @@ def checkpointed_activation_bytes(values: dict, seq: int = 2048, batch: int = 1,
 def seven_b_activations(table: dict, seq: int = 2048, batch: int = 1) -> dict:
     """The 7B accounting (:func:`seven_b_table`) plus the activations of one ``batch×seq`` step with
     activation checkpointing (:func:`checkpointed_activation_bytes`), for the rows stepped in the backward
-    pass with int8 weights and, for comparison, their bf16-weight counterparts."""
+    pass with int8 weights, their bf16-weight counterparts for comparison, and the bf16 recipe with the
+    head at rank 1 (the 7B goal's, ``docs/apollo.md``)."""
     values = read_model_config(table["config"])
     labels = ("APOLLO-Mini, 8-bit moments, step in backward", "APOLLO-Mini, 4-bit moments, step in backward",
               "APOLLO-Mini, 8-bit moments, step in backward, head at rank 1")
