@@ -12,7 +12,10 @@ Optimizer names are the registry's, plus :data:`PEER_OPTIMIZERS`, the one place 
 with the peer packages used as benchmark baselines (``galore_torch_adamw`` =
 ``galore_torch.GaLoreAdamW``; ``torchao_adamw8bit``/``torchao_adamw4bit`` = ``torchao.optim``'s;
 ``apollo_torch_adamw``/``apollo_torch_mini`` = apollo-torch's APOLLO and APOLLO-Mini, benchmark only
-under its non-commercial licence) and the old name ``lowrank_plain_adamw`` of the library's plain AdamW path.
+under its non-commercial licence), the library's float64 reference of APOLLO as a slow diagnostic
+(``reference_apollo`` = :class:`lowrank_optim.reference.ReferenceAPOLLOAdamW`, e.g. with
+``--optimizer_kwargs '{"proj": "identity"}'``: APOLLO's rule with exact scaling factors) and the old name
+``lowrank_plain_adamw`` of the library's plain AdamW path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import lowrank_optim.sltrain
 import lowrank_optim.sst  # noqa: F401  (registers "sst_adamw")
 from experiments.config import TrainConfig, flag_fields
 from experiments.errors import UsageError, expected_one_of
+from lowrank_optim.reference import ReferenceAPOLLOAdamW
 from lowrank_optim.registry import OptimizerInfo, optimizer_info, plain_adamw
 from lowrank_optim.validation import InvalidHyperparameter
 
@@ -111,6 +115,9 @@ PEER_OPTIMIZERS: dict[str, Peer] = {
         "apollo-torch APOLLO (peer)", ("rank", "update_proj_gap", "proj_type"), resumable=False)),
     "apollo_torch_mini": Peer(_apollo_torch("apollo_torch_mini"), OptimizerInfo(
         "apollo-torch APOLLO-Mini (peer)", ("rank", "update_proj_gap", "proj_type"), resumable=False)),
+    # The reference rule in the training loop (one Python step per parameter): a diagnostic, not a peer.
+    "reference_apollo": Peer(ReferenceAPOLLOAdamW, OptimizerInfo(
+        "APOLLO (float64 reference's rule, diagnostic)", ("rank", "update_proj_gap", "proj_type", "moments"))),
     # The old name of the library's plain path (``adamw8bit``/``adamw4bit`` with float moments by default).
     "lowrank_plain_adamw": Peer(plain_adamw, OptimizerInfo("AdamW (library plain path)", int8_weights=True)),
 }

@@ -28,6 +28,12 @@ The projection (what the engine must reproduce to match this reference bit for b
   float32, then cast to the gradient's dtype; ``shape`` is (m, r) for left (``P = that.T``) and (r, n) for
   right. apollo-torch draws on the gradient's device: its CUDA matrices differ from these CPU ones.
 
+``proj="identity"`` (not in the paper or the peers, a diagnostic): ``P = I`` of the compressed size, whatever
+``rank`` says, so ``R = G``, the moments are AdamW's own and ``s`` is the exact factor that a random ``P``
+estimates from r rows (channel: ``‖Ñ[:, j]‖/‖G[:, j]‖``; tensor: ``‖Ñ‖/‖G‖``). It saves no memory; it
+separates the cost of estimating ``s`` from the cost of the rule ``G ⊙ s`` itself
+(experiments/results/APOLLO.md, "estimate or rule?").
+
 The moments are kept across a refresh by default (apollo-torch), although they then live in the old
 random subspace; ``moments="reset"`` zeroes them instead. Parameters that are not 2-D, or in a group
 without an integer ``rank``, get plain AdamW in the same bias-correction and decay conventions.
@@ -82,8 +88,8 @@ class ReferenceAPOLLOAdamW(torch.optim.Optimizer):
                  bias_correction="step", moments="keep"):
         if scale_type not in ("channel", "tensor"):
             raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
-        if proj != "random":
-            raise ValueError(f"proj must be 'random', got {proj!r}")
+        if proj not in ("random", "identity"):
+            raise ValueError(f"proj must be 'random' or 'identity', got {proj!r}")
         if proj_type not in ("std", "reverse_std", "left", "right"):
             raise ValueError(f"proj_type must be std, reverse_std, left or right, got {proj_type!r}")
         if bias_correction not in ("step", "moments"):
@@ -141,7 +147,7 @@ class ReferenceAPOLLOAdamW(torch.optim.Optimizer):
                 if group["moments"] == "reset":
                     state["m"] = torch.zeros_like(state["m"])
                     state["v"] = torch.zeros_like(state["v"])
-            state["P"] = random_projection(size, rank, side, state["seed"], grad.dtype)
+            state["P"] = _projection(group["proj"], size, rank, side, state["seed"], grad.dtype)
         projection = state["P"]
         low_rank = projection @ grad if side == "left" else grad @ projection.T
         if "m" not in state:
@@ -154,6 +160,13 @@ class ReferenceAPOLLOAdamW(torch.optim.Optimizer):
             scaled = _limit(state, scaled, group["norm_growth_limit"])
         p.sub_(step_size * math.sqrt(group["scale"]) * scaled)
         _decay(p, group)
+
+
+def _projection(proj, size, rank, side, seed, dtype):
+    """``P``: the seeded random one (rank×size), or for "identity" ``I`` (size×size, whatever ``rank`` says)."""
+    if proj == "identity":
+        return torch.eye(size, dtype=dtype)
+    return random_projection(size, rank, side, seed, dtype)
 
 
 def _adam(state, grad, group):

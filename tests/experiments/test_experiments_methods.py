@@ -190,6 +190,20 @@ def test_apollo_torch_peers_get_their_published_group_keys(name, rank, scale_typ
     assert "rank" not in optimizer.param_groups[1]
 
 
+def test_reference_apollo_takes_the_projected_group_and_the_references_keywords():
+    """``reference_apollo`` (a diagnostic): the float64 reference's rule in the training loop, GaLore's groups,
+    its own keywords through --optimizer_kwargs (here the exact-factor projection)."""
+    from lowrank_optim.reference import ReferenceAPOLLOAdamW
+
+    config = TrainConfig(optimizer="reference_apollo", rank=4, update_proj_gap=50,
+                         optimizer_kwargs={"proj": "identity", "scale_type": "tensor"})
+    optimizer = build_optimizer(Llama(SMALL), config)
+    assert type(optimizer) is ReferenceAPOLLOAdamW
+    projected, plain = optimizer.param_groups
+    assert (projected["rank"], projected["update_proj_gap"], projected["proj"]) == (4, 50, "identity")
+    assert projected["scale_type"] == "tensor" and "rank" not in plain
+
+
 PLAIN_GROUP_OPTIMIZERS = ["galore_adamw", "dct_adamw", "apollo_adamw", "apollo_mini", "galore_torch_adamw",
                           "apollo_torch_mini"]
 

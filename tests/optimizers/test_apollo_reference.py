@@ -236,6 +236,46 @@ def test_moments_reset_is_an_option_apollo_torch_does_not_have():
     assert _rel(reset.state[params[0]]["m"], oracle.state[oracle_params[0]]["exp_avg"]) > 1e-2
 
 
+def _exact_factor_steps(weight, gradients, scale_type, lr=1e-2, betas=(0.9, 0.999), eps=1e-6):
+    """APOLLO's rule written out with AdamW's own (full) moments: the factor s from Ñ and G themselves."""
+    weight, m, v = weight.clone(), torch.zeros_like(weight), torch.zeros_like(weight)
+    columns = weight.shape[0] < weight.shape[1]       # "std": a wide G is compressed on the left
+    for t, grad in enumerate(gradients, start=1):
+        m = betas[0] * m + (1 - betas[0]) * grad
+        v = betas[1] * v + (1 - betas[1]) * grad**2
+        normalized = m / (v.sqrt() + eps)
+        if scale_type == "tensor":
+            factor = normalized.norm() / (grad.norm() + 1e-8)
+        else:
+            dim = 0 if columns else 1
+            factor = normalized.norm(dim=dim, keepdim=True) / (grad.norm(dim=dim, keepdim=True) + 1e-8)
+        weight = weight - lr * math.sqrt(1 - betas[1]**t) / (1 - betas[0]**t) * factor * grad
+    return weight
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["wide", "tall"])
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_identity_projection_scales_by_the_exact_factor_of_full_moments(scale_type, shape):
+    """proj="identity" (a diagnostic): R = G whatever the rank, so the moments are AdamW's own and s is the
+    exact factor a random P estimates; resampling every 3 steps changes nothing."""
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(shape, generator=generator, dtype=torch.float64)
+    gradients = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(8)]
+    weight = torch.nn.Parameter(start.clone())
+    optimizer = ReferenceAPOLLOAdamW([dict(params=[weight], rank=2, update_proj_gap=3)], lr=1e-2, proj="identity",
+                                     scale_type=scale_type, norm_growth_limit=None)
+    for grad in gradients:
+        weight.grad = grad.clone()
+        optimizer.step()
+    assert _rel(weight, _exact_factor_steps(start, gradients, scale_type)) < TOLERANCE
+    assert torch.equal(optimizer.state[weight]["P"], torch.eye(min(shape), dtype=torch.float64))
+
+
+def test_an_unknown_projection_is_refused_by_name():
+    with pytest.raises(ValueError, match="proj must be 'random' or 'identity', got 'svd'"):
+        ReferenceAPOLLOAdamW([torch.nn.Parameter(torch.zeros(2, 3))], proj="svd")
+
+
 def _loads_weights_only(optimizer) -> bool:
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
