@@ -86,23 +86,16 @@ class ReferenceAPOLLOAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, update_proj_gap=200,
                  scale=1.0, proj_type="std", scale_type="channel", proj="random", seed=0, norm_growth_limit=1.01,
                  bias_correction="step", moments="keep"):
-        if scale_type not in ("channel", "tensor"):
-            raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
-        if proj not in ("random", "identity"):
-            raise ValueError(f"proj must be 'random' or 'identity', got {proj!r}")
-        if proj_type not in ("std", "reverse_std", "left", "right"):
-            raise ValueError(f"proj_type must be std, reverse_std, left or right, got {proj_type!r}")
-        if bias_correction not in ("step", "moments"):
-            raise ValueError(f"bias_correction must be 'step' or 'moments', got {bias_correction!r}")
-        if moments not in ("keep", "reset"):
-            raise ValueError(f"moments must be 'keep' or 'reset', got {moments!r}")
-        if norm_growth_limit is not None and not norm_growth_limit >= 1.0:
-            raise ValueError(f"norm_growth_limit must be None or >= 1, got {norm_growth_limit}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                                       scale_type=scale_type, proj=proj, seed=seed,
                                       norm_growth_limit=norm_growth_limit, bias_correction=bias_correction,
                                       moments=moments))
+
+    def add_param_group(self, param_group):
+        """Each group's keys are checked with the defaults filled in, before the group is added."""
+        _check_keys({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -160,6 +153,19 @@ class ReferenceAPOLLOAdamW(torch.optim.Optimizer):
             scaled = _limit(state, scaled, group["norm_growth_limit"])
         p.sub_(step_size * math.sqrt(group["scale"]) * scaled)
         _decay(p, group)
+
+
+def _check_keys(group):
+    """A ValueError naming the key and the value for anything the reference does not implement."""
+    choices = {"scale_type": ("channel", "tensor"), "proj": ("random", "identity"),
+               "proj_type": ("std", "reverse_std", "left", "right"), "bias_correction": ("step", "moments"),
+               "moments": ("keep", "reset")}
+    for key, allowed in choices.items():
+        if group[key] not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {group[key]!r}")
+    limit = group["norm_growth_limit"]
+    if limit is not None and not limit >= 1.0:
+        raise ValueError(f"norm_growth_limit must be None or >= 1, got {limit}")
 
 
 def _projection(proj, size, rank, side, seed, dtype):

@@ -271,9 +271,22 @@ def test_identity_projection_scales_by_the_exact_factor_of_full_moments(scale_ty
     assert torch.equal(optimizer.state[weight]["P"], torch.eye(min(shape), dtype=torch.float64))
 
 
-def test_an_unknown_projection_is_refused_by_name():
-    with pytest.raises(ValueError, match="proj must be 'random' or 'identity', got 'svd'"):
-        ReferenceAPOLLOAdamW([torch.nn.Parameter(torch.zeros(2, 3))], proj="svd")
+@pytest.mark.parametrize(("key", "value"), [("proj", "svd"), ("scale_type", "row"), ("proj_type", "up"),
+                                            ("bias_correction", "none"), ("moments", "zero")])
+def test_an_unknown_choice_is_refused_by_name_as_a_default_and_in_a_group(key, value):
+    """Also in a param group of its own, where the reference would otherwise fall back without a word."""
+    weight = torch.nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=f"{key} must be one of .*, got '{value}'"):
+        ReferenceAPOLLOAdamW([weight], **{key: value})
+    optimizer = ReferenceAPOLLOAdamW([weight])
+    with pytest.raises(ValueError, match=f"{key} must be one of .*, got '{value}'"):
+        optimizer.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(2, 3))], rank=1, **{key: value}))
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_norm_growth_limit_below_one_is_refused():
+    with pytest.raises(ValueError, match="norm_growth_limit must be None or >= 1, got 0.5"):
+        ReferenceAPOLLOAdamW([dict(params=[torch.nn.Parameter(torch.zeros(2, 3))], norm_growth_limit=0.5)])
 
 
 def _loads_weights_only(optimizer) -> bool:
