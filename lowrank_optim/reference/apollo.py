@@ -48,6 +48,8 @@ import math
 
 import torch
 
+from lowrank_optim.validation import check_choice
+
 NEXT_SEED_DRAWS = 15   # apollo-torch random_projector.ADV_DEFAULT
 NORM_GUARD = 1e-8      # apollo-torch adds it to ‖R‖ in the scaling factor and to the limiter's old norm
 
@@ -161,8 +163,7 @@ def _check_keys(group):
                "proj_type": ("std", "reverse_std", "left", "right"), "bias_correction": ("step", "moments"),
                "moments": ("keep", "reset")}
     for key, allowed in choices.items():
-        if group[key] not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {group[key]!r}")
+        check_choice(key, group[key], allowed)
     limit = group["norm_growth_limit"]
     if limit is not None and not limit >= 1.0:
         raise ValueError(f"norm_growth_limit must be None or >= 1, got {limit}")

@@ -276,10 +276,11 @@ def test_identity_projection_scales_by_the_exact_factor_of_full_moments(scale_ty
 def test_an_unknown_choice_is_refused_by_name_as_a_default_and_in_a_group(key, value):
     """Also in a param group of its own, where the reference would otherwise fall back without a word."""
     weight = torch.nn.Parameter(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=f"{key} must be one of .*, got '{value}'"):
+    with pytest.raises(ValueError, match=f"Invalid {key}: '{value}' \\(expected one of ") as error:
         ReferenceAPOLLOAdamW([weight], **{key: value})
+    assert (error.value.key, error.value.value) == (key, value)     # the training script names its flag
     optimizer = ReferenceAPOLLOAdamW([weight])
-    with pytest.raises(ValueError, match=f"{key} must be one of .*, got '{value}'"):
+    with pytest.raises(ValueError, match=f"Invalid {key}: '{value}' \\(expected one of "):
         optimizer.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(2, 3))], rank=1, **{key: value}))
     assert len(optimizer.param_groups) == 1
 
